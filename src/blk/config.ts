@@ -1,0 +1,65 @@
+// virtio-blk feature set and config space (struct virtio_blk_config, little endian).
+import { F, PF, bit } from '../protocol/constants.js';
+
+export const SECTOR_SIZE = 512;
+export const SEG_MAX = 126;
+export const MAX_DISCARD_SECTORS = 32768 * 64; // 32 MiB per segment
+export const MAX_DISCARD_SEG = 16;
+export const MAX_WRITE_ZEROES_SECTORS = 32768 * 64;
+export const MAX_WRITE_ZEROES_SEG = 16;
+/** bytes of struct virtio_blk_config up to and including the secure-erase fields */
+export const CONFIG_SPACE_SIZE = 72;
+export const WCE_OFFSET = 32;
+
+export interface BlkConfigInput {
+  capacityBytes: number;
+  blockSize: number;
+  numQueues: number;
+  writeback: boolean;
+  readOnly: boolean;
+}
+
+export function blkFeatures(readOnly: boolean): bigint {
+  let f =
+    bit(F.VERSION_1) |
+    bit(F.RING_INDIRECT_DESC) |
+    bit(F.RING_EVENT_IDX) |
+    bit(F.PROTOCOL_FEATURES) |
+    bit(F.BLK_SEG_MAX) |
+    bit(F.BLK_BLK_SIZE) |
+    bit(F.BLK_TOPOLOGY) |
+    bit(F.BLK_MQ) |
+    bit(F.BLK_FLUSH) |
+    bit(F.BLK_CONFIG_WCE) |
+    bit(F.BLK_DISCARD) |
+    bit(F.BLK_WRITE_ZEROES);
+  if (readOnly) f |= bit(F.BLK_RO);
+  return f;
+}
+
+export function blkProtocolFeatures(): bigint {
+  return bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.BACKEND_REQ) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE);
+}
+
+export function blkConfigSpace(c: BlkConfigInput): Uint8Array {
+  const b = new Uint8Array(CONFIG_SPACE_SIZE);
+  const dv = new DataView(b.buffer);
+  const sectors = Math.floor(c.capacityBytes / SECTOR_SIZE);
+  dv.setBigUint64(0, BigInt(sectors), true);
+  dv.setUint32(8, 0, true); // size_max (feature not offered)
+  dv.setUint32(12, SEG_MAX, true);
+  dv.setUint32(20, c.blockSize, true);
+  dv.setUint8(24, Math.log2(c.blockSize / SECTOR_SIZE)); // physical_block_exp
+  dv.setUint8(25, 0); // alignment_offset
+  dv.setUint16(26, 1, true); // min_io_size (in blocks)
+  dv.setUint32(28, 1, true); // opt_io_size (in blocks)
+  dv.setUint8(WCE_OFFSET, c.writeback ? 1 : 0);
+  dv.setUint16(34, c.numQueues, true);
+  dv.setUint32(36, MAX_DISCARD_SECTORS, true);
+  dv.setUint32(40, MAX_DISCARD_SEG, true);
+  dv.setUint32(44, c.blockSize / SECTOR_SIZE, true); // discard_sector_alignment
+  dv.setUint32(48, MAX_WRITE_ZEROES_SECTORS, true);
+  dv.setUint32(52, MAX_WRITE_ZEROES_SEG, true);
+  dv.setUint8(56, 1); // write_zeroes_may_unmap
+  return b;
+}

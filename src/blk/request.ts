@@ -1,0 +1,207 @@
+// virtio-blk request execution: parses the request header and segments from a walked chain,
+// checks everything against the node, and starts the I/O. Completion writes the status byte.
+import { ChainError, type DescriptorChain } from '../virtio/chain.js';
+import type { BlockNode, DataIo } from '../graph/nodes.js';
+import type { IoEngine } from '../graph/io-engine.js';
+import { MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, SECTOR_SIZE } from './config.js';
+
+export const enum BlkType {
+  IN = 0,
+  OUT = 1,
+  FLUSH = 4,
+  GET_ID = 8,
+  DISCARD = 11,
+  WRITE_ZEROES = 13,
+}
+
+export const enum BlkStatus {
+  OK = 0,
+  IOERR = 1,
+  UNSUPP = 2,
+}
+
+export const VIRTIO_BLK_ID_BYTES = 20;
+const WRITE_ZEROES_FLAG_UNMAP = 1;
+const EIO = 5;
+
+const enum Phase {
+  MAIN = 0,
+  /** writethrough: the write is done, a flush follows */
+  FLUSH_AFTER_WRITE = 1,
+}
+
+/** Per-request state; one per tag, reused. */
+export class BlkSlot implements DataIo {
+  tag: number;
+  iov: Float64Array;
+  iovCount = 0;
+  offset = 0;
+  length = 0;
+  type = 0;
+  /** status decided before any I/O (bad request); -1 when the I/O result decides */
+  fixedStatus = -1;
+  usedLen = 0;
+  phase = Phase.MAIN;
+  /** node the request was issued to (stats and the swap check in tests rely on it) */
+  node: BlockNode | null = null;
+  startNs = 0;
+
+  constructor(
+    tag: number,
+    readonly chain: DescriptorChain,
+    maxSegs: number,
+  ) {
+    this.tag = tag;
+    this.iov = new Float64Array(2 * maxSegs);
+  }
+
+  zeroFill(): void {
+    this.chain.zeroWritable(0, this.length);
+  }
+}
+
+export interface BlkOptions {
+  serial: Uint8Array;
+  writeback: boolean;
+  readOnly: boolean;
+}
+
+export class BlkRequestHandler {
+  private readonly hdr = new Uint8Array(16);
+  private readonly hdrView = new DataView(this.hdr.buffer);
+
+  constructor(public opts: BlkOptions) {}
+
+  /** Starts the request; its completion (tag, res) arrives through the engine. */
+  start(slot: BlkSlot, node: BlockNode, engine: IoEngine): void {
+    const c = slot.chain;
+    slot.fixedStatus = -1;
+    slot.phase = Phase.MAIN;
+    slot.node = node;
+    slot.usedLen = c.writableBytes > 0 ? 1 : 0;
+    slot.length = 0;
+    if (c.error !== ChainError.NONE || c.readableBytes < 16 || c.writableBytes < 1) {
+      return this.fail(slot, engine, BlkStatus.IOERR);
+    }
+    c.readInto(this.hdr, 0, 16);
+    const dv = this.hdrView;
+    const type = dv.getUint32(0, true);
+    slot.type = type;
+    const sectorHi = dv.getUint32(12, true);
+    const sector = sectorHi * 0x100000000 + dv.getUint32(8, true);
+    const dataOut = c.readableBytes - 16;
+    const dataIn = c.writableBytes - 1;
+    switch (type) {
+      case BlkType.IN:
+      case BlkType.OUT: {
+        const write = type === BlkType.OUT;
+        const len = write ? dataOut : dataIn;
+        if (write && (this.opts.readOnly || node.readOnly)) return this.fail(slot, engine, BlkStatus.IOERR);
+        if (len % SECTOR_SIZE !== 0 || !this.inRange(node, sectorHi, sector, len)) {
+          return this.fail(slot, engine, BlkStatus.IOERR);
+        }
+        const n = c.iov(slot.iov, !write, write ? 16 : 0, len);
+        if (n < 0) return this.fail(slot, engine, BlkStatus.IOERR);
+        slot.iovCount = n;
+        slot.offset = sector * SECTOR_SIZE;
+        slot.length = len;
+        if (!write) slot.usedLen = len + 1;
+        if (len === 0) {
+          engine.done(slot.tag, 0);
+          return;
+        }
+        if (write) node.write(engine, slot);
+        else node.read(engine, slot);
+        return;
+      }
+      case BlkType.FLUSH:
+        node.flush(engine, slot.tag);
+        return;
+      case BlkType.GET_ID: {
+        const n = Math.min(VIRTIO_BLK_ID_BYTES, dataIn);
+        const id = new Uint8Array(n);
+        id.set(this.opts.serial.subarray(0, n));
+        c.writeFrom(id, 0);
+        slot.usedLen = n + 1;
+        engine.done(slot.tag, 0);
+        return;
+      }
+      case BlkType.DISCARD:
+      case BlkType.WRITE_ZEROES:
+        if (this.opts.readOnly || node.readOnly) return this.fail(slot, engine, BlkStatus.IOERR);
+        engine.done(slot.tag, this.rangeOps(slot, node, type, dataOut));
+        return;
+      default:
+        return this.fail(slot, engine, BlkStatus.UNSUPP);
+    }
+  }
+
+  /**
+   * Handles a completion. Returns the used length when the request is finished (status written),
+   * or -1 when another phase was started for it.
+   */
+  complete(slot: BlkSlot, res: number, engine: IoEngine): number {
+    let status: number;
+    if (slot.fixedStatus >= 0) status = slot.fixedStatus;
+    else if (res < 0) status = BlkStatus.IOERR;
+    else if ((slot.type === BlkType.IN || slot.type === BlkType.OUT) && res !== slot.length) status = BlkStatus.IOERR;
+    else status = BlkStatus.OK;
+    if (status === BlkStatus.OK && slot.type === BlkType.OUT && slot.phase === Phase.MAIN && !this.opts.writeback) {
+      slot.phase = Phase.FLUSH_AFTER_WRITE;
+      slot.node!.flush(engine, slot.tag);
+      return -1;
+    }
+    slot.chain.setLastWritableByte(status);
+    return slot.usedLen;
+  }
+
+  private fail(slot: BlkSlot, engine: IoEngine, status: BlkStatus): void {
+    slot.fixedStatus = status;
+    engine.done(slot.tag, -EIO);
+  }
+
+  private inRange(node: BlockNode, sectorHi: number, sector: number, len: number): boolean {
+    return sectorHi < 0x200000 && sector * SECTOR_SIZE + len <= node.size;
+  }
+
+  /** discard / write zeroes: every segment is checked before any is executed. */
+  private rangeOps(slot: BlkSlot, node: BlockNode, type: number, dataOut: number): number {
+    const c = slot.chain;
+    const discard = type === BlkType.DISCARD;
+    const maxSeg = discard ? MAX_DISCARD_SEG : MAX_WRITE_ZEROES_SEG;
+    const maxSectors = discard ? MAX_DISCARD_SECTORS : MAX_WRITE_ZEROES_SECTORS;
+    const nseg = dataOut / 16;
+    if (dataOut === 0 || dataOut % 16 !== 0 || nseg > maxSeg) {
+      slot.fixedStatus = BlkStatus.IOERR;
+      return -EIO;
+    }
+    const seg = this.hdr;
+    const dv = this.hdrView;
+    for (let pass = 0; pass < 2; pass++) {
+      for (let i = 0; i < nseg; i++) {
+        c.readInto(seg, 16 + 16 * i, 16);
+        const hi = dv.getUint32(4, true);
+        const sector = hi * 0x100000000 + dv.getUint32(0, true);
+        const num = dv.getUint32(8, true);
+        const flags = dv.getUint32(12, true);
+        if (pass === 0) {
+          const allowed = discard ? 0 : WRITE_ZEROES_FLAG_UNMAP;
+          if ((flags & ~allowed) !== 0) {
+            slot.fixedStatus = BlkStatus.UNSUPP;
+            return -EIO;
+          }
+          if (num > maxSectors || !this.inRange(node, hi, sector, num * SECTOR_SIZE)) {
+            slot.fixedStatus = BlkStatus.IOERR;
+            return -EIO;
+          }
+          continue;
+        }
+        const off = sector * SECTOR_SIZE;
+        const len = num * SECTOR_SIZE;
+        const r = discard ? node.discard(off, len) : node.writeZeroes(off, len, (flags & WRITE_ZEROES_FLAG_UNMAP) !== 0);
+        if (r < 0) return r;
+      }
+    }
+    return 0;
+  }
+}

@@ -1,0 +1,142 @@
+// Command-line options (vhost-user "backend program conventions" plus our own).
+import os from 'node:os';
+import { parseArgs } from 'node:util';
+
+export interface Options {
+  socketPath: string | null;
+  fd: number | null;
+  blkFile: string | null;
+  blkDriver: 'file' | 'null';
+  size: number;
+  readOnly: boolean;
+  printCapabilities: boolean;
+  numQueues: number;
+  queueSize: number;
+  aio: 'io_uring' | 'sync';
+  pollUs: number;
+  serial: string | null;
+  control: string | null;
+  logLevel: string;
+  help: boolean;
+  version: boolean;
+  defaults: boolean;
+}
+
+export class UsageError extends Error {}
+
+export const USAGE = `Usage: vubd (--socket-path=PATH | --fd=N) [--blk-file=PATH | --blk-driver=null --size=8G] [options]
+
+vhost-user-blk backend: serves a QEMU guest's virtio-blk disk over a vhost-user unix socket.
+
+Backend program conventions:
+  -s, --socket-path=PATH   listen on this unix socket (QEMU connects with -chardev socket,path=PATH)
+  -f, --fd=N               use the already listening socket passed as file descriptor N
+  -b, --blk-file=PATH      image file or block device to serve
+  -r, --read-only          offer the disk read-only (writes fail with IOERR)
+  -c, --print-capabilities print the capabilities JSON and exit
+
+vubd options:
+      --blk-driver=DRIVER  file (default) or null (reads return zeroes; for benchmarks)
+      --size=SIZE          disk size for --blk-driver=null (default 8G; suffixes K M G T)
+      --num-queues=N       queues offered (default: CPU count = ${os.availableParallelism()}; QEMU's default
+                           num-queues is its vCPU count and it refuses a backend offering fewer)
+      --queue-size=N       largest virtqueue size accepted, power of two (default 1024)
+      --aio=MODE           io_uring (default; falls back to sync with a warning) or sync
+      --poll-us=N          busy-poll this long before sleeping (default 0)
+      --serial=ID          serial reported by GET_ID (default: image file name, max 20 bytes)
+      --control=PATH       QMP-compatible management socket
+      --log-level=LEVEL    trace, debug, info (default), warn, error, fatal
+      --default            serve ./vubd-disk.img (1 GiB, created sparse) on ./vubd.sock (npm start)
+  -h, --help               this text
+  -V, --version            print the version
+
+SIGTERM or SIGINT stops vubd after in-flight requests finish (within a second).`;
+
+export function parseSize(text: string): number {
+  const m = /^(\d+)([KMGT]?)(i?B)?$/i.exec(text.trim());
+  if (!m) throw new UsageError(`invalid size '${text}' (examples: 1073741824, 512M, 8G)`);
+  const mult = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  const v = Number(m[1]) * mult;
+  if (!Number.isSafeInteger(v) || v <= 0) throw new UsageError(`size '${text}' is out of range`);
+  return v;
+}
+
+function int(name: string, text: string | undefined, def: number, min: number, max: number): number {
+  if (text === undefined) return def;
+  if (!/^\d+$/.test(text)) throw new UsageError(`--${name} must be a number, got '${text}'`);
+  const v = Number(text);
+  if (v < min || v > max) throw new UsageError(`--${name} must be between ${min} and ${max}, got ${v}`);
+  return v;
+}
+
+export function parseOptions(argv: string[]): Options {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        'socket-path': { type: 'string', short: 's' },
+        fd: { type: 'string', short: 'f' },
+        'blk-file': { type: 'string', short: 'b' },
+        'blk-driver': { type: 'string' },
+        size: { type: 'string' },
+        'read-only': { type: 'boolean', short: 'r' },
+        'print-capabilities': { type: 'boolean', short: 'c' },
+        'num-queues': { type: 'string' },
+        'queue-size': { type: 'string' },
+        aio: { type: 'string' },
+        'poll-us': { type: 'string' },
+        serial: { type: 'string' },
+        control: { type: 'string' },
+        'log-level': { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+        version: { type: 'boolean', short: 'V' },
+        default: { type: 'boolean' },
+      },
+    });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  const v = parsed.values;
+  const driver = v['blk-driver'] ?? 'file';
+  if (driver !== 'file' && driver !== 'null') throw new UsageError(`--blk-driver must be file or null, got '${driver}'`);
+  const aio = v.aio ?? 'io_uring';
+  if (aio !== 'io_uring' && aio !== 'sync') throw new UsageError(`--aio must be io_uring or sync, got '${aio}'`);
+  const queueSize = int('queue-size', v['queue-size'], 1024, 1, 32768);
+  if ((queueSize & (queueSize - 1)) !== 0) throw new UsageError(`--queue-size must be a power of two, got ${queueSize}`);
+  const levels = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
+  const logLevel = v['log-level'] ?? 'info';
+  if (!levels.includes(logLevel)) throw new UsageError(`--log-level must be one of ${levels.join(', ')}`);
+  const opts: Options = {
+    socketPath: v['socket-path'] ?? null,
+    fd: v.fd === undefined ? null : int('fd', v.fd, 0, 0, 1 << 20),
+    blkFile: v['blk-file'] ?? null,
+    blkDriver: driver,
+    size: v.size === undefined ? 8 * 2 ** 30 : parseSize(v.size),
+    readOnly: v['read-only'] ?? false,
+    printCapabilities: v['print-capabilities'] ?? false,
+    numQueues: int('num-queues', v['num-queues'], os.availableParallelism(), 1, 64),
+    queueSize,
+    aio,
+    pollUs: int('poll-us', v['poll-us'], 0, 0, 1_000_000),
+    serial: v.serial ?? null,
+    control: v.control ?? null,
+    logLevel,
+    help: v.help ?? false,
+    version: v.version ?? false,
+    defaults: v.default ?? false,
+  };
+  if (opts.help || opts.version || opts.printCapabilities) return opts;
+  if (opts.defaults) {
+    opts.socketPath ??= 'vubd.sock';
+    if (opts.blkDriver === 'file') opts.blkFile ??= 'vubd-disk.img';
+  }
+  if (opts.socketPath !== null && opts.fd !== null) throw new UsageError('--socket-path and --fd are mutually exclusive');
+  if (opts.socketPath === null && opts.fd === null) throw new UsageError('one of --socket-path or --fd is required');
+  if (opts.blkDriver === 'file' && opts.blkFile === null) throw new UsageError('--blk-file is required (or --blk-driver=null)');
+  if (opts.blkDriver === 'null' && opts.blkFile !== null) throw new UsageError('--blk-file cannot be used with --blk-driver=null');
+  if (opts.size % 512 !== 0) throw new UsageError('--size must be a multiple of 512');
+  return opts;
+}

@@ -1,0 +1,157 @@
+// How a worker performs block I/O: an io_uring ring (batched submission, completions reaped in
+// the worker loop) or synchronous syscalls. Both deliver completions through reap(), so the
+// request path is the same either way. Tags name in-flight requests.
+import { native, type Ring } from '../native/index.js';
+
+export interface IoEngine {
+  readonly kind: 'io_uring' | 'sync';
+  /** readable when completions are waiting; -1 when completions are always immediate */
+  readonly pollFd: number;
+  readv(fd: number, iov: Float64Array, iovCount: number, offset: number, tag: number): void;
+  writev(fd: number, iov: Float64Array, iovCount: number, offset: number, tag: number): void;
+  fsync(fd: number, tag: number): void;
+  /** completes tag without I/O (result already known) */
+  done(tag: number, res: number): void;
+  /** pushes queued operations to the kernel */
+  submit(): void;
+  /** writes [tag, res, ...] into out; returns the number of completions */
+  reap(out: Float64Array): number;
+  close(): void;
+}
+
+/** Completions known without asking the kernel, delivered on the next reap. */
+class ImmediateQueue {
+  private buf: Float64Array;
+  private n = 0;
+  constructor(capacity: number) {
+    this.buf = new Float64Array(2 * capacity);
+  }
+  push(tag: number, res: number): void {
+    if (2 * this.n + 2 > this.buf.length) {
+      const bigger = new Float64Array(this.buf.length * 2);
+      bigger.set(this.buf);
+      this.buf = bigger;
+    }
+    this.buf[2 * this.n] = tag;
+    this.buf[2 * this.n + 1] = res;
+    this.n++;
+  }
+  get length(): number {
+    return this.n;
+  }
+  /** moves up to what fits into out starting at pair index `at`; returns pairs moved */
+  drain(out: Float64Array, at: number): number {
+    const room = (out.length >> 1) - at;
+    const k = Math.min(room, this.n);
+    out.set(this.buf.subarray(0, 2 * k), 2 * at);
+    this.buf.copyWithin(0, 2 * k, 2 * this.n);
+    this.n -= k;
+    return k;
+  }
+}
+
+export class SyncEngine implements IoEngine {
+  readonly kind = 'sync' as const;
+  readonly pollFd = -1;
+  private readonly ready: ImmediateQueue;
+  constructor(capacity: number) {
+    this.ready = new ImmediateQueue(capacity);
+  }
+  readv(fd: number, iov: Float64Array, iovCount: number, offset: number, tag: number): void {
+    this.ready.push(tag, native.preadv(fd, iov, iovCount, offset));
+  }
+  writev(fd: number, iov: Float64Array, iovCount: number, offset: number, tag: number): void {
+    this.ready.push(tag, native.pwritev(fd, iov, iovCount, offset));
+  }
+  fsync(fd: number, tag: number): void {
+    this.ready.push(tag, native.fsync(fd, true));
+  }
+  done(tag: number, res: number): void {
+    this.ready.push(tag, res);
+  }
+  submit(): void {}
+  reap(out: Float64Array): number {
+    return this.ready.drain(out, 0);
+  }
+  close(): void {}
+}
+
+export class UringEngine implements IoEngine {
+  readonly kind = 'io_uring' as const;
+  readonly pollFd: number;
+  private readonly ring: Ring;
+  private readonly ready: ImmediateQueue;
+  private queued = 0;
+
+  constructor(entries: number, maxTags: number, maxSegs: number) {
+    this.ring = new native.Ring(entries, maxTags, maxSegs);
+    this.pollFd = this.ring.fd;
+    this.ready = new ImmediateQueue(maxTags);
+  }
+
+  private prep(ok: () => boolean): void {
+    if (ok()) {
+      this.queued++;
+      return;
+    }
+    this.submit(); // SQ full: hand what we have to the kernel and retry once
+    if (!ok()) throw new Error('io_uring submission queue stays full');
+    this.queued++;
+  }
+
+  readv(fd: number, iov: Float64Array, iovCount: number, offset: number, tag: number): void {
+    this.prep(() => this.ring.prepReadv(fd, iov, iovCount, offset, tag));
+  }
+  writev(fd: number, iov: Float64Array, iovCount: number, offset: number, tag: number): void {
+    this.prep(() => this.ring.prepWritev(fd, iov, iovCount, offset, tag));
+  }
+  fsync(fd: number, tag: number): void {
+    this.prep(() => this.ring.prepFsync(fd, tag, true));
+  }
+  done(tag: number, res: number): void {
+    this.ready.push(tag, res);
+  }
+  submit(): void {
+    while (this.queued > 0) {
+      const n = this.ring.submit();
+      if (n <= 0) break;
+      this.queued -= n;
+    }
+  }
+  reap(out: Float64Array): number {
+    const k = this.ready.drain(out, 0);
+    if (k === out.length >> 1) return k;
+    const got = this.ring.reap(k === 0 ? out : out.subarray(2 * k));
+    return k + got;
+  }
+  close(): void {
+    this.ring.close();
+  }
+}
+
+/** io_uring when the kernel allows it, else synchronous I/O with a one-line reason. */
+export function createEngine(
+  want: 'io_uring' | 'sync',
+  entries: number,
+  maxTags: number,
+  maxSegs: number,
+  warn: (msg: string) => void,
+): IoEngine {
+  if (want === 'io_uring') {
+    try {
+      return new UringEngine(entries, maxTags, maxSegs);
+    } catch (e) {
+      const code = (e as { code?: string }).code ?? String(e);
+      const hint =
+        code === 'EPERM'
+          ? 'io_uring is disabled (check sysctl kernel.io_uring_disabled or the seccomp profile)'
+          : code === 'ENOMEM'
+            ? 'not enough locked memory (raise RLIMIT_MEMLOCK, e.g. ulimit -l)'
+            : code === 'ENOSYS'
+              ? 'the kernel has no io_uring (needs Linux 5.6+)'
+              : 'io_uring setup failed';
+      warn(`io_uring unavailable (${code}): ${hint}; falling back to synchronous I/O (--aio=sync silences this)`);
+    }
+  }
+  return new SyncEngine(maxTags);
+}

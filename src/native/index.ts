@@ -1,0 +1,132 @@
+// Typed face of the C addon in native-bindings/. Thin syscall wrappers: errors are thrown as
+// Error objects carrying `errno` (number) and `code` (e.g. 'EINVAL'); EAGAIN is reported by
+// return value (null / -1 / 0) as documented per function, never thrown.
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+export const POLLIN = 0x001;
+export const POLLOUT = 0x004;
+export const POLLERR = 0x008;
+export const POLLHUP = 0x010;
+
+/** uv_poll readiness flags (for PollHandle). */
+export const READABLE = 1;
+export const WRITABLE = 2;
+export const DISCONNECT = 4;
+
+export interface RecvResult {
+  /** bytes received; 0 means the peer closed the connection */
+  n: number;
+  /** file descriptors received (already CLOEXEC); the caller owns them */
+  fds: number[];
+  /** MSG_CTRUNC: the kernel dropped fds that did not fit */
+  truncated: boolean;
+}
+
+export interface PollHandle {
+  start(events: number): void;
+  stop(): void;
+  close(): void;
+  ref(): void;
+  unref(): void;
+}
+
+/**
+ * io_uring over raw syscalls. Each in-flight operation is named by a tag in [0, maxTags).
+ * The ring keeps per-tag iovec storage, so the iov arrays passed in may be reused at once.
+ * iov layout: Float64Array of [hostAddress, length, hostAddress, length, ...].
+ */
+export interface Ring {
+  readonly fd: number;
+  readonly entries: number;
+  prepReadv(fd: number, iov: Float64Array, iovCount: number, fileOffset: number, tag: number): boolean;
+  prepWritev(fd: number, iov: Float64Array, iovCount: number, fileOffset: number, tag: number): boolean;
+  prepFsync(fd: number, tag: number, datasync: boolean): boolean;
+  prepFallocate(fd: number, mode: number, offset: number, length: number, tag: number): boolean;
+  /** submits prepared SQEs; returns the number submitted */
+  submit(): number;
+  /** submit and block until at least minComplete completions are ready */
+  submitAndWait(minComplete: number): number;
+  /** writes [tag, res, tag, res, ...] into out; returns count of completions; res < 0 is -errno */
+  reap(out: Float64Array): number;
+  close(): void;
+}
+
+export interface Native {
+  listenUnix(path: string, backlog: number): number;
+  connectUnix(path: string): number;
+  socketpair(): [number, number];
+  /** -1 when no connection is pending */
+  accept(listenFd: number): number;
+  /** null when nothing is available (EAGAIN) */
+  recvMsg(fd: number, buf: Uint8Array, offset: number, length: number, maxFds: number): RecvResult | null;
+  /** -1 on EAGAIN; MSG_NOSIGNAL */
+  sendMsg(fd: number, buf: Uint8Array, offset: number, length: number, fds: readonly number[]): number;
+  setBlocking(fd: number, blocking: boolean): void;
+  close(fd: number): void;
+  dup(fd: number): number;
+
+  /** readiness on the Node event loop (uv_poll_t); cb(status, events) */
+  poll(fd: number, events: number, cb: (status: number, events: number) => void): PollHandle;
+  /**
+   * Blocking poll(2) for worker threads: fds[i] with POLLIN; revents written to revents[i].
+   * Returns number of ready fds, 0 on timeout. EINTR returns 0. timeoutMs < 0 waits forever.
+   */
+  pollWait(fds: Int32Array, nfds: number, revents: Int32Array, timeoutMs: number): number;
+
+  /** maps [offset, offset+length) of fd shared; offset page aligned; length <= 4 GiB; finalizer munmaps */
+  mmap(fd: number, length: number, offset: number, writable: boolean): ArrayBuffer;
+  /** host virtual address of an ArrayBuffer's first byte (for iovecs) */
+  addressOf(buf: ArrayBuffer): number;
+
+  eventfd(nonblock: boolean): number;
+  /** counter value; 0 means nothing pending (EAGAIN on a non-blocking eventfd) */
+  eventfdRead(fd: number): number;
+  eventfdWrite(fd: number, value: number): void;
+  memfdCreate(name: string, size: number): number;
+
+  /** sync I/O fallback; same iov layout as Ring; returns bytes or -errno (never throws for I/O errors) */
+  preadv(fd: number, iov: Float64Array, iovCount: number, fileOffset: number): number;
+  pwritev(fd: number, iov: Float64Array, iovCount: number, fileOffset: number): number;
+  fsync(fd: number, datasync: boolean): number;
+  fallocate(fd: number, mode: number, offset: number, length: number): number;
+  /** size in bytes of a block device (BLKGETSIZE64) */
+  blockDeviceSize(fd: number): number;
+  /** CPU time of the calling thread in microseconds (CLOCK_THREAD_CPUTIME_ID) */
+  threadCpuMicros(): number;
+
+  Ring: new (entries: number, maxTags: number, maxSegs: number) => Ring;
+}
+
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const require = createRequire(import.meta.url);
+
+function findAddon(): string {
+  // dist/src/native -> repo root is three levels up; src/native (ts-node style) is two.
+  for (const up of ['../../..', '../..']) {
+    const candidate = path.resolve(here, up, 'native-bindings/build/Release/vubd_native.node');
+    try {
+      require.resolve(candidate);
+      return candidate;
+    } catch {
+      /* try the next layout */
+    }
+  }
+  throw new Error('vubd native addon not built: run `npm install` (needs make, g++ and Node headers)');
+}
+
+export const native: Native = require(findAddon()) as Native;
+
+export interface ErrnoError extends Error {
+  errno: number;
+  code: string;
+}
+
+export function isErrno(e: unknown, code: string): e is ErrnoError {
+  return typeof e === 'object' && e !== null && (e as ErrnoError).code === code;
+}

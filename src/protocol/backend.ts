@@ -1,0 +1,53 @@
+// What the vhost-user Session needs from a device. The Session knows nothing about blk; the
+// device knows nothing about the wire format.
+import type { MemoryRegion } from './codec.js';
+
+export interface RegionWithFd extends MemoryRegion {
+  fd: number;
+}
+
+/** Everything a queue worker needs to run one ring. fds stay owned by the Session. */
+export interface VringSetup {
+  index: number;
+  size: number;
+  descUserAddr: number;
+  availUserAddr: number;
+  usedUserAddr: number;
+  /** next avail index to process (split: bits 0-15) */
+  base: number;
+  kickFd: number;
+  callFd: number;
+  errFd: number;
+  enabled: boolean;
+  eventIdx: boolean;
+  indirect: boolean;
+  packed: boolean;
+}
+
+export interface VhostBackend {
+  readonly numQueues: number;
+  readonly maxQueueSize: number;
+  /** virtio feature bits the device offers (including VHOST_USER_F_PROTOCOL_FEATURES) */
+  readonly features: bigint;
+  readonly protocolFeatures: bigint;
+  /** the full device config space */
+  getConfig(): Uint8Array;
+  /** returns false to refuse the write (read-only field) */
+  setConfig(offset: number, data: Uint8Array, flags: number): boolean;
+  setAckedFeatures(features: bigint): void;
+  /** maps the new memory table in every worker; resolves once no worker uses the old one's fds */
+  setMemTable(regions: readonly RegionWithFd[]): Promise<void>;
+  /** (re)configures a ring; resolves once the worker applied it and no longer uses older fds */
+  configureQueue(setup: VringSetup): Promise<void>;
+  /** stops a ring after its in-flight requests complete; resolves with the next avail index */
+  stopQueue(index: number): Promise<number>;
+  /** stop every ring and forget guest memory (disconnect, RESET_DEVICE) */
+  reset(): Promise<void>;
+  /** the channel for backend-initiated messages, or null when it goes away */
+  setBackendChannel(channel: BackendChannel | null): void;
+}
+
+export interface BackendChannel {
+  /** tells the frontend that the config space changed (resize) */
+  configChanged(): void;
+}

@@ -1,0 +1,378 @@
+// The vhost-user protocol state machine for one frontend connection. It validates every message
+// against the negotiated state, owns every fd the frontend sent until the backend is done with
+// it, and replies in the exact format QEMU checks. Any ProtocolError closes the connection.
+import { native } from '../native/index.js';
+import type { Logger } from '../log.js';
+import {
+  BackendRequest,
+  FLAG_NEED_REPLY,
+  FLAG_VERSION,
+  F,
+  MAX_MEM_SLOTS,
+  PF,
+  Request,
+  bit,
+  hasBit,
+  requestName,
+} from './constants.js';
+import {
+  ProtocolError,
+  configPayload,
+  decodePayload,
+  encodeMessage,
+  encodeReply,
+  u64Payload,
+  vringStatePayload,
+  type Message,
+} from './codec.js';
+import { Connection, type Frame } from './connection.js';
+import type { BackendChannel, RegionWithFd, VhostBackend, VringSetup } from './backend.js';
+
+interface Vring {
+  size: number;
+  addr: { desc: number; avail: number; used: number } | null;
+  base: number;
+  kickFd: number;
+  callFd: number;
+  errFd: number;
+  enabled: boolean;
+  started: boolean;
+}
+
+function freshVring(): Vring {
+  return { size: 0, addr: null, base: 0, kickFd: -1, callFd: -1, errFd: -1, enabled: false, started: false };
+}
+
+export class Session {
+  private readonly conn: Connection;
+  private readonly vrings: Vring[];
+  private ackedFeatures = 0n;
+  private featuresSet = false;
+  private ackedProtocol = 0n;
+  private regions: RegionWithFd[] = [];
+  private backendReqFd = -1;
+  private queue: Promise<void> = Promise.resolve();
+  private pending = 0;
+  private closedResolve!: () => void;
+  /** resolves when the connection is gone and the backend has been reset */
+  readonly closed: Promise<void>;
+
+  constructor(
+    fd: number,
+    private readonly backend: VhostBackend,
+    private readonly log: Logger,
+  ) {
+    this.vrings = Array.from({ length: backend.numQueues }, freshVring);
+    this.closed = new Promise((r) => (this.closedResolve = r));
+    this.conn = new Connection(fd, {
+      frame: (f) => this.enqueue(f),
+      closed: (reason) => this.onClosed(reason),
+    });
+  }
+
+  /** Close the connection (daemon shutdown). */
+  close(): void {
+    this.conn.close(null);
+  }
+
+  private enqueue(frame: Frame): void {
+    // Messages are handled strictly in order; reading pauses while one is being handled so a
+    // slow GET_VRING_BASE (waiting for in-flight I/O) does not let later messages overtake it.
+    this.pending++;
+    this.conn.pause();
+    this.queue = this.queue.then(async () => {
+      try {
+        if (this.conn.isOpen) await this.handleFrame(frame);
+        else frame.fds.forEach((fd) => native.close(fd));
+      } catch (e) {
+        const err = e instanceof Error ? e : new Error(String(e));
+        if (!(err instanceof ProtocolError)) this.log.error({ err }, 'internal error while handling a message');
+        this.conn.close(err);
+      } finally {
+        if (--this.pending === 0) this.conn.resume();
+      }
+    });
+  }
+
+  private async handleFrame(frame: Frame): Promise<void> {
+    const { header } = frame;
+    let message: Message;
+    try {
+      message = decodePayload(header, frame.payload, frame.fds);
+    } catch (e) {
+      frame.fds.forEach((fd) => native.close(fd));
+      throw e;
+    }
+    this.log.debug({ request: requestName(header.request), size: header.size, fds: frame.fds.length }, 'message');
+    const fds = frame.fds;
+    const needAck = (header.flags & FLAG_NEED_REPLY) !== 0 && hasBit(this.ackedProtocol, PF.REPLY_ACK);
+    let ok = true;
+    try {
+      ok = await this.handle(message, fds);
+    } catch (e) {
+      if (!(e instanceof ProtocolError)) throw e;
+      // Refused: the connection goes away (the caller logs the reason).
+      throw e;
+    }
+    if (needAck && !hasOwnReply(message.request)) {
+      this.conn.send(encodeReply(header.request, u64Payload(ok ? 0 : 1)));
+    }
+  }
+
+  private vring(index: number, what: string): Vring {
+    const v = this.vrings[index];
+    if (index >= this.vrings.length || v === undefined) {
+      throw new ProtocolError(`${what}: vring index ${index} out of range (device has ${this.vrings.length} queues)`);
+    }
+    return v;
+  }
+
+  private reply(request: Request, payload: Uint8Array, fds: number[] = []): void {
+    this.conn.send(encodeReply(request, payload), fds);
+  }
+
+  /** Returns false for a refused-but-harmless request (REPLY_ACK answers 1). */
+  private async handle(m: Message, fds: number[]): Promise<boolean> {
+    const b = this.backend;
+    switch (m.request) {
+      case Request.GET_FEATURES:
+        this.reply(m.request, u64Payload(b.features));
+        return true;
+      case Request.SET_FEATURES: {
+        const extra = m.value & ~b.features;
+        if (extra !== 0n) throw new ProtocolError(`SET_FEATURES acks unoffered bits 0x${extra.toString(16)}`);
+        this.ackedFeatures = m.value;
+        this.featuresSet = true;
+        b.setAckedFeatures(m.value);
+        // Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled (spec, "Ring states").
+        if (!hasBit(m.value, F.PROTOCOL_FEATURES)) for (const v of this.vrings) v.enabled = true;
+        await this.reconfigureStarted();
+        return true;
+      }
+      case Request.GET_PROTOCOL_FEATURES:
+        this.reply(m.request, u64Payload(b.protocolFeatures));
+        return true;
+      case Request.SET_PROTOCOL_FEATURES: {
+        const extra = m.value & ~b.protocolFeatures;
+        if (extra !== 0n) throw new ProtocolError(`SET_PROTOCOL_FEATURES acks unoffered bits 0x${extra.toString(16)}`);
+        this.ackedProtocol = m.value;
+        return true;
+      }
+      case Request.GET_QUEUE_NUM:
+        this.reply(m.request, u64Payload(b.numQueues));
+        return true;
+      case Request.GET_MAX_MEM_SLOTS:
+        this.reply(m.request, u64Payload(MAX_MEM_SLOTS));
+        return true;
+      case Request.SET_OWNER:
+        return true;
+      case Request.RESET_OWNER:
+      case Request.RESET_DEVICE:
+        await this.resetDevice();
+        return true;
+      case Request.GET_STATUS:
+        this.reply(m.request, u64Payload(0));
+        return true;
+      case Request.SET_STATUS:
+        return true;
+      case Request.SET_MEM_TABLE: {
+        const regions = m.regions.map((r, i) => ({ ...r, fd: fds[i]! }));
+        const old = this.regions;
+        this.regions = regions;
+        await b.setMemTable(regions);
+        old.forEach((r) => native.close(r.fd));
+        return true;
+      }
+      case Request.ADD_MEM_REG: {
+        if (this.regions.length >= MAX_MEM_SLOTS) {
+          native.close(fds[0]!);
+          throw new ProtocolError(`ADD_MEM_REG: already ${this.regions.length} regions (max ${MAX_MEM_SLOTS})`);
+        }
+        this.regions = [...this.regions, { ...m.region, fd: fds[0]! }];
+        await b.setMemTable(this.regions);
+        return true;
+      }
+      case Request.REM_MEM_REG: {
+        fds.forEach((fd) => native.close(fd)); // the spec lets a frontend send a stray fd here
+        const r = m.region;
+        const i = this.regions.findIndex(
+          (x) => x.guestPhysAddr === r.guestPhysAddr && x.userAddr === r.userAddr && x.size === r.size,
+        );
+        if (i < 0) {
+          this.log.warn({ gpa: r.guestPhysAddr, size: r.size }, 'REM_MEM_REG for an unknown region');
+          return false;
+        }
+        const [removed] = this.regions.splice(i, 1);
+        this.regions = [...this.regions];
+        await b.setMemTable(this.regions);
+        native.close(removed!.fd);
+        return true;
+      }
+      case Request.SET_VRING_NUM: {
+        const v = this.vring(m.index, 'SET_VRING_NUM');
+        if (m.num === 0 || m.num > b.maxQueueSize || (m.num & (m.num - 1)) !== 0) {
+          throw new ProtocolError(`SET_VRING_NUM: size ${m.num} must be a power of two in 1..${b.maxQueueSize}`);
+        }
+        v.size = m.num;
+        return true;
+      }
+      case Request.SET_VRING_BASE: {
+        const v = this.vring(m.index, 'SET_VRING_BASE');
+        if (m.num > 0xffff) throw new ProtocolError(`SET_VRING_BASE: base ${m.num} out of range`);
+        v.base = m.num;
+        return true;
+      }
+      case Request.SET_VRING_ADDR: {
+        const v = this.vring(m.addr.index, 'SET_VRING_ADDR');
+        v.addr = { desc: m.addr.descUserAddr, avail: m.addr.availUserAddr, used: m.addr.usedUserAddr };
+        if (v.started) await this.configure(m.addr.index);
+        return true;
+      }
+      case Request.SET_VRING_KICK:
+      case Request.SET_VRING_CALL:
+      case Request.SET_VRING_ERR: {
+        const v = this.vring(m.index, requestName(m.request));
+        const fd = m.noFd ? -1 : fds[0]!;
+        const key = m.request === Request.SET_VRING_KICK ? 'kickFd' : m.request === Request.SET_VRING_CALL ? 'callFd' : 'errFd';
+        const old = v[key];
+        v[key] = fd;
+        // A kick fd starts the ring (spec: rings are started by a kick).
+        if (m.request === Request.SET_VRING_KICK && v.size > 0 && v.addr !== null) v.started = true;
+        if (v.started) await this.configure(m.index);
+        if (old >= 0) native.close(old);
+        return true;
+      }
+      case Request.SET_VRING_ENABLE: {
+        const v = this.vring(m.index, 'SET_VRING_ENABLE');
+        if (!hasBit(this.ackedFeatures, F.PROTOCOL_FEATURES) && this.featuresSet) {
+          throw new ProtocolError('SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES negotiated');
+        }
+        if (m.num > 1) throw new ProtocolError(`SET_VRING_ENABLE: value ${m.num} is not 0 or 1`);
+        v.enabled = m.num === 1;
+        if (v.started) await this.configure(m.index);
+        return true;
+      }
+      case Request.GET_VRING_BASE: {
+        const v = this.vring(m.index, 'GET_VRING_BASE');
+        let next = v.base;
+        if (v.started) next = await b.stopQueue(m.index);
+        v.started = false;
+        v.base = next;
+        for (const key of ['kickFd', 'callFd'] as const) {
+          if (v[key] >= 0) native.close(v[key]);
+          v[key] = -1;
+        }
+        this.reply(m.request, vringStatePayload(m.index, next));
+        return true;
+      }
+      case Request.VRING_KICK:
+        throw new ProtocolError('VRING_KICK without INBAND_NOTIFICATIONS');
+      case Request.GET_CONFIG: {
+        const space = b.getConfig();
+        const out = new Uint8Array(m.config.size);
+        out.set(space.subarray(m.config.offset, m.config.offset + m.config.size));
+        this.reply(m.request, configPayload(m.config.offset, m.config.flags, out));
+        return true;
+      }
+      case Request.SET_CONFIG:
+        return b.setConfig(m.config.offset, m.config.data, m.config.flags);
+      case Request.SET_BACKEND_REQ_FD: {
+        if (this.backendReqFd >= 0) native.close(this.backendReqFd);
+        this.backendReqFd = fds[0]!;
+        b.setBackendChannel(this.backendChannel());
+        return true;
+      }
+      case Request.GET_INFLIGHT_FD:
+      case Request.SET_INFLIGHT_FD:
+        fds.forEach((fd) => native.close(fd));
+        throw new ProtocolError(`${requestName(m.request)} without INFLIGHT_SHMFD negotiated`);
+    }
+  }
+
+  private backendChannel(): BackendChannel {
+    const fd = this.backendReqFd;
+    return {
+      configChanged: () => {
+        if (fd !== this.backendReqFd || fd < 0) return;
+        const msg = encodeMessage(BackendRequest.CONFIG_CHANGE_MSG, FLAG_VERSION, new Uint8Array(0));
+        try {
+          native.sendMsg(fd, msg, 0, msg.byteLength, []);
+        } catch (err) {
+          this.log.warn({ err }, 'could not send CONFIG_CHANGE_MSG to the frontend');
+        }
+      },
+    };
+  }
+
+  private setupOf(index: number): VringSetup {
+    const v = this.vrings[index]!;
+    return {
+      index,
+      size: v.size,
+      descUserAddr: v.addr!.desc,
+      availUserAddr: v.addr!.avail,
+      usedUserAddr: v.addr!.used,
+      base: v.base,
+      kickFd: v.kickFd,
+      callFd: v.callFd,
+      errFd: v.errFd,
+      enabled: v.enabled,
+      eventIdx: hasBit(this.ackedFeatures, F.RING_EVENT_IDX),
+      indirect: hasBit(this.ackedFeatures, F.RING_INDIRECT_DESC),
+      packed: hasBit(this.ackedFeatures, F.RING_PACKED),
+    };
+  }
+
+  private async configure(index: number): Promise<void> {
+    await this.backend.configureQueue(this.setupOf(index));
+  }
+
+  private async reconfigureStarted(): Promise<void> {
+    for (let i = 0; i < this.vrings.length; i++) if (this.vrings[i]!.started) await this.configure(i);
+  }
+
+  private async resetDevice(): Promise<void> {
+    await this.backend.reset();
+    for (let i = 0; i < this.vrings.length; i++) {
+      const v = this.vrings[i]!;
+      for (const key of ['kickFd', 'callFd', 'errFd'] as const) if (v[key] >= 0) native.close(v[key]);
+      this.vrings[i] = freshVring();
+    }
+    this.ackedFeatures = 0n;
+    this.featuresSet = false;
+  }
+
+  private onClosed(reason: Error | null): void {
+    if (reason) this.log.warn({ reason: reason.message }, 'vhost-user connection closed');
+    else this.log.info('frontend disconnected');
+    // Wait for the message in progress, then stop all rings, then release every fd.
+    this.queue = this.queue.then(async () => {
+      try {
+        await this.resetDevice();
+      } catch (err) {
+        this.log.error({ err }, 'error while resetting the device after disconnect');
+      }
+      this.regions.forEach((r) => native.close(r.fd));
+      this.regions = [];
+      this.backend.setBackendChannel(null);
+      if (this.backendReqFd >= 0) native.close(this.backendReqFd);
+      this.backendReqFd = -1;
+      this.closedResolve();
+    });
+  }
+}
+
+function hasOwnReply(r: Request): boolean {
+  return (
+    r === Request.GET_FEATURES ||
+    r === Request.GET_PROTOCOL_FEATURES ||
+    r === Request.GET_QUEUE_NUM ||
+    r === Request.GET_MAX_MEM_SLOTS ||
+    r === Request.GET_VRING_BASE ||
+    r === Request.GET_CONFIG ||
+    r === Request.GET_INFLIGHT_FD ||
+    r === Request.GET_STATUS
+  );
+}
+
+export { bit };

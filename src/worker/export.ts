@@ -1,0 +1,151 @@
+// A vhost-user-blk export: the device the Session talks to. It owns the queue workers (spawned
+// at start-up), the block node they serve and the config space.
+import type { Logger } from '../log.js';
+import type { BackendChannel, RegionWithFd, VhostBackend, VringSetup } from '../protocol/backend.js';
+import { blkConfigSpace, blkFeatures, blkProtocolFeatures, WCE_OFFSET } from '../blk/config.js';
+import type { NodeSpec } from '../graph/nodes.js';
+import { QueueWorkerHandle } from './handle.js';
+import { StatIndex } from './messages.js';
+
+export interface ExportOptions {
+  numQueues: number;
+  maxQueueSize: number;
+  node: NodeSpec;
+  readOnly: boolean;
+  serial: string;
+  aio: 'io_uring' | 'sync';
+  blockSize: number;
+  pollUs: number;
+  logLevel: string;
+}
+
+export class BlkExport implements VhostBackend {
+  readonly numQueues: number;
+  readonly maxQueueSize: number;
+  readonly features: bigint;
+  readonly protocolFeatures: bigint;
+  readonly workers: QueueWorkerHandle[];
+  private node: NodeSpec;
+  private writeback = true;
+  private started = new Set<number>();
+  private channel: BackendChannel | null = null;
+
+  constructor(
+    private readonly opts: ExportOptions,
+    private readonly log: Logger,
+  ) {
+    this.numQueues = opts.numQueues;
+    this.maxQueueSize = opts.maxQueueSize;
+    this.node = opts.node;
+    this.features = blkFeatures(opts.readOnly);
+    this.protocolFeatures = blkProtocolFeatures();
+    const serial = new TextEncoder().encode(opts.serial).subarray(0, 20);
+    this.workers = Array.from(
+      { length: opts.numQueues },
+      (_, i) =>
+        new QueueWorkerHandle(
+          {
+            queueIndex: i,
+            aio: opts.aio,
+            maxQueueSize: opts.maxQueueSize,
+            node: opts.node,
+            serial,
+            writeback: true,
+            readOnly: opts.readOnly,
+            logLevel: opts.logLevel,
+            pollUs: opts.pollUs,
+          },
+          log,
+        ),
+    );
+  }
+
+  get nodeSpec(): NodeSpec {
+    return this.node;
+  }
+
+  getConfig(): Uint8Array {
+    return blkConfigSpace({
+      capacityBytes: this.node.size,
+      blockSize: this.opts.blockSize,
+      numQueues: this.numQueues,
+      writeback: this.writeback,
+      readOnly: this.opts.readOnly,
+    });
+  }
+
+  setConfig(offset: number, data: Uint8Array, flags: number): boolean {
+    // Only the writeback-cache toggle is guest-writable; migration writes (flags=1) are refused.
+    if (flags !== 0 || offset !== WCE_OFFSET || data.byteLength !== 1 || data[0]! > 1) {
+      this.log.warn({ offset, size: data.byteLength, flags }, 'SET_CONFIG refused: only the wce byte is writable');
+      return false;
+    }
+    this.writeback = data[0] === 1;
+    this.log.info({ writeback: this.writeback }, 'guest changed the write cache mode');
+    void Promise.all(this.workers.map((w) => w.request({ type: 'set-writeback', writeback: this.writeback }))).catch((err) =>
+      this.log.error({ err }, 'could not apply the write cache mode'),
+    );
+    return true;
+  }
+
+  setAckedFeatures(features: bigint): void {
+    this.log.debug({ features: '0x' + features.toString(16) }, 'features acked');
+  }
+
+  async setMemTable(regions: readonly RegionWithFd[]): Promise<void> {
+    const specs = regions.map((r) => ({ ...r }));
+    await Promise.all(this.workers.map((w) => w.request({ type: 'memtable', regions: specs })));
+    this.log.info({ regions: regions.map((r) => ({ gpa: r.guestPhysAddr, size: r.size })) }, 'guest memory mapped');
+  }
+
+  async configureQueue(setup: VringSetup): Promise<void> {
+    const w = this.workers[setup.index]!;
+    await w.request({ type: 'configure', setup });
+    if (!this.started.has(setup.index)) {
+      this.started.add(setup.index);
+      this.log.info({ queue: setup.index, size: setup.size, enabled: setup.enabled, eventIdx: setup.eventIdx }, 'queue started');
+    }
+  }
+
+  async stopQueue(index: number): Promise<number> {
+    const ack = await this.workers[index]!.request({ type: 'stop' });
+    this.started.delete(index);
+    this.log.info({ queue: index, lastAvail: ack.lastAvail }, 'queue stopped');
+    return ack.lastAvail ?? 0;
+  }
+
+  async reset(): Promise<void> {
+    for (const i of [...this.started]) await this.stopQueue(i);
+    await Promise.all(this.workers.map((w) => w.request({ type: 'reset' })));
+  }
+
+  setBackendChannel(channel: BackendChannel | null): void {
+    this.channel = channel;
+  }
+
+  /** Replaces the node every queue serves. Callers drain first (see graph/drain). */
+  async setNode(node: NodeSpec): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.request({ type: 'set-node', node })));
+    const grew = node.size !== this.node.size;
+    this.node = node;
+    if (grew) this.channel?.configChanged();
+  }
+
+  stats(): Record<string, number>[] {
+    return this.workers.map((w) => ({
+      queue: w.index,
+      readOps: Atomics.load(w.stats, StatIndex.READ_OPS),
+      writeOps: Atomics.load(w.stats, StatIndex.WRITE_OPS),
+      flushOps: Atomics.load(w.stats, StatIndex.FLUSH_OPS),
+      otherOps: Atomics.load(w.stats, StatIndex.OTHER_OPS),
+      errors: Atomics.load(w.stats, StatIndex.ERRORS),
+      inFlight: Atomics.load(w.stats, StatIndex.IN_FLIGHT),
+      kicks: Atomics.load(w.stats, StatIndex.KICKS),
+      notifies: Atomics.load(w.stats, StatIndex.NOTIFIES),
+    }));
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.terminate()));
+  }
+}

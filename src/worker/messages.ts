@@ -1,0 +1,58 @@
+// Messages between the main thread and a queue worker. Plain data only: no shared mutable objects.
+import type { RegionSpec } from '../virtio/memory.js';
+import type { VringSetup } from '../protocol/backend.js';
+import type { NodeSpec } from '../graph/nodes.js';
+
+export interface WorkerInit {
+  queueIndex: number;
+  ctrlFd: number;
+  aio: 'io_uring' | 'sync';
+  maxQueueSize: number;
+  node: NodeSpec;
+  serial: Uint8Array;
+  writeback: boolean;
+  readOnly: boolean;
+  logLevel: string;
+  /** Int32Array over a SharedArrayBuffer: see StatIndex */
+  stats: SharedArrayBuffer;
+  pollUs: number;
+}
+
+export type ToWorker =
+  | { type: 'memtable'; seq: number; regions: RegionSpec[] }
+  | { type: 'configure'; seq: number; setup: VringSetup }
+  | { type: 'stop'; seq: number }
+  | { type: 'reset'; seq: number }
+  | { type: 'set-node'; seq: number; node: NodeSpec }
+  | { type: 'set-writeback'; seq: number; writeback: boolean }
+  | { type: 'drain'; seq: number }
+  | { type: 'undrain'; seq: number }
+  | { type: 'exit'; seq: number };
+
+export type FromWorker =
+  | { type: 'ack'; seq: number; lastAvail?: number; error?: string }
+  | { type: 'log'; level: 'warn' | 'error' | 'info'; msg: string; data?: Record<string, unknown> };
+
+/** Int32 slots of the shared stats block (Atomics readable from the main thread). */
+export const enum StatIndex {
+  READ_OPS = 0,
+  WRITE_OPS = 1,
+  FLUSH_OPS = 2,
+  OTHER_OPS = 3,
+  ERRORS = 4,
+  IN_FLIGHT = 5,
+  /** KiB moved, to keep within int32 for long runs (wraps are tolerated by readers) */
+  READ_KIB = 6,
+  WRITE_KIB = 7,
+  NOTIFIES = 8,
+  KICKS = 9,
+  STATE = 10,
+  COUNT = 16,
+}
+
+export const enum QueueState {
+  IDLE = 0,
+  RUNNING = 1,
+  DRAINED = 2,
+  BROKEN = 3,
+}

@@ -1,0 +1,317 @@
+// Worker thread entry: serves one virtqueue. It maps guest memory itself, owns its ring indices
+// and in-flight table, and sleeps in one blocking poll covering kick, control and completions.
+// Control messages arrive on parentPort and are read synchronously after the control eventfd wakes us.
+import { parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
+import { native, POLLIN } from '../native/index.js';
+import { GuestMemory } from '../virtio/memory.js';
+import { DescriptorChain } from '../virtio/chain.js';
+import { BrokenQueueError, SplitQueue } from '../virtio/split-queue.js';
+import { BlkRequestHandler, BlkSlot, BlkType } from '../blk/request.js';
+import { buildNode, type BlockNode } from '../graph/nodes.js';
+import { createEngine, type IoEngine } from '../graph/io-engine.js';
+import type { VringSetup } from '../protocol/backend.js';
+import { QueueState, StatIndex, type FromWorker, type ToWorker, type WorkerInit } from './messages.js';
+
+const MAX_SEGS = 256;
+const BATCH = 64;
+
+class QueueWorker {
+  private readonly init: WorkerInit;
+  private readonly port = parentPort!;
+  private readonly stats: Int32Array;
+  private memory: GuestMemory | null = null;
+  private queue: SplitQueue | null = null;
+  private setup: VringSetup | null = null;
+  private node: BlockNode;
+  private engine: IoEngine | null = null;
+  private readonly handler: BlkRequestHandler;
+  private slots: BlkSlot[] = [];
+  private freeTags: number[] = [];
+  private inFlight = 0;
+  private stopSeq = -1;
+  private drainSeq = -1;
+  private drained = false;
+  private broken = false;
+  private exiting = false;
+  private needNotify = false;
+  private readonly completions = new Float64Array(2 * BATCH);
+  private readonly pollFds = new Int32Array(3);
+  private readonly revents = new Int32Array(3);
+
+  constructor(init: WorkerInit) {
+    this.init = init;
+    this.stats = new Int32Array(init.stats);
+    this.node = buildNode(init.node);
+    this.handler = new BlkRequestHandler({ serial: init.serial, writeback: init.writeback, readOnly: init.readOnly });
+  }
+
+  private post(m: FromWorker): void {
+    this.port.postMessage(m);
+  }
+
+  private log(level: 'warn' | 'error' | 'info', msg: string, data?: Record<string, unknown>): void {
+    this.post({ type: 'log', level, msg, data: { queue: this.init.queueIndex, ...data } });
+  }
+
+  private ensureEngine(queueSize: number): IoEngine {
+    if (this.engine && this.slots.length >= queueSize) return this.engine;
+    if (this.inFlight > 0) throw new Error('cannot grow the request table with requests in flight');
+    this.engine?.close();
+    this.engine = createEngine(this.init.aio, Math.min(queueSize, 1024), queueSize, MAX_SEGS, (m) => this.log('warn', m));
+    this.slots = [];
+    for (let t = 0; t < queueSize; t++) this.slots.push(new BlkSlot(t, new DescriptorChain(MAX_SEGS), MAX_SEGS));
+    this.freeTags = [];
+    for (let t = queueSize - 1; t >= 0; t--) this.freeTags.push(t);
+    return this.engine;
+  }
+
+  run(): void {
+    for (;;) {
+      this.handleControl();
+      if (this.exiting) break;
+      let progressed = this.reap();
+      if (this.canPop()) progressed = this.popAndStart() || progressed;
+      this.engine?.submit();
+      progressed = this.reap() || progressed;
+      this.publish();
+      this.finishStopOrDrain();
+      if (progressed) continue;
+      if (this.canPop()) {
+        try {
+          if (this.queue!.armKick()) continue;
+        } catch (e) {
+          this.markBroken(e);
+        }
+      }
+      this.sleep();
+    }
+    this.engine?.close();
+  }
+
+  private canPop(): boolean {
+    return (
+      this.queue !== null && this.setup !== null && this.setup.enabled && this.stopSeq < 0 && !this.drained && !this.broken
+    );
+  }
+
+  private sleep(): void {
+    const fds = this.pollFds;
+    let n = 0;
+    fds[n++] = this.init.ctrlFd;
+    const kick = this.canPop() ? this.setup!.kickFd : -1;
+    if (kick >= 0) fds[n++] = kick;
+    const io = this.inFlight > 0 && this.engine !== null ? this.engine.pollFd : -1;
+    if (io >= 0) fds[n++] = io;
+    native.pollWait(fds, n, this.revents, -1);
+    for (let i = 0; i < n; i++) {
+      if ((this.revents[i]! & POLLIN) === 0) continue;
+      if (fds[i] === this.init.ctrlFd) native.eventfdRead(fds[i]!);
+      else if (fds[i] === kick) {
+        native.eventfdRead(kick);
+        Atomics.add(this.stats, StatIndex.KICKS, 1);
+      }
+    }
+  }
+
+  private popAndStart(): boolean {
+    const q = this.queue!;
+    const engine = this.engine!;
+    let started = 0;
+    try {
+      let avail = q.pending();
+      while (avail > 0 && started < BATCH && this.freeTags.length > 0) {
+        const head = q.popHead();
+        avail--;
+        const tag = this.freeTags.pop()!;
+        const slot = this.slots[tag]!;
+        q.walk(head, slot.chain);
+        this.inFlight++;
+        started++;
+        this.handler.start(slot, this.node, engine);
+      }
+    } catch (e) {
+      this.markBroken(e);
+    }
+    Atomics.store(this.stats, StatIndex.IN_FLIGHT, this.inFlight);
+    return started > 0;
+  }
+
+  private markBroken(e: unknown): void {
+    if (!(e instanceof BrokenQueueError) && !(e instanceof RangeError)) throw e;
+    this.broken = true;
+    Atomics.store(this.stats, StatIndex.STATE, QueueState.BROKEN);
+    this.log('error', `queue marked broken: ${(e as Error).message}`);
+    if (this.setup && this.setup.errFd >= 0) native.eventfdWrite(this.setup.errFd, 1);
+  }
+
+  private reap(): boolean {
+    const engine = this.engine;
+    if (engine === null || this.inFlight === 0) return false;
+    let any = false;
+    for (;;) {
+      const n = engine.reap(this.completions);
+      if (n === 0) break;
+      any = true;
+      for (let i = 0; i < n; i++) this.completeOne(this.completions[2 * i]!, this.completions[2 * i + 1]!);
+      if (n < BATCH) break;
+    }
+    return any;
+  }
+
+  private completeOne(tag: number, res: number): void {
+    const slot = this.slots[tag]!;
+    const used = this.handler.complete(slot, res, this.engine!);
+    if (used < 0) return; // another phase is running
+    this.count(slot, res);
+    this.queue?.putUsed(slot.chain.head, used);
+    slot.chain.memory = null;
+    this.needNotify = true;
+    this.freeTags.push(tag);
+    this.inFlight--;
+  }
+
+  private count(slot: BlkSlot, res: number): void {
+    const s = this.stats;
+    if (res < 0 || slot.fixedStatus >= 0) Atomics.add(s, StatIndex.ERRORS, 1);
+    switch (slot.type) {
+      case BlkType.IN:
+        Atomics.add(s, StatIndex.READ_OPS, 1);
+        Atomics.add(s, StatIndex.READ_KIB, slot.length >> 10);
+        break;
+      case BlkType.OUT:
+        Atomics.add(s, StatIndex.WRITE_OPS, 1);
+        Atomics.add(s, StatIndex.WRITE_KIB, slot.length >> 10);
+        break;
+      case BlkType.FLUSH:
+        Atomics.add(s, StatIndex.FLUSH_OPS, 1);
+        break;
+      default:
+        Atomics.add(s, StatIndex.OTHER_OPS, 1);
+    }
+  }
+
+  private publish(): void {
+    if (!this.needNotify || this.queue === null) return;
+    this.needNotify = false;
+    Atomics.store(this.stats, StatIndex.IN_FLIGHT, this.inFlight);
+    if (this.queue.publish() && this.setup && this.setup.callFd >= 0) {
+      native.eventfdWrite(this.setup.callFd, 1);
+      Atomics.add(this.stats, StatIndex.NOTIFIES, 1);
+    }
+  }
+
+  private finishStopOrDrain(): void {
+    if (this.inFlight > 0) return;
+    if (this.stopSeq >= 0) {
+      const seq = this.stopSeq;
+      const lastAvail = this.queue?.lastAvail ?? this.setup?.base ?? 0;
+      this.stopSeq = -1;
+      this.queue = null;
+      this.setup = null;
+      this.broken = false;
+      Atomics.store(this.stats, StatIndex.STATE, QueueState.IDLE);
+      this.post({ type: 'ack', seq, lastAvail });
+    }
+    if (this.drainSeq >= 0) {
+      const seq = this.drainSeq;
+      this.drainSeq = -1;
+      this.post({ type: 'ack', seq });
+    }
+  }
+
+  private handleControl(): void {
+    for (;;) {
+      const got = receiveMessageOnPort(this.port);
+      if (got === undefined) return;
+      const m = got.message as ToWorker;
+      try {
+        this.apply(m);
+      } catch (e) {
+        this.post({ type: 'ack', seq: m.seq, error: (e as Error).message });
+      }
+    }
+  }
+
+  private apply(m: ToWorker): void {
+    switch (m.type) {
+      case 'memtable': {
+        this.publish();
+        this.memory = m.regions.length > 0 ? new GuestMemory(m.regions) : null;
+        if (this.setup !== null) this.bindQueue(this.setup);
+        this.post({ type: 'ack', seq: m.seq });
+        return;
+      }
+      case 'configure': {
+        this.publish();
+        this.ensureEngine(m.setup.size);
+        const old = this.setup;
+        const sameRing =
+          old !== null &&
+          this.queue !== null &&
+          old.size === m.setup.size &&
+          old.descUserAddr === m.setup.descUserAddr &&
+          old.availUserAddr === m.setup.availUserAddr &&
+          old.usedUserAddr === m.setup.usedUserAddr;
+        this.setup = m.setup;
+        if (!sameRing) this.bindQueue(m.setup);
+        Atomics.store(this.stats, StatIndex.STATE, this.broken ? QueueState.BROKEN : QueueState.RUNNING);
+        this.post({ type: 'ack', seq: m.seq });
+        return;
+      }
+      case 'stop':
+        this.stopSeq = m.seq; // acked from finishStopOrDrain once in-flight I/O completed
+        return;
+      case 'reset':
+        if (this.inFlight > 0) throw new Error('reset with requests in flight');
+        this.queue = null;
+        this.setup = null;
+        this.memory = null;
+        this.broken = false;
+        this.post({ type: 'ack', seq: m.seq });
+        return;
+      case 'set-node':
+        if (this.inFlight > 0) throw new Error('node swap with requests in flight: drain first');
+        this.node = buildNode(m.node);
+        this.post({ type: 'ack', seq: m.seq });
+        return;
+      case 'set-writeback':
+        this.handler.opts = { ...this.handler.opts, writeback: m.writeback };
+        this.post({ type: 'ack', seq: m.seq });
+        return;
+      case 'drain':
+        this.drained = true;
+        Atomics.store(this.stats, StatIndex.STATE, QueueState.DRAINED);
+        this.drainSeq = m.seq;
+        return;
+      case 'undrain':
+        this.drained = false;
+        Atomics.store(this.stats, StatIndex.STATE, this.queue ? QueueState.RUNNING : QueueState.IDLE);
+        this.post({ type: 'ack', seq: m.seq });
+        return;
+      case 'exit':
+        this.exiting = true;
+        this.post({ type: 'ack', seq: m.seq });
+        return;
+    }
+  }
+
+  private bindQueue(s: VringSetup): void {
+    const prev = this.queue;
+    this.queue = null;
+    if (this.memory === null) return;
+    if (s.packed) {
+      this.markBroken(new BrokenQueueError('packed rings are not supported yet'));
+      return;
+    }
+    try {
+      const base = prev ? prev.lastAvail : s.base;
+      this.queue = new SplitQueue(this.memory, { size: s.size, descAddr: s.descUserAddr, availAddr: s.availUserAddr, usedAddr: s.usedUserAddr }, base, s.eventIdx, s.indirect);
+      if (prev) this.queue.usedIdx = prev.usedIdx;
+      this.broken = false;
+    } catch (e) {
+      this.markBroken(e);
+    }
+  }
+}
+
+new QueueWorker(workerData as WorkerInit).run();
