@@ -1,0 +1,18 @@
+{
+  "targets": [
+    {
+      "target_name": "vubd_native",
+      "sources": [
+        "src/addon.c",
+        "src/sockets.c",
+        "src/poll.c",
+        "src/memory.c",
+        "src/eventfd.c",
+        "src/uring.c",
+        "src/sync_io.c"
+      ],
+      "defines": ["_GNU_SOURCE"],
+      "cflags": ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
+    }
+  ]
+}
