@@ -38,7 +38,7 @@ export function blkFeatures(readOnly: boolean): bigint {
 }
 
 export function blkProtocolFeatures(): bigint {
-  return bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.BACKEND_REQ) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE);
+  return bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.BACKEND_REQ) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE) | bit(PF.INFLIGHT_SHMFD);
 }
 
 export function blkConfigSpace(c: BlkConfigInput): Uint8Array {

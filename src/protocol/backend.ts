@@ -43,8 +43,18 @@ export interface VhostBackend {
   stopQueue(index: number): Promise<number>;
   /** stop every ring and forget guest memory (disconnect, RESET_DEVICE) */
   reset(): Promise<void>;
+  /** the inflight tracking region from SET_INFLIGHT_FD (fd stays owned by the Session) */
+  setInflight(region: InflightRegion | null): Promise<void>;
   /** the channel for backend-initiated messages, or null when it goes away */
   setBackendChannel(channel: BackendChannel | null): void;
+}
+
+export interface InflightRegion {
+  fd: number;
+  mmapSize: number;
+  mmapOffset: number;
+  numQueues: number;
+  queueSize: number;
 }
 
 export interface BackendChannel {

@@ -19,6 +19,7 @@ import {
   ProtocolError,
   configPayload,
   decodePayload,
+  inflightPayload,
   encodeMessage,
   encodeReply,
   u64Payload,
@@ -26,7 +27,8 @@ import {
   type Message,
 } from './codec.js';
 import { Connection, type Frame } from './connection.js';
-import type { BackendChannel, RegionWithFd, VhostBackend, VringSetup } from './backend.js';
+import type { BackendChannel, InflightRegion, RegionWithFd, VhostBackend, VringSetup } from './backend.js';
+import { inflightQueueBytes } from '../virtio/inflight.js';
 
 interface Vring {
   size: number;
@@ -51,6 +53,7 @@ export class Session {
   private ackedProtocol = 0n;
   private regions: RegionWithFd[] = [];
   private backendReqFd = -1;
+  private inflight: InflightRegion | null = null;
   private queue: Promise<void> = Promise.resolve();
   private pending = 0;
   private closedResolve!: () => void;
@@ -283,9 +286,37 @@ export class Session {
         return true;
       }
       case Request.GET_INFLIGHT_FD:
-      case Request.SET_INFLIGHT_FD:
-        fds.forEach((fd) => native.close(fd));
-        throw new ProtocolError(`${requestName(m.request)} without INFLIGHT_SHMFD negotiated`);
+      case Request.SET_INFLIGHT_FD: {
+        if (!hasBit(this.ackedProtocol, PF.INFLIGHT_SHMFD)) {
+          fds.forEach((fd) => native.close(fd));
+          throw new ProtocolError(`${requestName(m.request)} without INFLIGHT_SHMFD negotiated`);
+        }
+        const { numQueues, queueSize } = m.inflight;
+        const perQueue = inflightQueueBytes(queueSize);
+        if (numQueues === 0 || numQueues > b.numQueues || queueSize === 0 || queueSize > b.maxQueueSize || (queueSize & (queueSize - 1)) !== 0) {
+          fds.forEach((fd) => native.close(fd));
+          throw new ProtocolError(`${requestName(m.request)}: ${numQueues} queues of ${queueSize} is invalid for this device`);
+        }
+        if (m.request === Request.GET_INFLIGHT_FD) {
+          const mmapSize = numQueues * perQueue;
+          const fd = native.memfdCreate('vubd-inflight', mmapSize);
+          try {
+            this.reply(m.request, inflightPayload({ mmapSize, mmapOffset: 0, numQueues, queueSize }), [fd]);
+          } finally {
+            native.close(fd);
+          }
+          return true;
+        }
+        if (m.inflight.mmapSize < numQueues * perQueue || m.inflight.mmapOffset % 4096 !== 0) {
+          native.close(fds[0]!);
+          throw new ProtocolError(`SET_INFLIGHT_FD: region of ${m.inflight.mmapSize} bytes at ${m.inflight.mmapOffset} is too small or misaligned`);
+        }
+        const old = this.inflight;
+        this.inflight = { fd: fds[0]!, mmapSize: m.inflight.mmapSize, mmapOffset: m.inflight.mmapOffset, numQueues, queueSize };
+        await b.setInflight(this.inflight);
+        if (old) native.close(old.fd);
+        return true;
+      }
     }
   }
 
@@ -355,6 +386,8 @@ export class Session {
       this.regions.forEach((r) => native.close(r.fd));
       this.regions = [];
       this.backend.setBackendChannel(null);
+      if (this.inflight) native.close(this.inflight.fd);
+      this.inflight = null;
       if (this.backendReqFd >= 0) native.close(this.backendReqFd);
       this.backendReqFd = -1;
       this.closedResolve();

@@ -1,7 +1,7 @@
 // A vhost-user-blk export: the device the Session talks to. It owns the queue workers (spawned
 // at start-up), the block node they serve and the config space.
 import type { Logger } from '../log.js';
-import type { BackendChannel, RegionWithFd, VhostBackend, VringSetup } from '../protocol/backend.js';
+import type { BackendChannel, InflightRegion, RegionWithFd, VhostBackend, VringSetup } from '../protocol/backend.js';
 import { blkConfigSpace, blkFeatures, blkProtocolFeatures, WCE_OFFSET } from '../blk/config.js';
 import type { NodeSpec } from '../graph/nodes.js';
 import { QueueWorkerHandle } from './handle.js';
@@ -117,6 +117,10 @@ export class BlkExport implements VhostBackend {
   async reset(): Promise<void> {
     for (const i of [...this.started]) await this.stopQueue(i);
     await Promise.all(this.workers.map((w) => w.request({ type: 'reset' })));
+  }
+
+  async setInflight(region: InflightRegion | null): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.request({ type: 'inflight', region })));
   }
 
   setBackendChannel(channel: BackendChannel | null): void {

@@ -1,6 +1,6 @@
 // Messages between the main thread and a queue worker. Plain data only: no shared mutable objects.
 import type { RegionSpec } from '../virtio/memory.js';
-import type { VringSetup } from '../protocol/backend.js';
+import type { InflightRegion, VringSetup } from '../protocol/backend.js';
 import type { NodeSpec } from '../graph/nodes.js';
 
 export interface WorkerInit {
@@ -21,6 +21,7 @@ export interface WorkerInit {
 export type ToWorker =
   | { type: 'memtable'; seq: number; regions: RegionSpec[] }
   | { type: 'configure'; seq: number; setup: VringSetup }
+  | { type: 'inflight'; seq: number; region: InflightRegion | null }
   | { type: 'stop'; seq: number }
   | { type: 'reset'; seq: number }
   | { type: 'set-node'; seq: number; node: NodeSpec }

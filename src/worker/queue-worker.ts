@@ -6,10 +6,11 @@ import { native, POLLIN } from '../native/index.js';
 import { GuestMemory } from '../virtio/memory.js';
 import { DescriptorChain } from '../virtio/chain.js';
 import { BrokenQueueError, SplitQueue } from '../virtio/split-queue.js';
+import { SplitInflight, inflightQueueBytes } from '../virtio/inflight.js';
 import { BlkRequestHandler, BlkSlot, BlkType } from '../blk/request.js';
 import { buildNode, type BlockNode } from '../graph/nodes.js';
 import { createEngine, type IoEngine } from '../graph/io-engine.js';
-import type { VringSetup } from '../protocol/backend.js';
+import type { InflightRegion, VringSetup } from '../protocol/backend.js';
 import { QueueState, StatIndex, type FromWorker, type ToWorker, type WorkerInit } from './messages.js';
 
 const MAX_SEGS = 256;
@@ -28,6 +29,10 @@ class QueueWorker {
   private slots: BlkSlot[] = [];
   private freeTags: number[] = [];
   private inFlight = 0;
+  private inflightRegion: { spec: InflightRegion; buffer: ArrayBuffer } | null = null;
+  private tracker: SplitInflight | null = null;
+  /** heads recovered from the inflight region, resubmitted before new avail entries */
+  private resubmit: number[] = [];
   private stopSeq = -1;
   private drainSeq = -1;
   private drained = false;
@@ -118,9 +123,18 @@ class QueueWorker {
     const engine = this.engine!;
     let started = 0;
     try {
+      while (this.resubmit.length > 0 && started < BATCH && this.freeTags.length > 0) {
+        const head = this.resubmit.shift()!;
+        const slot = this.slots[this.freeTags.pop()!]!;
+        q.walk(head, slot.chain);
+        this.inFlight++;
+        started++;
+        this.handler.start(slot, this.node, engine);
+      }
       let avail = q.pending();
       while (avail > 0 && started < BATCH && this.freeTags.length > 0) {
         const head = q.popHead();
+        this.tracker?.popped(head);
         avail--;
         const tag = this.freeTags.pop()!;
         const slot = this.slots[tag]!;
@@ -164,6 +178,7 @@ class QueueWorker {
     if (used < 0) return; // another phase is running
     this.count(slot, res);
     this.queue?.putUsed(slot.chain.head, used);
+    this.tracker?.completed(slot.chain.head);
     slot.chain.memory = null;
     this.needNotify = true;
     this.freeTags.push(tag);
@@ -194,7 +209,9 @@ class QueueWorker {
     if (!this.needNotify || this.queue === null) return;
     this.needNotify = false;
     Atomics.store(this.stats, StatIndex.IN_FLIGHT, this.inFlight);
-    if (this.queue.publish() && this.setup && this.setup.callFd >= 0) {
+    const notify = this.queue.publish();
+    this.tracker?.published(this.queue.usedIdx);
+    if (notify && this.setup && this.setup.callFd >= 0) {
       native.eventfdWrite(this.setup.callFd, 1);
       Atomics.add(this.stats, StatIndex.NOTIFIES, 1);
     }
@@ -258,6 +275,13 @@ class QueueWorker {
         this.post({ type: 'ack', seq: m.seq });
         return;
       }
+      case 'inflight':
+        if (this.inFlight > 0) throw new Error('inflight region change with requests in flight');
+        this.tracker = null;
+        this.inflightRegion =
+          m.region === null ? null : { spec: m.region, buffer: native.mmap(m.region.fd, m.region.mmapOffset + m.region.mmapSize, 0, true) };
+        this.post({ type: 'ack', seq: m.seq });
+        return;
       case 'stop':
         this.stopSeq = m.seq; // acked from finishStopOrDrain once in-flight I/O completed
         return;
@@ -267,6 +291,9 @@ class QueueWorker {
         this.setup = null;
         this.memory = null;
         this.broken = false;
+        this.tracker = null;
+        this.inflightRegion = null;
+        this.resubmit = [];
         this.post({ type: 'ack', seq: m.seq });
         return;
       case 'set-node':
@@ -305,11 +332,33 @@ class QueueWorker {
     }
     try {
       const base = prev ? prev.lastAvail : s.base;
-      this.queue = new SplitQueue(this.memory, { size: s.size, descAddr: s.descUserAddr, availAddr: s.availUserAddr, usedAddr: s.usedUserAddr }, base, s.eventIdx, s.indirect);
-      if (prev) this.queue.usedIdx = prev.usedIdx;
+      const q = new SplitQueue(this.memory, { size: s.size, descAddr: s.descUserAddr, availAddr: s.availUserAddr, usedAddr: s.usedUserAddr }, base, s.eventIdx, s.indirect);
+      if (prev) q.usedIdx = prev.usedIdx;
+      else this.recoverInflight(q, s);
+      this.queue = q;
       this.broken = false;
     } catch (e) {
       this.markBroken(e);
+    }
+  }
+
+  /** A fresh start: pick up the inflight region and resubmit what a previous run left in flight. */
+  private recoverInflight(q: SplitQueue, s: VringSetup): void {
+    this.tracker = null;
+    this.resubmit = [];
+    const r = this.inflightRegion;
+    if (r === null || s.packed) return;
+    if (s.index >= r.spec.numQueues || s.size !== r.spec.queueSize) {
+      this.log('warn', 'inflight region does not match this queue; inflight tracking off', { regionQueueSize: r.spec.queueSize, size: s.size });
+      return;
+    }
+    this.tracker = new SplitInflight(r.buffer, r.spec.mmapOffset + s.index * inflightQueueBytes(s.size), s.size);
+    const heads = this.tracker.recover(q.usedIdx);
+    if (heads.length > 0) {
+      // Everything between used->idx and the in-flight heads was fetched before the restart.
+      q.lastAvail = (q.usedIdx + heads.length) & 0xffff;
+      this.resubmit = heads;
+      this.log('info', `resubmitting ${heads.length} requests left in flight by the previous backend`, { heads: heads.slice(0, 16) });
     }
   }
 }

@@ -1,0 +1,148 @@
+/**
+ * E2E: a Linux guest (QEMU/TCG) runs fio with verification against a
+ * vhost-user-blk disk served by vubd, with 1 and 2 virtqueues.
+ *
+ *   npx tsc -p tsconfig.json && node --test dist/test/e2e/guest-fio.test.js
+ *
+ * VUBD_E2E_BACKEND=qsd runs the same test against qemu-storage-daemon (the
+ * reference backend) to validate the rig itself.
+ *
+ * Needs the Debian packages qemu-system-x86, busybox-static and fio (the guest
+ * image is built by scripts/guest/build.sh, cached in scripts/guest/out).
+ * Without them the test is skipped, except under CI=true where it fails.
+ */
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import * as fsp from "node:fs/promises";
+import * as os from "node:os";
+import * as path from "node:path";
+import { describe, test } from "node:test";
+import {
+  VUBD_MAIN,
+  backendCommand,
+  bootGuest,
+  ensureGuestImage,
+  expectedMarkerBlock,
+  guestKernelVersion,
+  isCI,
+  missingGuestBuildTools,
+  parseFioReport,
+  qemuBinary,
+  qsdBinary,
+  readMarkerBlock,
+  createSparseImage,
+  selectedBackend,
+  startDaemon,
+  type DaemonExit,
+  type DaemonHandle,
+  type GuestResult,
+} from "./guest.js";
+
+const IMAGE_BYTES = 256 * 1024 * 1024;
+const GUEST_TIMEOUT_MS = 180_000; // a healthy run takes ~20 s under TCG
+const DAEMON_STOP_MS = 2000;
+
+const backend = selectedBackend();
+
+/** Why the test cannot run here, or null. Under CI a reason is a failure, not a skip. */
+function prerequisiteProblem(): string | null {
+  if (qemuBinary() === null) {
+    return "qemu-system-x86_64 not found: install the Debian package qemu-system-x86 (apt-get install qemu-system-x86)";
+  }
+  const missing = missingGuestBuildTools();
+  if (missing.length > 0) {
+    return `guest image build tools missing: ${missing.join(", ")} (apt-get install busybox-static fio)`;
+  }
+  if (backend === "qsd" && qsdBinary() === null) {
+    return "qemu-storage-daemon not found: install the Debian package qemu-system-common";
+  }
+  return null;
+}
+
+const problem = prerequisiteProblem();
+const skip: string | false = problem !== null && !isCI() ? problem : false;
+
+// Built once (build.sh is cached: ~0.1 s when scripts/guest/out is up to date).
+let imageReady: Promise<unknown> | undefined;
+
+describe(`e2e guest fio against ${backend}`, () => {
+  for (const numQueues of [1, 2]) {
+    test(`fio verify through vhost-user-blk, num-queues=${numQueues}`, { skip, timeout: GUEST_TIMEOUT_MS + 120_000 }, async (t) => {
+      // Under CI=true a missing prerequisite fails the test instead of skipping it.
+      if (problem !== null) assert.fail(problem);
+      imageReady ??= ensureGuestImage();
+      await imageReady;
+      if (backend === "vubd") {
+        assert.ok(existsSync(VUBD_MAIN), `${VUBD_MAIN} missing: build the daemon first (npx tsc -p tsconfig.json)`);
+      }
+      const dir = await fsp.mkdtemp(path.join(os.tmpdir(), "vubd-e2e-"));
+      const socketPath = path.join(dir, "vubd.sock");
+      const imagePath = path.join(dir, "disk.img");
+      await createSparseImage(imagePath, IMAGE_BYTES);
+
+      let daemon: DaemonHandle | undefined;
+      let guest: GuestResult | undefined;
+      let daemonExit: DaemonExit | undefined;
+      try {
+        daemon = await startDaemon({
+          command: backendCommand(backend, { socketPath, imagePath, numQueues }),
+          socketPath,
+        });
+        t.diagnostic(`backend=${backend} pid=${daemon.proc.pid} kernel=${guestKernelVersion() ?? "?"}`);
+
+        // If the daemon dies mid-run the guest's I/O just hangs: stop QEMU at once instead.
+        const abort = new AbortController();
+        daemon.proc.once("exit", () => abort.abort());
+        guest = await bootGuest({
+          socketPath,
+          numQueues,
+          testName: "fio-verify",
+          timeoutMs: GUEST_TIMEOUT_MS,
+          signal: abort.signal,
+        });
+        const report = parseFioReport(guest.output);
+        t.diagnostic(`guest finished in ${(guest.durationMs / 1000).toFixed(1)} s, rc=${guest.rc}`);
+        for (const { phase, line } of report.fioLines) t.diagnostic(`fio ${phase}: ${line}`);
+        t.diagnostic(
+          `hw queues=${report.hwQueues} sectors=${report.sectors} discard_max_bytes=${report.discardMaxBytes} ` +
+            `discard=${report.discard} flush=${report.flush} write_cache=${report.writeCache}`,
+        );
+
+        const context = () =>
+          `\n--- guest console (tail) ---\n${guest!.output.slice(-6000)}` +
+          `\n--- qemu stderr ---\n${guest!.qemuStderr.slice(-3000)}` +
+          `\n--- daemon log (tail) ---\n${daemon!.logs().slice(-6000)}`;
+
+        assert.equal(guest.timedOut, false, `guest timed out after ${GUEST_TIMEOUT_MS} ms${context()}`);
+        assert.equal(daemon.exited(), null, `daemon exited during the guest run: ${JSON.stringify(daemon.exited())}${context()}`);
+        assert.notEqual(guest.rc, null, `guest never printed the result marker${context()}`);
+        assert.deepEqual(report.errors, [], `verify/I-O errors in the guest${context()}`);
+        assert.equal(guest.rc, 0, `guest test failed${context()}`);
+        assert.equal(report.hwQueues, numQueues, `guest saw ${report.hwQueues} hardware queues${context()}`);
+        assert.equal(report.sectors, IMAGE_BYTES / 512, `guest disk size${context()}`);
+        assert.equal(report.markerOk, true, `guest could not read back its marker${context()}`);
+        assert.ok(report.fioLines.some((l) => l.phase === "write"), `no fio summary in the output${context()}`);
+      } finally {
+        // The guest has powered off (or was killed by bootGuest); now the daemon.
+        if (daemon !== undefined) {
+          daemonExit = await daemon.stop({ signal: "SIGTERM", timeoutMs: DAEMON_STOP_MS });
+          t.diagnostic(`daemon stopped: code=${daemonExit.code} signal=${daemonExit.signal} in ${daemonExit.elapsedMs} ms`);
+        }
+      }
+      assert.equal(
+        daemonExit?.killed,
+        false,
+        `daemon did not exit within ${DAEMON_STOP_MS} ms of SIGTERM\n${daemon.logs().slice(-4000)}`,
+      );
+
+      // Host view: the marker block the guest wrote at 64 MiB is in the image file.
+      const onDisk = await readMarkerBlock(imagePath);
+      const expected = expectedMarkerBlock();
+      assert.ok(
+        onDisk.equals(expected),
+        `marker mismatch at 64 MiB: got ${JSON.stringify(onDisk.subarray(0, 64).toString("latin1"))}`,
+      );
+      await fsp.rm(dir, { recursive: true, force: true }); // kept on failure, for a look
+    });
+  }
+});
