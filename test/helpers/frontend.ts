@@ -6,6 +6,7 @@ import { F, FLAG_NEED_REPLY, FLAG_VERSION, HEADER_SIZE, PF, Request, bit, hasBit
 import {
   configPayload,
   encodeMessage,
+  inflightPayload,
   memTablePayload,
   u64Payload,
   vringAddrPayload,
@@ -80,8 +81,8 @@ export class SplitRing {
   readonly desc: number;
   readonly avail: number;
   readonly used: number;
-  readonly kickFd: number;
-  readonly callFd: number;
+  kickFd: number;
+  callFd: number;
   private freeHead: number[] = [];
   availIdx = 0;
   lastUsed = 0;
@@ -102,6 +103,14 @@ export class SplitRing {
     this.kickFd = native.eventfd(true);
     this.callFd = native.eventfd(true);
     for (let i = size - 1; i >= 0; i--) this.freeHead.push(i);
+  }
+
+  /** New eventfds, as QEMU makes after a backend restart. */
+  reopenFds(): void {
+    native.close(this.kickFd);
+    native.close(this.callFd);
+    this.kickFd = native.eventfd(true);
+    this.callFd = native.eventfd(true);
   }
 
   get free(): number {
@@ -230,6 +239,14 @@ export class Frontend {
     this.ram = ram;
   }
 
+  /** A new connection sharing this frontend's guest RAM, rings and inflight region. */
+  reconnect(socketPath: string): Frontend {
+    const fe = new Frontend(native.connectUnix(socketPath), this.ram);
+    fe.rings = this.rings;
+    fe.inflight = this.inflight;
+    return fe;
+  }
+
   static connect(socketPath: string, ram = new GuestRam()): Frontend {
     return new Frontend(native.connectUnix(socketPath), ram);
   }
@@ -316,11 +333,12 @@ export class Frontend {
   }
 
   /** QEMU 7.2's start-up sequence up to (not including) the rings. */
-  negotiate(opts: { eventIdx?: boolean; indirect?: boolean } = {}): void {
+  negotiate(opts: { eventIdx?: boolean; indirect?: boolean; inflight?: { fd: number; size: number; queueSize: number } | 'new' } = {}): void {
     const offered = this.callU64(Request.GET_FEATURES);
     if (!hasBit(offered, F.PROTOCOL_FEATURES)) throw new Error('backend lacks PROTOCOL_FEATURES');
     const pf = this.callU64(Request.GET_PROTOCOL_FEATURES);
     this.protocolFeatures = pf & (bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.BACKEND_REQ) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE));
+    if (opts.inflight) this.protocolFeatures |= pf & bit(PF.INFLIGHT_SHMFD);
     this.send(Request.SET_PROTOCOL_FEATURES, u64Payload(this.protocolFeatures));
     this.callU64(Request.GET_QUEUE_NUM);
     this.callU64(Request.GET_MAX_MEM_SLOTS);
@@ -333,20 +351,38 @@ export class Frontend {
     if (opts.eventIdx ?? true) want |= offered & bit(F.RING_EVENT_IDX);
     if (opts.indirect ?? true) want |= offered & bit(F.RING_INDIRECT_DESC);
     this.features = want;
+    if (opts.inflight === 'new') this.inflight = this.getInflight(2, 128);
+    else if (opts.inflight) this.inflight = opts.inflight;
+    if (this.inflight) {
+      const p = inflightPayload({ mmapSize: this.inflight.size, mmapOffset: 0, numQueues: 2, queueSize: this.inflight.queueSize });
+      if (this.ack(Request.SET_INFLIGHT_FD, p, [this.inflight.fd]) !== 0n) throw new Error('SET_INFLIGHT_FD failed');
+    }
     this.send(Request.SET_FEATURES, u64Payload(want));
     if (this.ack(Request.SET_MEM_TABLE, memTablePayload(this.ram.table), this.ram.regions.map((r) => r.fd)) !== 0n) {
       throw new Error('SET_MEM_TABLE failed');
     }
   }
 
-  setupRing(index: number, size = 128): SplitRing {
-    const ring = new SplitRing(this.ram, index, size, hasBit(this.features, F.RING_EVENT_IDX));
+  inflight: { fd: number; size: number; queueSize: number } | null = null;
+
+  /** GET_INFLIGHT_FD: the backend creates the region; we keep the fd like QEMU does. */
+  getInflight(numQueues: number, queueSize: number): { fd: number; size: number; queueSize: number } {
+    this.send(Request.GET_INFLIGHT_FD, inflightPayload({ mmapSize: 0, mmapOffset: 0, numQueues, queueSize }));
+    const r = this.recv();
+    if (r.request !== Request.GET_INFLIGHT_FD || r.flags !== 0x5 || r.payload.length !== 24 || r.fds.length !== 1) throw new Error('bad GET_INFLIGHT_FD reply');
+    const dv = new DataView(r.payload.buffer, r.payload.byteOffset);
+    return { fd: r.fds[0]!, size: Number(dv.getBigUint64(0, true)), queueSize };
+  }
+
+  setupRing(index: number, size = 128, existing?: SplitRing, base = 0): SplitRing {
+    const ring = existing ?? new SplitRing(this.ram, index, size, hasBit(this.features, F.RING_EVENT_IDX));
     this.send(Request.SET_VRING_NUM, vringStatePayload(index, size));
-    this.send(Request.SET_VRING_BASE, vringStatePayload(index, 0));
+    this.send(Request.SET_VRING_BASE, vringStatePayload(index, base));
     this.send(
       Request.SET_VRING_ADDR,
       vringAddrPayload({ index, flags: 0, descUserAddr: this.ram.uva(ring.desc), usedUserAddr: this.ram.uva(ring.used), availUserAddr: this.ram.uva(ring.avail), logGuestAddr: 0 }),
     );
+    if (existing) ring.reopenFds();
     this.send(Request.SET_VRING_KICK, u64Payload(index), [ring.kickFd]);
     this.send(Request.SET_VRING_CALL, u64Payload(index), [ring.callFd]);
     if (this.ack(Request.SET_VRING_ENABLE, vringStatePayload(index, 1)) !== 0n) throw new Error('SET_VRING_ENABLE failed');
@@ -405,6 +441,13 @@ export class Frontend {
   close(): void {
     for (const r of this.rings) r?.close();
     if (this.backendReqFds) native.close(this.backendReqFds[0]);
+    native.close(this.fd);
+  }
+
+  /** Drops the connection but keeps guest RAM, rings and the inflight fd (a backend restart). */
+  disconnect(): void {
+    if (this.backendReqFds) native.close(this.backendReqFds[0]);
+    this.backendReqFds = null;
     native.close(this.fd);
   }
 }
