@@ -84,6 +84,11 @@ test('SIGKILL in the middle of a write stream: after restart every request compl
   const reqs = [];
   for (let i = 0; i < 100; i++) reqs.push(fe.blk(ring, BLK.OUT, 16 * i, fill(i + 1, 8192), { indirect: true }));
   ring.kick();
+  // Kill as soon as the first batch is published, while the rest is being processed.
+  const deadline = Date.now() + 2000;
+  while (ring.usedIdx() === 0 && Date.now() < deadline) {
+    /* spin */
+  }
   d1.proc.kill('SIGKILL');
   await d1.stop('SIGKILL');
   fe.disconnect();
