@@ -144,7 +144,9 @@ export class BlkRequestHandler {
     let status: number;
     if (slot.fixedStatus >= 0) status = slot.fixedStatus;
     else if (res < 0) status = BlkStatus.IOERR;
-    else if ((slot.type === BlkType.IN || slot.type === BlkType.OUT) && res !== slot.length) status = BlkStatus.IOERR;
+    else if (slot.phase === Phase.MAIN && (slot.type === BlkType.IN || slot.type === BlkType.OUT) && res !== slot.length) {
+      status = BlkStatus.IOERR; // a short transfer (res of the flush phase is 0, not a length)
+    }
     else status = BlkStatus.OK;
     if (status === BlkStatus.OK && slot.type === BlkType.OUT && slot.phase === Phase.MAIN && !this.opts.writeback) {
       slot.phase = Phase.FLUSH_AFTER_WRITE;

@@ -48,14 +48,33 @@ function openNode(opts: Options): NodeSpec {
   return { driver: 'file', name: 'file0', fd, path: file, size, readOnly: opts.readOnly };
 }
 
+/** The test guest built by scripts/guest/build.sh, when present (a kernel and a busybox initramfs). */
+function guestImage(): { kernel: string; initrd: string } | null {
+  const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '../../..');
+  const kernel = path.join(root, 'scripts/guest/out/vmlinuz');
+  const initrd = path.join(root, 'scripts/guest/out/initramfs.cpio.gz');
+  return fs.existsSync(kernel) && fs.existsSync(initrd) ? { kernel, initrd } : null;
+}
+
 function qemuCommand(socketPath: string, opts: Options): string {
-  return [
-    'qemu-system-x86_64 -accel kvm:tcg -m 1G -smp ' + opts.numQueues,
-    '  -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem',
+  const guest = guestImage();
+  const boot = guest
+    ? `  -kernel ${guest.kernel} -initrd ${guest.initrd} -append console=ttyS0`
+    : '  -kernel BZIMAGE -initrd INITRD -append console=ttyS0   # or your own disk image';
+  const cmd = [
+    `qemu-system-x86_64 -accel tcg -m 512M -smp ${opts.numQueues} -nographic`,
+    '  -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem',
     `  -chardev socket,id=vubd0,path=${socketPath},reconnect=1`,
     `  -device vhost-user-blk-pci,chardev=vubd0,num-queues=${opts.numQueues}`,
-    '  -kernel YOUR-KERNEL -initrd YOUR-INITRD -append console=ttyS0 -nographic',
+    boot,
   ].join(' \\\n');
+  const notes = [
+    '(-accel kvm is faster where KVM works; the guest must use shared memory as above.)',
+    guest
+      ? 'The guest drops to a busybox shell where the disk is /dev/vda; quit QEMU with Ctrl-A X.'
+      : 'A small test guest (kernel + busybox initramfs) is built by scripts/guest/build.sh.',
+  ];
+  return `${cmd}\n\n${notes.join('\n')}`;
 }
 
 async function main(): Promise<number> {

@@ -20,6 +20,9 @@ export class DescriptorChain {
   writableBytes = 0;
   /** number of leading segments that are device-readable */
   readableCount = 0;
+  /** where the last device-writable byte is (the status byte), even if segments overflowed */
+  private statusRegion = -1;
+  private statusOffset = 0;
   readonly hostAddr: Float64Array;
   readonly len: Uint32Array;
   readonly region: Int32Array;
@@ -40,6 +43,7 @@ export class DescriptorChain {
     this.readableBytes = 0;
     this.writableBytes = 0;
     this.readableCount = 0;
+    this.statusRegion = -1;
     this.memory = memory;
   }
 
@@ -54,7 +58,12 @@ export class DescriptorChain {
     const ri = mem.findGpa(gpa, len);
     if (ri < 0) {
       this.error ||= ChainError.BAD_ADDRESS;
+      if (writable) this.statusRegion = -1; // the status byte may be this one: never guess
       return;
+    }
+    if (writable) {
+      this.statusRegion = ri;
+      this.statusOffset = gpa - mem.regions[ri]!.gpa + len - 1;
     }
     if (this.count >= this.maxSegments) {
       this.error ||= ChainError.TOO_MANY_SEGMENTS;
@@ -136,10 +145,8 @@ export class DescriptorChain {
 
   /** Writes one byte at the last device-writable byte (the virtio-blk status). False if none. */
   setLastWritableByte(value: number): boolean {
-    if (this.writableBytes === 0) return false;
-    const k = this.count - 1;
-    const r = this.memory!.regions[this.region[k]!]!;
-    r.bytes[this.offset[k]! + this.len[k]! - 1] = value;
+    if (this.statusRegion < 0) return false;
+    this.memory!.regions[this.statusRegion]!.bytes[this.statusOffset] = value;
     return true;
   }
 

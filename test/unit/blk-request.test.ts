@@ -86,7 +86,7 @@ after(() => {
 
 // ---- request building
 
-const Q = 8;
+const Q = 32;
 const DESC = 0x1000;
 const AVAIL = 0x2000;
 const USED = 0x3000;
@@ -401,9 +401,8 @@ describe('DISCARD and WRITE_ZEROES', () => {
 });
 
 describe('writethrough (writeback = false)', () => {
-  // BUG (src/blk/request.ts, complete()): the flush phase's result (fsync: 0) is compared with
-  // slot.length as if it were the write's byte count, so every non-empty writethrough write
-  // reports IOERR. Expected: status OK after the flush. This test fails until that is fixed.
+  // Regression: the flush phase's result (fsync: 0) was compared with slot.length as if it were
+  // the write's byte count, so every writethrough write reported IOERR.
   test('OUT issues a flush phase, then completes OK', () => {
     const a = pattern(1024, 10);
     const r = run([header(T_OUT, 4), data(D0, a), status()], { handler: { writeback: false } });
@@ -454,6 +453,22 @@ describe('malformed chains', () => {
     assert.equal(r.usedLen, 1);
     assert.deepEqual(disk(0, 512), DISK_PATTERN.subarray(0, 512));
     run([header(T_IN, 0), { gpa: 2n ** 60n, len: 512, write: true }, status()]);
+    assert.equal(statusByte(), S_IOERR);
+  });
+
+  // Regression: with more buffers than DescriptorChain.maxSegments the status buffer was dropped
+  // and IOERR was written into the last byte of the last recorded data buffer.
+  test('too many segments: IOERR goes to the real status byte, not into a data buffer', () => {
+    const bufs: Buf[] = [header(T_IN, 0)];
+    for (let i = 0; i < 15; i++) {
+      gbytes(D0 + 0x1000 * i, 512).fill(0xaa);
+      bufs.push({ gpa: D0 + 0x1000 * i, len: 512, write: true });
+    }
+    bufs.push(status()); // 17 descriptors, the chain holds 16
+    const r = run(bufs);
+    assert.equal(r.slot.chain.error, ChainError.TOO_MANY_SEGMENTS);
+    assert.equal(r.usedLen, 1);
+    assert.equal(gbytes(D0 + 0x1000 * 14 + 511, 1)[0], 0xaa, 'last data buffer untouched');
     assert.equal(statusByte(), S_IOERR);
   });
 
