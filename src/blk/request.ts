@@ -1,8 +1,7 @@
 // virtio-blk request execution: parses the request header and segments from a walked chain,
 // checks everything against the node, and starts the I/O. Completion writes the status byte.
 import { ChainError, type DescriptorChain } from '../virtio/chain.js';
-import type { BlockNode, DataIo } from '../graph/nodes.js';
-import type { IoEngine } from '../graph/io-engine.js';
+import type { BlockNode, DataIo, IoContext } from '../graph/nodes.js';
 import { MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, SECTOR_SIZE } from './config.js';
 
 export const enum BlkType {
@@ -45,6 +44,8 @@ export class BlkSlot implements DataIo {
   /** node the request was issued to (stats and the swap check in tests rely on it) */
   node: BlockNode | null = null;
   startNs = 0;
+  /** graph generation the request started under */
+  generation = 0;
 
   constructor(
     tag: number,
@@ -73,7 +74,8 @@ export class BlkRequestHandler {
   constructor(public opts: BlkOptions) {}
 
   /** Starts the request; its completion (tag, res) arrives through the engine. */
-  start(slot: BlkSlot, node: BlockNode, engine: IoEngine): void {
+  start(slot: BlkSlot, node: BlockNode, ctx: IoContext): void {
+    const engine = ctx.engine;
     const c = slot.chain;
     slot.fixedStatus = -1;
     slot.phase = Phase.MAIN;
@@ -110,12 +112,12 @@ export class BlkRequestHandler {
           engine.done(slot.tag, 0);
           return;
         }
-        if (write) node.write(engine, slot);
-        else node.read(engine, slot);
+        if (write) node.write(ctx, slot);
+        else node.read(ctx, slot);
         return;
       }
       case BlkType.FLUSH:
-        node.flush(engine, slot.tag);
+        node.flush(ctx, slot.tag);
         return;
       case BlkType.GET_ID: {
         const n = Math.min(VIRTIO_BLK_ID_BYTES, dataIn);
@@ -140,7 +142,7 @@ export class BlkRequestHandler {
    * Handles a completion. Returns the used length when the request is finished (status written),
    * or -1 when another phase was started for it.
    */
-  complete(slot: BlkSlot, res: number, engine: IoEngine): number {
+  complete(slot: BlkSlot, res: number, ctx: IoContext): number {
     let status: number;
     if (slot.fixedStatus >= 0) status = slot.fixedStatus;
     else if (res < 0) status = BlkStatus.IOERR;
@@ -150,14 +152,14 @@ export class BlkRequestHandler {
     else status = BlkStatus.OK;
     if (status === BlkStatus.OK && slot.type === BlkType.OUT && slot.phase === Phase.MAIN && !this.opts.writeback) {
       slot.phase = Phase.FLUSH_AFTER_WRITE;
-      slot.node!.flush(engine, slot.tag);
+      slot.node!.flush(ctx, slot.tag);
       return -1;
     }
     slot.chain.setLastWritableByte(status);
     return slot.usedLen;
   }
 
-  private fail(slot: BlkSlot, engine: IoEngine, status: BlkStatus): void {
+  private fail(slot: BlkSlot, engine: IoContext['engine'], status: BlkStatus): void {
     slot.fixedStatus = status;
     engine.done(slot.tag, -EIO);
   }

@@ -6,10 +6,13 @@ import path from 'node:path';
 import { createRequire } from 'node:module';
 import { parseOptions, UsageError, USAGE, type Options } from './args.js';
 import { logger, setLogLevel } from '../log.js';
-import { native } from '../native/index.js';
 import { BlkExport } from '../worker/export.js';
 import { VhostUserServer } from '../protocol/server.js';
-import type { NodeSpec } from '../graph/nodes.js';
+import { openFileNode, nullNode, closeNode } from '../graph/open.js';
+import type { NodeDef } from '../graph/snapshot.js';
+import { BlockGraph } from '../graph/graph.js';
+import { QmpServer } from '../control/qmp-server.js';
+import { buildCommands } from '../control/commands.js';
 
 const DEFAULT_IMAGE_SIZE = 2 ** 30;
 
@@ -25,27 +28,17 @@ function version(): string {
   return 'unknown';
 }
 
-function openNode(opts: Options): NodeSpec {
-  if (opts.blkDriver === 'null') return { driver: 'null', name: 'null0', size: opts.size, readOnly: opts.readOnly };
+const EXPORT_ID = 'export0';
+
+function openRootNode(opts: Options): NodeDef {
+  if (opts.blkDriver === 'null') return nullNode('null0', opts.size, opts.readOnly);
   const file = path.resolve(opts.blkFile!);
   if (opts.defaults && !fs.existsSync(file)) {
     fs.writeFileSync(file, '');
     fs.truncateSync(file, DEFAULT_IMAGE_SIZE);
     console.error(`vubd: created sparse image ${file} (${DEFAULT_IMAGE_SIZE / 2 ** 30} GiB)`);
   }
-  let fd: number;
-  try {
-    fd = fs.openSync(file, opts.readOnly ? 'r' : 'r+');
-  } catch (e) {
-    throw new UsageError(`cannot open image ${file}: ${(e as Error).message}`);
-  }
-  const st = fs.fstatSync(fd);
-  let size: number;
-  if (st.isBlockDevice()) size = native.blockDeviceSize(fd);
-  else if (st.isFile()) size = st.size;
-  else throw new UsageError(`${file} is neither a regular file nor a block device`);
-  if (size < 512) throw new UsageError(`${file} is ${size} bytes; a disk needs at least one 512-byte sector`);
-  return { driver: 'file', name: 'file0', fd, path: file, size, readOnly: opts.readOnly };
+  return openFileNode('file0', file, opts.readOnly);
 }
 
 /** The test guest built by scripts/guest/build.sh, when present (a kernel and a busybox initramfs). */
@@ -103,19 +96,24 @@ async function main(): Promise<number> {
   setLogLevel(opts.logLevel);
   const log = logger('vubd');
 
-  let node: NodeSpec;
+  let root: NodeDef;
   try {
-    node = openNode(opts);
+    root = openRootNode(opts);
   } catch (e) {
     console.error(`vubd: ${(e as Error).message}`);
     return 1;
   }
-  const serial = opts.serial ?? (node.driver === 'file' ? path.basename(node.path) : 'vubd-null');
+  const graph = new BlockGraph();
+  graph.init((s) => s.addNode(root).addExport({ id: EXPORT_ID, root: root.name }));
+  const spec = graph.snapshot.spec(root.name);
+  const serial = opts.serial ?? (root.driver === 'file' ? path.basename(root.filename) : 'vubd-null');
   const exp = new BlkExport(
     {
+      id: EXPORT_ID,
+      generation: graph.snapshot.generation,
       numQueues: opts.numQueues,
       maxQueueSize: opts.queueSize,
-      node,
+      node: spec,
       readOnly: opts.readOnly,
       serial,
       aio: opts.aio,
@@ -125,6 +123,27 @@ async function main(): Promise<number> {
     },
     logger('export'),
   );
+  graph.attach(exp);
+
+  let qmp: QmpServer | null = null;
+  let stop: (signal: string) => void = () => {};
+  if (opts.control !== null) {
+    const commands = buildCommands({
+      graph,
+      exports: new Map([[exp.id, exp]]),
+      emit: (event, data) => qmp?.emit(event, data),
+      quit: () => stop('quit'),
+      version: version(),
+    });
+    qmp = new QmpServer(opts.control, commands, version(), logger('qmp'));
+    try {
+      await qmp.listen();
+    } catch (e) {
+      console.error(`vubd: cannot listen on the control socket ${opts.control}: ${(e as Error).message}`);
+      await exp.close();
+      return 1;
+    }
+  }
 
   let server: VhostUserServer;
   try {
@@ -132,14 +151,16 @@ async function main(): Promise<number> {
   } catch (e) {
     console.error(`vubd: cannot listen: ${(e as Error).message}`);
     await exp.close();
+    await qmp?.close();
     return 1;
   }
   server.start();
   log.info(
     {
       socket: opts.socketPath ?? `fd ${opts.fd}`,
-      image: node.driver === 'file' ? node.path : 'null',
-      sizeBytes: node.size,
+      image: root.driver === 'file' ? root.filename : 'null',
+      sizeBytes: spec.size,
+      control: opts.control ?? undefined,
       queues: opts.numQueues,
       readOnly: opts.readOnly,
       aio: opts.aio,
@@ -148,12 +169,12 @@ async function main(): Promise<number> {
   );
   if (opts.defaults && opts.socketPath) {
     const sock = path.resolve(opts.socketPath);
-    console.log(`vubd is serving ${node.driver === 'file' ? node.path : 'a null disk'} on ${sock}\nAttach a QEMU guest with:\n\n${qemuCommand(sock, opts)}\n`);
+    console.log(`vubd is serving ${root.driver === 'file' ? root.filename : 'a null disk'} on ${sock}\nAttach a QEMU guest with:\n\n${qemuCommand(sock, opts)}\n`);
   }
 
   return new Promise<number>((resolve) => {
     let stopping = false;
-    const stop = (signal: string): void => {
+    stop = (signal: string): void => {
       if (stopping) return;
       stopping = true;
       log.info({ signal }, 'shutting down');
@@ -163,9 +184,9 @@ async function main(): Promise<number> {
       }, 900);
       hard.unref();
       void (async () => {
-        await Promise.race([server.close(), new Promise((r) => setTimeout(r, 500))]);
+        await Promise.race([Promise.all([server.close(), qmp?.close()]), new Promise((r) => setTimeout(r, 500))]);
         await exp.close();
-        if (node.driver === 'file') fs.closeSync(node.fd);
+        for (const n of graph.snapshot.nodes.values()) closeNode(n);
         clearTimeout(hard);
         resolve(0);
       })();

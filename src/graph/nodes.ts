@@ -2,10 +2,39 @@
 // thread); files are opened by the main thread and used here by fd number.
 import { native, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../native/index.js';
 import type { IoEngine } from './io-engine.js';
+import { reserve } from './throttle-state.js';
 
 export type NodeSpec =
-  | { driver: 'file'; name: string; fd: number; path: string; size: number; readOnly: boolean }
-  | { driver: 'null'; name: string; size: number; readOnly: boolean };
+  | { driver: 'file'; name: string; fd: number; path: string; size: number; readOnly: boolean; stats: SharedArrayBuffer }
+  | { driver: 'null'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer }
+  | { driver: 'throttle'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer; child: NodeSpec; state: SharedArrayBuffer }
+  | {
+      driver: 'mirror';
+      name: string;
+      size: number;
+      readOnly: boolean;
+      stats: SharedArrayBuffer;
+      source: NodeSpec;
+      target: NodeSpec;
+      /** Int32 seqlock per chunk: odd while a guest write to the chunk is in progress */
+      chunks: SharedArrayBuffer;
+      chunkSize: number;
+    };
+
+/** Int32 slots of a node's shared stats block. */
+export const enum NodeStat {
+  READ_OPS = 0,
+  WRITE_OPS = 1,
+  FLUSH_OPS = 2,
+  OTHER_OPS = 3,
+  READ_KIB = 4,
+  WRITE_KIB = 5,
+  COUNT = 8,
+}
+
+export function newNodeStats(): SharedArrayBuffer {
+  return new SharedArrayBuffer(4 * NodeStat.COUNT);
+}
 
 /** One data transfer; iov points into guest memory (zero copy). */
 export interface DataIo {
@@ -18,51 +47,82 @@ export interface DataIo {
   zeroFill(): void;
 }
 
+/** What a node may use while running a request in a worker. */
+export interface IoContext {
+  readonly engine: IoEngine;
+  /** runs fn `delayNs` from now; the request stays in flight meanwhile */
+  defer(tag: number, delayNs: number, fn: () => void): void;
+  /**
+   * When the operation now issued for tag completes with res, next(res) runs: it returns the
+   * request's result, or PENDING after issuing another operation for the same tag.
+   */
+  then(tag: number, next: (res: number) => number): void;
+}
+
+export const PENDING = -0x7fffffff;
+
 export interface BlockNode {
   readonly name: string;
   readonly size: number;
   readonly readOnly: boolean;
-  read(e: IoEngine, io: DataIo): void;
-  write(e: IoEngine, io: DataIo): void;
-  flush(e: IoEngine, tag: number): void;
+  read(ctx: IoContext, io: DataIo): void;
+  write(ctx: IoContext, io: DataIo): void;
+  flush(ctx: IoContext, tag: number): void;
   /** synchronous: 0 or -errno */
   discard(offset: number, length: number): number;
   /** synchronous: 0 or -errno */
   writeZeroes(offset: number, length: number, unmap: boolean): number;
 }
 
-const ENOTSUP = 95;
-const EOPNOTSUPP = 95;
-
-export class FileNode implements BlockNode {
+abstract class CountingNode {
   readonly name: string;
   readonly size: number;
   readonly readOnly: boolean;
+  protected readonly stats: Int32Array;
+  constructor(spec: NodeSpec) {
+    this.name = spec.name;
+    this.size = spec.size;
+    this.readOnly = spec.readOnly;
+    this.stats = new Int32Array(spec.stats);
+  }
+  protected count(slot: NodeStat, kibSlot: NodeStat | -1, bytes: number): void {
+    Atomics.add(this.stats, slot, 1);
+    if (kibSlot >= 0) Atomics.add(this.stats, kibSlot, bytes >> 10);
+  }
+}
+
+const ENOTSUP = 95;
+const EOPNOTSUPP = 95;
+
+export class FileNode extends CountingNode implements BlockNode {
   private readonly fd: number;
   private zeroes: Float64Array | null = null;
   private zeroBuf: ArrayBuffer | null = null;
 
   constructor(spec: Extract<NodeSpec, { driver: 'file' }>) {
-    this.name = spec.name;
-    this.size = spec.size;
-    this.readOnly = spec.readOnly;
+    super(spec);
     this.fd = spec.fd;
   }
-  read(e: IoEngine, io: DataIo): void {
-    e.readv(this.fd, io.iov, io.iovCount, io.offset, io.tag);
+  read(ctx: IoContext, io: DataIo): void {
+    this.count(NodeStat.READ_OPS, NodeStat.READ_KIB, io.length);
+    ctx.engine.readv(this.fd, io.iov, io.iovCount, io.offset, io.tag);
   }
-  write(e: IoEngine, io: DataIo): void {
-    e.writev(this.fd, io.iov, io.iovCount, io.offset, io.tag);
+  write(ctx: IoContext, io: DataIo): void {
+    this.count(NodeStat.WRITE_OPS, NodeStat.WRITE_KIB, io.length);
+    ctx.engine.writev(this.fd, io.iov, io.iovCount, io.offset, io.tag);
   }
-  flush(e: IoEngine, tag: number): void {
-    e.fsync(this.fd, tag);
+  flush(ctx: IoContext, tag: number): void {
+    this.count(NodeStat.FLUSH_OPS, -1, 0);
+    ctx.engine.fsync(this.fd, tag);
   }
   discard(offset: number, length: number): number {
+    this.count(NodeStat.OTHER_OPS, -1, 0);
     const r = native.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
     // Discard is a hint: a file system that cannot punch holes still succeeds.
     return r === -EOPNOTSUPP ? 0 : r;
   }
   writeZeroes(offset: number, length: number, unmap: boolean): number {
+    this.count(NodeStat.OTHER_OPS, -1, 0);
     const mode = unmap ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
     const r = native.fallocate(this.fd, mode, offset, length);
     if (r !== -ENOTSUP) return r;
@@ -88,30 +148,133 @@ export class FileNode implements BlockNode {
   }
 }
 
-export class NullNode implements BlockNode {
-  readonly name: string;
-  readonly size: number;
-  readonly readOnly: boolean;
-  constructor(spec: Extract<NodeSpec, { driver: 'null' }>) {
-    this.name = spec.name;
-    this.size = spec.size;
-    this.readOnly = spec.readOnly;
-  }
-  read(e: IoEngine, io: DataIo): void {
+export class NullNode extends CountingNode implements BlockNode {
+  read(ctx: IoContext, io: DataIo): void {
+    this.count(NodeStat.READ_OPS, NodeStat.READ_KIB, io.length);
     io.zeroFill();
-    e.done(io.tag, io.length);
+    ctx.engine.done(io.tag, io.length);
   }
-  write(e: IoEngine, io: DataIo): void {
-    e.done(io.tag, io.length);
+  write(ctx: IoContext, io: DataIo): void {
+    this.count(NodeStat.WRITE_OPS, NodeStat.WRITE_KIB, io.length);
+    ctx.engine.done(io.tag, io.length);
   }
-  flush(e: IoEngine, tag: number): void {
-    e.done(tag, 0);
+  flush(ctx: IoContext, tag: number): void {
+    this.count(NodeStat.FLUSH_OPS, -1, 0);
+    ctx.engine.done(tag, 0);
   }
   discard(): number {
+    this.count(NodeStat.OTHER_OPS, -1, 0);
     return 0;
   }
   writeZeroes(): number {
+    this.count(NodeStat.OTHER_OPS, -1, 0);
     return 0;
+  }
+}
+
+/** Delays requests so that all queues together stay within the node's limits. */
+export class ThrottleNode extends CountingNode implements BlockNode {
+  private readonly child: BlockNode;
+  private readonly state: SharedArrayBuffer;
+  constructor(spec: Extract<NodeSpec, { driver: 'throttle' }>) {
+    super(spec);
+    this.child = buildNode(spec.child);
+    this.state = spec.state;
+  }
+  private gate(ctx: IoContext, tag: number, write: boolean, bytes: number, go: () => void): void {
+    const wait = reserve(this.state, write, bytes, process.hrtime.bigint());
+    if (wait <= 0) go();
+    else ctx.defer(tag, wait, go);
+  }
+  read(ctx: IoContext, io: DataIo): void {
+    this.count(NodeStat.READ_OPS, NodeStat.READ_KIB, io.length);
+    this.gate(ctx, io.tag, false, io.length, () => this.child.read(ctx, io));
+  }
+  write(ctx: IoContext, io: DataIo): void {
+    this.count(NodeStat.WRITE_OPS, NodeStat.WRITE_KIB, io.length);
+    this.gate(ctx, io.tag, true, io.length, () => this.child.write(ctx, io));
+  }
+  flush(ctx: IoContext, tag: number): void {
+    this.count(NodeStat.FLUSH_OPS, -1, 0);
+    this.child.flush(ctx, tag);
+  }
+  discard(offset: number, length: number): number {
+    this.count(NodeStat.OTHER_OPS, -1, 0);
+    return this.child.discard(offset, length);
+  }
+  writeZeroes(offset: number, length: number, unmap: boolean): number {
+    this.count(NodeStat.OTHER_OPS, -1, 0);
+    return this.child.writeZeroes(offset, length, unmap);
+  }
+}
+
+/**
+ * The filter a mirror job puts above its source: reads come from the source, writes go to the
+ * source and then the target. A per-chunk seqlock tells the background copy that a guest write
+ * raced with its copy of that chunk, so it copies the chunk again.
+ */
+export class MirrorNode extends CountingNode implements BlockNode {
+  private readonly source: BlockNode;
+  private readonly target: BlockNode;
+  private readonly chunks: Int32Array;
+  private readonly chunkSize: number;
+  constructor(spec: Extract<NodeSpec, { driver: 'mirror' }>) {
+    super(spec);
+    this.source = buildNode(spec.source);
+    this.target = buildNode(spec.target);
+    this.chunks = new Int32Array(spec.chunks);
+    this.chunkSize = spec.chunkSize;
+  }
+  private bracket(offset: number, length: number): void {
+    const first = Math.floor(offset / this.chunkSize);
+    const last = Math.floor((offset + Math.max(length, 1) - 1) / this.chunkSize);
+    for (let c = first; c <= last && c < this.chunks.length; c++) Atomics.add(this.chunks, c, 1);
+  }
+  read(ctx: IoContext, io: DataIo): void {
+    this.count(NodeStat.READ_OPS, NodeStat.READ_KIB, io.length);
+    this.source.read(ctx, io);
+  }
+  write(ctx: IoContext, io: DataIo): void {
+    this.count(NodeStat.WRITE_OPS, NodeStat.WRITE_KIB, io.length);
+    this.bracket(io.offset, io.length); // odd: write in progress
+    ctx.then(io.tag, (res) => {
+      if (res < 0) {
+        this.bracket(io.offset, io.length);
+        return res;
+      }
+      ctx.then(io.tag, (res2) => {
+        this.bracket(io.offset, io.length); // even again: both copies written
+        return res2 < 0 ? res2 : res;
+      });
+      this.target.write(ctx, io);
+      return PENDING;
+    });
+    this.source.write(ctx, io);
+  }
+  flush(ctx: IoContext, tag: number): void {
+    this.count(NodeStat.FLUSH_OPS, -1, 0);
+    ctx.then(tag, (res) => {
+      if (res < 0) return res;
+      this.target.flush(ctx, tag);
+      return PENDING;
+    });
+    this.source.flush(ctx, tag);
+  }
+  discard(offset: number, length: number): number {
+    this.count(NodeStat.OTHER_OPS, -1, 0);
+    this.bracket(offset, length);
+    const r = this.source.discard(offset, length);
+    const r2 = r < 0 ? r : this.target.discard(offset, length);
+    this.bracket(offset, length);
+    return r2;
+  }
+  writeZeroes(offset: number, length: number, unmap: boolean): number {
+    this.count(NodeStat.OTHER_OPS, -1, 0);
+    this.bracket(offset, length);
+    const r = this.source.writeZeroes(offset, length, unmap);
+    const r2 = r < 0 ? r : this.target.writeZeroes(offset, length, unmap);
+    this.bracket(offset, length);
+    return r2;
   }
 }
 
@@ -121,5 +284,9 @@ export function buildNode(spec: NodeSpec): BlockNode {
       return new FileNode(spec);
     case 'null':
       return new NullNode(spec);
+    case 'throttle':
+      return new ThrottleNode(spec);
+    case 'mirror':
+      return new MirrorNode(spec);
   }
 }

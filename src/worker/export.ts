@@ -4,10 +4,14 @@ import type { Logger } from '../log.js';
 import type { BackendChannel, InflightRegion, RegionWithFd, VhostBackend, VringSetup } from '../protocol/backend.js';
 import { blkConfigSpace, blkFeatures, blkProtocolFeatures, WCE_OFFSET } from '../blk/config.js';
 import type { NodeSpec } from '../graph/nodes.js';
+import { DrainBarrier, type Drainable } from '../graph/drain.js';
+import type { GraphConsumer } from '../graph/graph.js';
 import { QueueWorkerHandle } from './handle.js';
 import { StatIndex } from './messages.js';
 
 export interface ExportOptions {
+  id: string;
+  generation: number;
   numQueues: number;
   maxQueueSize: number;
   node: NodeSpec;
@@ -19,9 +23,12 @@ export interface ExportOptions {
   logLevel: string;
 }
 
-export class BlkExport implements VhostBackend {
+export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
+  readonly id: string;
+  readonly barrier: DrainBarrier;
   readonly numQueues: number;
   readonly maxQueueSize: number;
+  readonly readOnly: boolean;
   readonly features: bigint;
   readonly protocolFeatures: bigint;
   readonly workers: QueueWorkerHandle[];
@@ -34,7 +41,10 @@ export class BlkExport implements VhostBackend {
     private readonly opts: ExportOptions,
     private readonly log: Logger,
   ) {
+    this.id = opts.id;
+    this.barrier = new DrainBarrier(this);
     this.numQueues = opts.numQueues;
+    this.readOnly = opts.readOnly;
     this.maxQueueSize = opts.maxQueueSize;
     this.node = opts.node;
     this.features = blkFeatures(opts.readOnly);
@@ -49,6 +59,7 @@ export class BlkExport implements VhostBackend {
             aio: opts.aio,
             maxQueueSize: opts.maxQueueSize,
             node: opts.node,
+            generation: opts.generation,
             serial,
             writeback: true,
             readOnly: opts.readOnly,
@@ -127,12 +138,23 @@ export class BlkExport implements VhostBackend {
     this.channel = channel;
   }
 
-  /** Replaces the node every queue serves. Callers drain first (see graph/drain). */
-  async setNode(node: NodeSpec): Promise<void> {
-    await Promise.all(this.workers.map((w) => w.request({ type: 'set-node', node })));
-    const grew = node.size !== this.node.size;
-    this.node = node;
-    if (grew) this.channel?.configChanged();
+  async drainQueues(): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.request({ type: 'drain' })));
+  }
+
+  async undrainQueues(): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.request({ type: 'undrain' })));
+  }
+
+  /** Runs a new node tree on every queue. The graph calls this only while drained. */
+  async apply(spec: NodeSpec, generation: number): Promise<void> {
+    await Promise.all(this.workers.map((w) => w.request({ type: 'set-node', node: spec, generation })));
+    const resized = spec.size !== this.node.size;
+    this.node = spec;
+    if (resized) {
+      this.log.info({ sizeBytes: spec.size }, 'capacity changed; telling the frontend');
+      this.channel?.configChanged();
+    }
   }
 
   stats(): Record<string, number>[] {
@@ -146,6 +168,9 @@ export class BlkExport implements VhostBackend {
       inFlight: Atomics.load(w.stats, StatIndex.IN_FLIGHT),
       kicks: Atomics.load(w.stats, StatIndex.KICKS),
       notifies: Atomics.load(w.stats, StatIndex.NOTIFIES),
+      staleCompletions: Atomics.load(w.stats, StatIndex.STALE),
+      readKiB: Atomics.load(w.stats, StatIndex.READ_KIB),
+      writeKiB: Atomics.load(w.stats, StatIndex.WRITE_KIB),
     }));
   }
 

@@ -9,6 +9,7 @@ export interface WorkerInit {
   aio: 'io_uring' | 'sync';
   maxQueueSize: number;
   node: NodeSpec;
+  generation: number;
   serial: Uint8Array;
   writeback: boolean;
   readOnly: boolean;
@@ -24,7 +25,7 @@ export type ToWorker =
   | { type: 'inflight'; seq: number; region: InflightRegion | null }
   | { type: 'stop'; seq: number }
   | { type: 'reset'; seq: number }
-  | { type: 'set-node'; seq: number; node: NodeSpec }
+  | { type: 'set-node'; seq: number; node: NodeSpec; generation: number }
   | { type: 'set-writeback'; seq: number; writeback: boolean }
   | { type: 'drain'; seq: number }
   | { type: 'undrain'; seq: number }
@@ -48,6 +49,9 @@ export const enum StatIndex {
   NOTIFIES = 8,
   KICKS = 9,
   STATE = 10,
+  /** requests that completed under a newer graph generation than they started with (must stay 0) */
+  STALE = 11,
+  DRAINS = 12,
   COUNT = 16,
 }
 

@@ -8,7 +8,7 @@ import { DescriptorChain } from '../virtio/chain.js';
 import { BrokenQueueError, SplitQueue } from '../virtio/split-queue.js';
 import { SplitInflight, inflightQueueBytes } from '../virtio/inflight.js';
 import { BlkRequestHandler, BlkSlot, BlkType } from '../blk/request.js';
-import { buildNode, type BlockNode } from '../graph/nodes.js';
+import { buildNode, PENDING, type BlockNode, type IoContext } from '../graph/nodes.js';
 import { createEngine, type IoEngine } from '../graph/io-engine.js';
 import type { InflightRegion, VringSetup } from '../protocol/backend.js';
 import { QueueState, StatIndex, type FromWorker, type ToWorker, type WorkerInit } from './messages.js';
@@ -40,6 +40,13 @@ class QueueWorker {
   private exiting = false;
   private needNotify = false;
   private readonly completions = new Float64Array(2 * BATCH);
+  /** per tag: continuations registered by nodes (IoContext.then), innermost last */
+  private conts: ((res: number) => number)[][] = [];
+  /** deferred starts (IoContext.defer), sorted by due time */
+  private timers: { due: bigint; fn: () => void }[] = [];
+  /** graph generation of the node tree in use; requests remember the one they started under */
+  private generation = 0;
+  private readonly ctx: IoContext;
   private readonly pollFds = new Int32Array(3);
   private readonly revents = new Int32Array(3);
 
@@ -48,6 +55,41 @@ class QueueWorker {
     this.stats = new Int32Array(init.stats);
     this.node = buildNode(init.node);
     this.handler = new BlkRequestHandler({ serial: init.serial, writeback: init.writeback, readOnly: init.readOnly });
+    this.generation = init.generation;
+    const self = this;
+    this.ctx = {
+      get engine() {
+        return self.engine!;
+      },
+      defer(_tag, delayNs, fn) {
+        const due = process.hrtime.bigint() + BigInt(Math.ceil(delayNs));
+        const t = self.timers;
+        let i = t.length;
+        while (i > 0 && t[i - 1]!.due > due) i--;
+        t.splice(i, 0, { due, fn });
+      },
+      then(tag, next) {
+        (self.conts[tag] ??= []).push(next);
+      },
+    };
+  }
+
+  /** Runs deferred starts that are due; returns true if any ran. */
+  private runTimers(): boolean {
+    if (this.timers.length === 0) return false;
+    const now = process.hrtime.bigint();
+    let ran = false;
+    while (this.timers.length > 0 && this.timers[0]!.due <= now) {
+      this.timers.shift()!.fn();
+      ran = true;
+    }
+    return ran;
+  }
+
+  private sleepTimeoutMs(): number {
+    if (this.timers.length === 0) return -1;
+    const ns = this.timers[0]!.due - process.hrtime.bigint();
+    return ns <= 0n ? 0 : Math.ceil(Number(ns) / 1e6);
   }
 
   private post(m: FromWorker): void {
@@ -74,7 +116,8 @@ class QueueWorker {
     for (;;) {
       this.handleControl();
       if (this.exiting) break;
-      let progressed = this.reap();
+      let progressed = this.runTimers();
+      progressed = this.reap() || progressed;
       if (this.canPop()) progressed = this.popAndStart() || progressed;
       this.engine?.submit();
       progressed = this.reap() || progressed;
@@ -107,7 +150,7 @@ class QueueWorker {
     if (kick >= 0) fds[n++] = kick;
     const io = this.inFlight > 0 && this.engine !== null ? this.engine.pollFd : -1;
     if (io >= 0) fds[n++] = io;
-    native.pollWait(fds, n, this.revents, -1);
+    native.pollWait(fds, n, this.revents, this.sleepTimeoutMs());
     for (let i = 0; i < n; i++) {
       if ((this.revents[i]! & POLLIN) === 0) continue;
       if (fds[i] === this.init.ctrlFd) native.eventfdRead(fds[i]!);
@@ -120,7 +163,6 @@ class QueueWorker {
 
   private popAndStart(): boolean {
     const q = this.queue!;
-    const engine = this.engine!;
     let started = 0;
     try {
       while (this.resubmit.length > 0 && started < BATCH && this.freeTags.length > 0) {
@@ -129,7 +171,8 @@ class QueueWorker {
         q.walk(head, slot.chain);
         this.inFlight++;
         started++;
-        this.handler.start(slot, this.node, engine);
+        slot.generation = this.generation;
+        this.handler.start(slot, this.node, this.ctx);
       }
       let avail = q.pending();
       while (avail > 0 && started < BATCH && this.freeTags.length > 0) {
@@ -141,7 +184,8 @@ class QueueWorker {
         q.walk(head, slot.chain);
         this.inFlight++;
         started++;
-        this.handler.start(slot, this.node, engine);
+        slot.generation = this.generation;
+        this.handler.start(slot, this.node, this.ctx);
       }
     } catch (e) {
       this.markBroken(e);
@@ -174,9 +218,15 @@ class QueueWorker {
 
   private completeOne(tag: number, res: number): void {
     const slot = this.slots[tag]!;
-    const used = this.handler.complete(slot, res, this.engine!);
+    const stack = this.conts[tag];
+    while (stack !== undefined && stack.length > 0) {
+      res = stack.pop()!(res);
+      if (res === PENDING) return; // the node issued its next operation
+    }
+    const used = this.handler.complete(slot, res, this.ctx);
     if (used < 0) return; // another phase is running
     this.count(slot, res);
+    if (slot.generation !== this.generation) Atomics.add(this.stats, StatIndex.STALE, 1);
     this.queue?.putUsed(slot.chain.head, used);
     this.tracker?.completed(slot.chain.head);
     slot.chain.memory = null;
@@ -299,6 +349,7 @@ class QueueWorker {
       case 'set-node':
         if (this.inFlight > 0) throw new Error('node swap with requests in flight: drain first');
         this.node = buildNode(m.node);
+        this.generation = m.generation;
         this.post({ type: 'ack', seq: m.seq });
         return;
       case 'set-writeback':

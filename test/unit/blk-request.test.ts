@@ -10,9 +10,17 @@ import { native } from '../../src/native/index.js';
 import { GuestMemory, type RegionSpec } from '../../src/virtio/memory.js';
 import { ChainError, DescriptorChain } from '../../src/virtio/chain.js';
 import { SplitQueue, VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_WRITE as WRITE } from '../../src/virtio/split-queue.js';
-import { SyncEngine } from '../../src/graph/io-engine.js';
-import { FileNode, NullNode, type BlockNode } from '../../src/graph/nodes.js';
+import { SyncEngine, type IoEngine } from '../../src/graph/io-engine.js';
+import { FileNode, NullNode, newNodeStats, type BlockNode, type IoContext } from '../../src/graph/nodes.js';
 import { BlkRequestHandler, BlkSlot, type BlkOptions } from '../../src/blk/request.js';
+
+function ctxOf(engine: IoEngine): IoContext {
+  return {
+    engine,
+    defer: () => assert.fail('no node here defers'),
+    then: () => assert.fail('no node here chains operations'),
+  };
+}
 
 const T_IN = 0;
 const T_OUT = 1;
@@ -67,7 +75,7 @@ const image = path.join(dir, 'disk.img');
 fs.writeFileSync(image, new Uint8Array(DISK_SIZE));
 const imageFd = fs.openSync(image, 'r+');
 const DISK_PATTERN = pattern(DISK_SIZE, 99);
-const fileNode = new FileNode({ driver: 'file', name: 'disk', fd: imageFd, path: image, size: DISK_SIZE, readOnly: false });
+const fileNode = new FileNode({ driver: 'file', name: 'disk', fd: imageFd, path: image, size: DISK_SIZE, readOnly: false, stats: newNodeStats() });
 
 function resetDisk(): void {
   fs.writeSync(imageFd, DISK_PATTERN, 0, DISK_SIZE, 0);
@@ -161,14 +169,14 @@ function run(bufs: Buf[], opts: { node?: BlockNode; handler?: Partial<BlkOptions
   q.walk(q.popHead(), chain);
   const slot = new BlkSlot(TAG, chain, 16);
   const handler = new BlkRequestHandler({ ...defaults, ...opts.handler });
-  handler.start(slot, opts.node ?? fileNode, engine);
+  handler.start(slot, opts.node ?? fileNode, ctxOf(engine));
   const out = new Float64Array(8);
   for (let phases = 1; phases <= 3; phases++) {
     engine.submit();
     const n = engine.reap(out);
     assert.equal(n, 1, 'exactly one completion per phase');
     assert.equal(out[0], TAG);
-    const usedLen = handler.complete(slot, out[1]!, engine);
+    const usedLen = handler.complete(slot, out[1]!, ctxOf(engine));
     if (usedLen >= 0) {
       assert.equal(engine.reap(out), 0, 'no stray completions');
       return { usedLen, phases, slot };
@@ -262,7 +270,7 @@ describe('IN / OUT on a file', () => {
   });
 
   test('a short read (node larger than its file) is IOERR', () => {
-    const big = new FileNode({ driver: 'file', name: 'big', fd: imageFd, path: image, size: 2 * DISK_SIZE, readOnly: false });
+    const big = new FileNode({ driver: 'file', name: 'big', fd: imageFd, path: image, size: 2 * DISK_SIZE, readOnly: false, stats: newNodeStats() });
     run([header(T_IN, DISK_SIZE / 512), { gpa: D0, len: 512, write: true }, status()], { node: big });
     assert.equal(statusByte(), S_IOERR);
     run([header(T_IN, DISK_SIZE / 512 - 1), { gpa: D0, len: 1024, write: true }, status()], { node: big });
@@ -281,7 +289,7 @@ describe('read-only', () => {
   });
 
   test('OUT, DISCARD and WRITE_ZEROES are refused on a read-only node', () => {
-    const ro = new FileNode({ driver: 'file', name: 'ro', fd: imageFd, path: image, size: DISK_SIZE, readOnly: true });
+    const ro = new FileNode({ driver: 'file', name: 'ro', fd: imageFd, path: image, size: DISK_SIZE, readOnly: true, stats: newNodeStats() });
     run([header(T_OUT, 0), data(D0, pattern(512, 8)), status()], { node: ro });
     assert.equal(statusByte(), S_IOERR);
     run([header(T_DISCARD, 0), segsPayload(D0, [[0, 8, 0]]), status()], { node: ro });
@@ -481,7 +489,7 @@ describe('malformed chains', () => {
 });
 
 describe('null node', () => {
-  const nul = new NullNode({ driver: 'null', name: 'null', size: 64 * MiB, readOnly: false });
+  const nul = new NullNode({ driver: 'null', name: 'null', size: 64 * MiB, readOnly: false, stats: newNodeStats() });
 
   test('IN zero-fills the guest buffers, OUT succeeds', () => {
     gbytes(D0, 512).fill(0xaa);

@@ -1,0 +1,323 @@
+// QMP commands. Where QEMU has the same command, its name and argument names are used.
+import fs from 'node:fs';
+import type { BlockGraph } from '../graph/graph.js';
+import { MirrorJob, type JobEvents } from '../graph/mirror-job.js';
+import { closeNode, nullNode, openFileNode } from '../graph/open.js';
+import { GraphError, type NodeDef } from '../graph/snapshot.js';
+import { NodeStat, newNodeStats } from '../graph/nodes.js';
+import { getLimits, newThrottleState, setLimits, type ThrottleLimits } from '../graph/throttle-state.js';
+import type { BlkExport } from '../worker/export.js';
+import { QmpError, type CommandHandler } from './qmp-server.js';
+
+export interface ControlContext {
+  graph: BlockGraph;
+  exports: ReadonlyMap<string, BlkExport>;
+  emit(event: string, data: Record<string, unknown>): void;
+  quit(): void;
+  version: string;
+}
+
+type Args = Record<string, unknown>;
+
+function str(a: Args, key: string): string {
+  const v = a[key];
+  if (typeof v !== 'string' || v.length === 0) throw new QmpError('GenericError', `Parameter '${key}' is missing or not a string`);
+  return v;
+}
+
+function optStr(a: Args, key: string): string | undefined {
+  return a[key] === undefined ? undefined : str(a, key);
+}
+
+function num(a: Args, key: string): number {
+  const v = a[key];
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new QmpError('GenericError', `Parameter '${key}' expects a non-negative integer`);
+  return v;
+}
+
+function bool(a: Args, key: string, def: boolean): boolean {
+  const v = a[key];
+  if (v === undefined) return def;
+  if (typeof v !== 'boolean') throw new QmpError('GenericError', `Parameter '${key}' expects a boolean`);
+  return v;
+}
+
+// QEMU's throttle-group property names and block_set_io_throttle's names -> our classes.
+const THROTTLE_GROUP_KEYS: Record<string, keyof ThrottleLimits> = {
+  'iops-total': 'iops_total',
+  'iops-total-max': 'iops_total_max',
+  'iops-read': 'iops_rd',
+  'iops-read-max': 'iops_rd_max',
+  'iops-write': 'iops_wr',
+  'iops-write-max': 'iops_wr_max',
+  'bps-total': 'bps_total',
+  'bps-total-max': 'bps_total_max',
+  'bps-read': 'bps_rd',
+  'bps-read-max': 'bps_rd_max',
+  'bps-write': 'bps_wr',
+  'bps-write-max': 'bps_wr_max',
+};
+const IO_THROTTLE_KEYS: Record<string, keyof ThrottleLimits> = {
+  iops: 'iops_total',
+  iops_max: 'iops_total_max',
+  iops_rd: 'iops_rd',
+  iops_rd_max: 'iops_rd_max',
+  iops_wr: 'iops_wr',
+  iops_wr_max: 'iops_wr_max',
+  bps: 'bps_total',
+  bps_max: 'bps_total_max',
+  bps_rd: 'bps_rd',
+  bps_rd_max: 'bps_rd_max',
+  bps_wr: 'bps_wr',
+  bps_wr_max: 'bps_wr_max',
+};
+
+function limitsFrom(a: Args, keys: Record<string, keyof ThrottleLimits>): ThrottleLimits {
+  const out: ThrottleLimits = {};
+  for (const k of Object.keys(a)) {
+    const ours = keys[k];
+    if (!ours) continue;
+    out[ours] = num(a, k);
+  }
+  return out;
+}
+
+async function guard<T>(fn: () => T | Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    if (e instanceof GraphError) throw new QmpError('GenericError', e.message);
+    throw e;
+  }
+}
+
+export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> {
+  const { graph } = ctx;
+  const jobs = new Map<string, MirrorJob>();
+  const events: JobEvents = {
+    statusChanged: (j) => ctx.emit('JOB_STATUS_CHANGE', { id: j.id, status: j.status }),
+    ready: (j) => ctx.emit('BLOCK_JOB_READY', { type: 'mirror', device: j.id, len: j.total, offset: j.offset, speed: 0 }),
+    completed: (j, error) => {
+      const data = { type: 'mirror', device: j.id, len: j.total, offset: j.offset, speed: 0 };
+      if (error === 'cancelled') ctx.emit('BLOCK_JOB_CANCELLED', data);
+      else ctx.emit('BLOCK_JOB_COMPLETED', error ? { ...data, error } : data);
+    },
+  };
+
+  /** The node a 'device' argument names: a node-name, or an export id meaning its root. */
+  const resolveDevice = (name: string): string => {
+    const s = graph.snapshot;
+    if (s.nodes.has(name)) return name;
+    const e = s.exports.get(name);
+    if (e) return e.root;
+    throw new QmpError('DeviceNotFound', `Cannot find device='${name}' nor node-name='${name}'`);
+  };
+
+  const job = (a: Args): MirrorJob => {
+    const id = str(a, 'id');
+    const j = jobs.get(id);
+    if (!j) throw new QmpError('GenericError', `Job ID '${id}' not found`);
+    return j;
+  };
+
+  const nodeStats = (def: NodeDef): Record<string, number | string> => {
+    const s = new Int32Array(def.stats);
+    return {
+      'node-name': def.name,
+      driver: def.driver,
+      'read-ops': Atomics.load(s, NodeStat.READ_OPS),
+      'write-ops': Atomics.load(s, NodeStat.WRITE_OPS),
+      'flush-ops': Atomics.load(s, NodeStat.FLUSH_OPS),
+      'other-ops': Atomics.load(s, NodeStat.OTHER_OPS),
+      'read-kib': Atomics.load(s, NodeStat.READ_KIB),
+      'write-kib': Atomics.load(s, NodeStat.WRITE_KIB),
+    };
+  };
+
+  const cmds: [string, CommandHandler][] = [
+    ['query-version', () => ({ qemu: { major: 0, minor: 0, micro: 0 }, package: `vubd ${ctx.version}` })],
+    ['query-commands', () => [...cmdMap.keys(), 'qmp_capabilities'].map((name) => ({ name }))],
+    ['quit', () => void setImmediate(() => ctx.quit())],
+    [
+      'blockdev-add',
+      (a) =>
+        guard(async () => {
+          const name = str(a, 'node-name');
+          const driver = str(a, 'driver');
+          let def: NodeDef;
+          if (driver === 'file' || driver === 'host_device') def = openFileNode(name, str(a, 'filename'), bool(a, 'read-only', false));
+          else if (driver === 'null-co' || driver === 'null') def = nullNode(name, num(a, 'size'), bool(a, 'read-only', false));
+          else if (driver === 'throttle') {
+            const state = newThrottleState();
+            const limits = typeof a.limits === 'object' && a.limits !== null ? limitsFrom(a.limits as Args, THROTTLE_GROUP_KEYS) : {};
+            setLimits(state, limits);
+            def = { driver: 'throttle', name, child: str(a, 'file'), state, stats: newNodeStats() };
+          } else throw new QmpError('GenericError', `Unknown driver '${driver}' (supported: file, host_device, null-co, throttle)`);
+          try {
+            await graph.change((s) => s.addNode(def));
+          } catch (e) {
+            closeNode(def);
+            throw e;
+          }
+          return {};
+        }),
+    ],
+    [
+      'blockdev-del',
+      (a) =>
+        guard(async () => {
+          const name = str(a, 'node-name');
+          const def = graph.snapshot.node(name);
+          await graph.change((s) => s.removeNode(name));
+          closeNode(def);
+          return {};
+        }),
+    ],
+    [
+      'block_resize',
+      (a) =>
+        guard(async () => {
+          const name = a['node-name'] !== undefined ? str(a, 'node-name') : resolveDevice(str(a, 'device'));
+          const size = num(a, 'size');
+          const def = graph.snapshot.node(name);
+          if (def.driver !== 'file' && def.driver !== 'null') throw new QmpError('GenericError', `Node '${name}' (${def.driver}) cannot be resized; resize the node below it`);
+          if (size % 512 !== 0) throw new QmpError('GenericError', 'The new size must be a multiple of 512');
+          if (size < def.size) throw new QmpError('GenericError', `Shrinking '${name}' from ${def.size} to ${size} bytes is not supported`);
+          if (def.driver === 'file') {
+            if (def.readOnly) throw new QmpError('GenericError', `Node '${name}' is read-only`);
+            if (fs.fstatSync(def.fd).isFile()) fs.ftruncateSync(def.fd, size);
+            else if (size !== def.size) throw new QmpError('GenericError', 'A block device cannot be grown from here');
+          }
+          await graph.change((s) => s.replaceNode(name, { ...s.node(name), size } as NodeDef));
+          return {};
+        }),
+    ],
+    [
+      'block-export-set-node',
+      (a) =>
+        guard(async () => {
+          const id = str(a, 'id');
+          const node = str(a, 'node-name');
+          const exp = ctx.exports.get(id);
+          if (!exp) throw new QmpError('GenericError', `Export '${id}' not found`);
+          const s = graph.snapshot;
+          if (!exp.readOnly && s.readOnly(node)) throw new QmpError('GenericError', `Node '${node}' is read-only but export '${id}' is writable`);
+          await graph.change((snap) => snap.setExportRoot(id, node));
+          return {};
+        }),
+    ],
+    [
+      'block_set_io_throttle',
+      (a) =>
+        guard(async () => {
+          const target = a['id'] !== undefined ? resolveDevice(str(a, 'id')) : resolveDevice(str(a, 'device'));
+          const limits = limitsFrom(a, IO_THROTTLE_KEYS);
+          const def = graph.snapshot.node(target);
+          if (def.driver === 'throttle') {
+            setLimits(def.state, limits);
+            return {};
+          }
+          // Not a throttle node: put one above it (drained), like libvirt's iotune on a disk.
+          const name = `${target}-throttle`;
+          const state = newThrottleState();
+          setLimits(state, limits);
+          await graph.change((s) => s.addNode({ driver: 'throttle', name, child: target, state, stats: newNodeStats() }).replaceUses(target, name));
+          return {};
+        }),
+    ],
+    [
+      'blockdev-mirror',
+      (a) =>
+        guard(async () => {
+          const id = a['job-id'] !== undefined ? str(a, 'job-id') : str(a, 'device');
+          if (jobs.has(id) && jobs.get(id)!.status !== 'concluded') throw new QmpError('GenericError', `Job ID '${id}' already in use`);
+          const sync = str(a, 'sync');
+          if (sync !== 'full') throw new QmpError('GenericError', `sync mode '${sync}' is not supported (use 'full')`);
+          const source = resolveDevice(str(a, 'device'));
+          const target = str(a, 'target');
+          const j = new MirrorJob(id, source, target, graph, events);
+          jobs.set(id, j);
+          try {
+            await j.start();
+          } catch (e) {
+            jobs.delete(id);
+            throw e;
+          }
+          return {};
+        }),
+    ],
+    [
+      'query-jobs',
+      () =>
+        [...jobs.values()].map((j) => ({
+          id: j.id,
+          type: 'mirror',
+          status: j.status,
+          'current-progress': j.offset,
+          'total-progress': j.total,
+          ...(j.error ? { error: j.error } : {}),
+        })),
+    ],
+    ['job-complete', (a) => guard(async () => (await job(a).complete(), {}))],
+    ['job-cancel', (a) => guard(async () => (await job(a).cancel(), {}))],
+    ['job-dismiss', (a) => guard(() => {
+      const j = job(a);
+      if (j.status !== 'concluded') throw new QmpError('GenericError', `Job '${j.id}' is not concluded`);
+      jobs.delete(j.id);
+      return {};
+    })],
+    ['block-job-complete', (a) => guard(async () => (await job({ id: a.device }).complete(), {}))],
+    ['block-job-cancel', (a) => guard(async () => (await job({ id: a.device }).cancel(), {}))],
+    [
+      'query-named-block-nodes',
+      () => {
+        const s = graph.snapshot;
+        return [...s.nodes.values()].map((n) => ({
+          'node-name': n.name,
+          drv: n.driver === 'null' ? 'null-co' : n.driver,
+          ro: s.readOnly(n.name),
+          file: n.driver === 'file' ? n.filename : s.children(n)[0] ?? '',
+          image: { filename: n.driver === 'file' ? n.filename : n.name, format: n.driver === 'null' ? 'null-co' : n.driver, 'virtual-size': s.size(n.name) },
+          ...(n.driver === 'throttle' ? { limits: getLimits(n.state) } : {}),
+        }));
+      },
+    ],
+    [
+      'query-block-exports',
+      () =>
+        [...graph.snapshot.exports.values()].map((e) => ({
+          id: e.id,
+          type: 'vhost-user-blk',
+          'node-name': e.root,
+          'shutting-down': false,
+        })),
+    ],
+    [
+      'x-query-block-graph',
+      (a) => {
+        const format = optStr(a, 'format') ?? 'json';
+        if (format === 'dot') return { dot: graph.snapshot.toDot() };
+        if (format === 'json') return graph.snapshot.toJSON();
+        throw new QmpError('GenericError', `format must be 'json' or 'dot'`);
+      },
+    ],
+    [
+      'query-stats',
+      () => {
+        const s = graph.snapshot;
+        return {
+          generation: s.generation,
+          exports: [...ctx.exports.values()].map((e) => ({
+            id: e.id,
+            'node-name': s.exports.get(e.id)?.root,
+            queues: e.stats(),
+            drain: { state: e.barrier.state, nesting: e.barrier.nesting, timeouts: e.barrier.timeouts, 'latency-ms': e.barrier.latency() },
+          })),
+          nodes: [...s.nodes.values()].map(nodeStats),
+        };
+      },
+    ],
+  ];
+  const cmdMap = new Map(cmds);
+  return cmdMap;
+}

@@ -1,0 +1,166 @@
+// blockdev-mirror: puts a mirror filter above the source (guest writes then go to both), copies
+// the source to the target chunk by chunk in the background, reports ready after one full pass,
+// and on complete pivots every user of the filter to the target, behind the drained barrier.
+import { native } from '../native/index.js';
+import type { BlockGraph } from './graph.js';
+import { GraphError, type NodeDef, type Snapshot } from './snapshot.js';
+import { newNodeStats } from './nodes.js';
+
+export type JobStatus = 'created' | 'running' | 'ready' | 'waiting' | 'pending' | 'aborting' | 'concluded';
+
+export interface JobEvents {
+  statusChanged(job: MirrorJob): void;
+  ready(job: MirrorJob): void;
+  completed(job: MirrorJob, error?: string): void;
+}
+
+const CHUNK = 1 << 20;
+
+/** The file a node's data lives in (through filters), or null for a data-less node. */
+function leafFile(s: Snapshot, name: string): Extract<NodeDef, { driver: 'file' }> | null {
+  const n = s.node(name);
+  switch (n.driver) {
+    case 'file':
+      return n;
+    case 'null':
+      return null;
+    case 'throttle':
+      return leafFile(s, n.child);
+    case 'mirror':
+      return leafFile(s, n.source);
+  }
+}
+
+export class MirrorJob {
+  status: JobStatus = 'created';
+  offset = 0;
+  total = 0;
+  error: string | null = null;
+  readonly filterName: string;
+  private cancelled = false;
+  private chunks: Int32Array | null = null;
+  private readonly buf = new ArrayBuffer(CHUNK);
+  private readonly iov = new Float64Array(2);
+
+  constructor(
+    readonly id: string,
+    readonly source: string,
+    readonly target: string,
+    private readonly graph: BlockGraph,
+    private readonly events: JobEvents,
+  ) {
+    this.filterName = `${id}-mirror`;
+  }
+
+  private setStatus(s: JobStatus): void {
+    this.status = s;
+    this.events.statusChanged(this);
+  }
+
+  /** Validates and inserts the filter (drained); the copy then runs in the background. */
+  async start(): Promise<void> {
+    const snap = this.graph.snapshot;
+    const src = snap.node(this.source);
+    const tgt = snap.node(this.target);
+    if (tgt.driver !== 'file') throw new GraphError(`mirror target '${this.target}' must be a file node`);
+    if (tgt.readOnly) throw new GraphError(`mirror target '${this.target}' is read-only`);
+    if (snap.users(this.target).nodes.length + snap.users(this.target).exports.length > 0) {
+      throw new GraphError(`mirror target '${this.target}' is already in use`);
+    }
+    if (snap.size(this.target) < snap.size(src.name)) {
+      throw new GraphError(`mirror target '${this.target}' (${snap.size(this.target)} bytes) is smaller than the source (${snap.size(src.name)} bytes)`);
+    }
+    this.total = snap.size(src.name);
+    const chunks = new SharedArrayBuffer(4 * Math.ceil(this.total / CHUNK));
+    this.chunks = new Int32Array(chunks);
+    const filter: NodeDef = {
+      driver: 'mirror',
+      name: this.filterName,
+      source: this.source,
+      target: this.target,
+      chunks,
+      chunkSize: CHUNK,
+      stats: newNodeStats(),
+      job: this.id,
+    };
+    await this.graph.change((s) => s.addNode(filter).replaceUses(this.source, this.filterName));
+    this.setStatus('running');
+    void this.copyAll().catch((e: Error) => this.fail(e.message));
+  }
+
+  private async copyAll(): Promise<void> {
+    const snap = this.graph.snapshot;
+    const src = leafFile(snap, this.source);
+    const dst = leafFile(snap, this.target)!;
+    const chunks = this.chunks!;
+    for (let c = 0; c < chunks.length; c++) {
+      if (this.cancelled) return;
+      const off = c * CHUNK;
+      const len = Math.min(CHUNK, this.total - off);
+      for (let attempt = 0; ; attempt++) {
+        const before = Atomics.load(chunks, c);
+        if (before % 2 === 1) {
+          // A guest write to this chunk is in progress; let it finish.
+          await new Promise((r) => setImmediate(r));
+          continue;
+        }
+        this.copyChunk(src?.fd ?? -1, dst.fd, off, len);
+        if (Atomics.load(chunks, c) === before) break;
+        if (attempt > 1000) throw new Error(`chunk ${c} keeps changing under the copy`);
+      }
+      this.offset = off + len;
+      if (c % 8 === 7) await new Promise((r) => setImmediate(r)); // keep the main loop responsive
+    }
+    if (this.cancelled) return;
+    native.fsync(dst.fd, true);
+    this.setStatus('ready');
+    this.events.ready(this);
+  }
+
+  private copyChunk(srcFd: number, dstFd: number, off: number, len: number): void {
+    const iov = this.iov;
+    iov[0] = native.addressOf(this.buf);
+    iov[1] = len;
+    if (srcFd < 0) new Uint8Array(this.buf, 0, len).fill(0);
+    else {
+      const r = native.preadv(srcFd, iov, 1, off);
+      if (r < 0) throw new Error(`mirror read at ${off} failed: errno ${-r}`);
+      if (r < len) new Uint8Array(this.buf, r, len - r).fill(0);
+    }
+    const w = native.pwritev(dstFd, iov, 1, off);
+    if (w !== len) throw new Error(`mirror write at ${off} failed: ${w < 0 ? `errno ${-w}` : `short write ${w}`}`);
+  }
+
+  private fail(message: string): void {
+    this.error = message;
+    this.cancelled = true;
+    void this.removeFilter(this.source).finally(() => {
+      this.setStatus('concluded');
+      this.events.completed(this, message);
+    });
+  }
+
+  private async removeFilter(replacement: string): Promise<void> {
+    if (!this.graph.snapshot.nodes.has(this.filterName)) return;
+    await this.graph.change((s) => s.replaceUses(this.filterName, replacement).removeNode(this.filterName));
+  }
+
+  /** job-complete: pivot to the target. */
+  async complete(): Promise<void> {
+    if (this.status !== 'ready') throw new GraphError(`The active block job '${this.id}' cannot be completed (status ${this.status})`);
+    this.setStatus('pending');
+    await this.removeFilter(this.target);
+    this.setStatus('concluded');
+    this.events.completed(this);
+  }
+
+  /** job-cancel: drop the filter and keep the source. */
+  async cancel(): Promise<void> {
+    if (this.status === 'concluded') throw new GraphError(`Job '${this.id}' is already concluded`);
+    this.cancelled = true;
+    this.setStatus('aborting');
+    await this.removeFilter(this.source);
+    this.setStatus('concluded');
+    this.events.completed(this, 'cancelled');
+  }
+}

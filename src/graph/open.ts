@@ -1,0 +1,38 @@
+// Opening the data behind leaf nodes (the main thread owns the fds; workers use them by number).
+import fs from 'node:fs';
+import path from 'node:path';
+import { native } from '../native/index.js';
+import { newNodeStats } from './nodes.js';
+import { GraphError, type NodeDef } from './snapshot.js';
+
+export function openFileNode(name: string, filename: string, readOnly: boolean): Extract<NodeDef, { driver: 'file' }> {
+  const file = path.resolve(filename);
+  let fd: number;
+  try {
+    fd = fs.openSync(file, readOnly ? 'r' : 'r+');
+  } catch (e) {
+    throw new GraphError(`Could not open '${file}': ${(e as Error).message}`);
+  }
+  try {
+    const st = fs.fstatSync(fd);
+    let size: number;
+    if (st.isBlockDevice()) size = native.blockDeviceSize(fd);
+    else if (st.isFile()) size = st.size;
+    else throw new GraphError(`'${file}' is neither a regular file nor a block device`);
+    if (size < 512) throw new GraphError(`'${file}' is ${size} bytes; a disk needs at least one 512-byte sector`);
+    return { driver: 'file', name, filename: file, fd, size: size - (size % 512), readOnly, stats: newNodeStats() };
+  } catch (e) {
+    fs.closeSync(fd);
+    throw e;
+  }
+}
+
+export function nullNode(name: string, size: number, readOnly: boolean): Extract<NodeDef, { driver: 'null' }> {
+  if (!Number.isSafeInteger(size) || size < 512 || size % 512 !== 0) throw new GraphError(`null node size ${size} must be a positive multiple of 512`);
+  return { driver: 'null', name, size, readOnly, stats: newNodeStats() };
+}
+
+/** Closes what a node owns once it left the graph. */
+export function closeNode(def: NodeDef): void {
+  if (def.driver === 'file') fs.closeSync(def.fd);
+}
