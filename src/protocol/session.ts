@@ -113,13 +113,20 @@ export class Session {
     try {
       ok = await this.handle(message, fds);
     } catch (e) {
-      if (!(e instanceof ProtocolError)) throw e;
-      // Refused: the connection goes away (the caller logs the reason).
+      // Refused: the connection goes away (the caller logs why). Every fd of this message that no
+      // state took ownership of is closed here, whichever check failed.
+      for (const fd of fds) if (!this.ownsFd(fd)) native.close(fd);
       throw e;
     }
     if (needAck && !hasOwnReply(message.request)) {
       this.conn.send(encodeReply(header.request, u64Payload(ok ? 0 : 1)));
     }
+  }
+
+  private ownsFd(fd: number): boolean {
+    if (fd === this.backendReqFd || fd === this.inflight?.fd) return true;
+    if (this.regions.some((r) => r.fd === fd)) return true;
+    return this.vrings.some((v) => v.kickFd === fd || v.callFd === fd || v.errFd === fd);
   }
 
   private vring(index: number, what: string): Vring {
@@ -180,35 +187,37 @@ export class Session {
         return true;
       case Request.SET_MEM_TABLE: {
         const regions = m.regions.map((r, i) => ({ ...r, fd: fds[i]! }));
+        await b.setMemTable(regions);
         const old = this.regions;
         this.regions = regions;
-        await b.setMemTable(regions);
         old.forEach((r) => native.close(r.fd));
         return true;
       }
       case Request.ADD_MEM_REG: {
         if (this.regions.length >= MAX_MEM_SLOTS) {
-          native.close(fds[0]!);
           throw new ProtocolError(`ADD_MEM_REG: already ${this.regions.length} regions (max ${MAX_MEM_SLOTS})`);
         }
-        this.regions = [...this.regions, { ...m.region, fd: fds[0]! }];
-        await b.setMemTable(this.regions);
+        const regions = [...this.regions, { ...m.region, fd: fds[0]! }];
+        await b.setMemTable(regions);
+        this.regions = regions;
         return true;
       }
       case Request.REM_MEM_REG: {
-        fds.forEach((fd) => native.close(fd)); // the spec lets a frontend send a stray fd here
         const r = m.region;
         const i = this.regions.findIndex(
           (x) => x.guestPhysAddr === r.guestPhysAddr && x.userAddr === r.userAddr && x.size === r.size,
         );
         if (i < 0) {
           this.log.warn({ gpa: r.guestPhysAddr, size: r.size }, 'REM_MEM_REG for an unknown region');
+          fds.forEach((fd) => native.close(fd)); // the spec lets a frontend send a stray fd here
           return false;
         }
-        const [removed] = this.regions.splice(i, 1);
-        this.regions = [...this.regions];
-        await b.setMemTable(this.regions);
-        native.close(removed!.fd);
+        const removed = this.regions[i]!;
+        const regions = this.regions.filter((_, k) => k !== i);
+        await b.setMemTable(regions);
+        this.regions = regions;
+        native.close(removed.fd);
+        fds.forEach((fd) => native.close(fd));
         return true;
       }
       case Request.SET_VRING_NUM: {
@@ -241,8 +250,11 @@ export class Session {
         v[key] = fd;
         // A kick fd starts the ring (spec: rings are started by a kick).
         if (m.request === Request.SET_VRING_KICK && v.size > 0 && v.addr !== null) v.started = true;
-        if (v.started) await this.configure(m.index);
-        if (old >= 0) native.close(old);
+        try {
+          if (v.started) await this.configure(m.index);
+        } finally {
+          if (old >= 0) native.close(old);
+        }
         return true;
       }
       case Request.SET_VRING_ENABLE: {
@@ -288,13 +300,11 @@ export class Session {
       case Request.GET_INFLIGHT_FD:
       case Request.SET_INFLIGHT_FD: {
         if (!hasBit(this.ackedProtocol, PF.INFLIGHT_SHMFD)) {
-          fds.forEach((fd) => native.close(fd));
           throw new ProtocolError(`${requestName(m.request)} without INFLIGHT_SHMFD negotiated`);
         }
         const { numQueues, queueSize } = m.inflight;
         const perQueue = inflightQueueBytes(queueSize);
         if (numQueues === 0 || numQueues > b.numQueues || queueSize === 0 || queueSize > b.maxQueueSize || (queueSize & (queueSize - 1)) !== 0) {
-          fds.forEach((fd) => native.close(fd));
           throw new ProtocolError(`${requestName(m.request)}: ${numQueues} queues of ${queueSize} is invalid for this device`);
         }
         if (m.request === Request.GET_INFLIGHT_FD) {
@@ -308,7 +318,6 @@ export class Session {
           return true;
         }
         if (m.inflight.mmapSize < numQueues * perQueue || m.inflight.mmapOffset % 4096 !== 0) {
-          native.close(fds[0]!);
           throw new ProtocolError(`SET_INFLIGHT_FD: region of ${m.inflight.mmapSize} bytes at ${m.inflight.mmapOffset} is too small or misaligned`);
         }
         const old = this.inflight;

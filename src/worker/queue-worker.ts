@@ -167,8 +167,10 @@ class QueueWorker {
     try {
       while (this.resubmit.length > 0 && started < BATCH && this.freeTags.length > 0) {
         const head = this.resubmit.shift()!;
-        const slot = this.slots[this.freeTags.pop()!]!;
+        // Take the tag only once the chain walked: a broken chain must not leak it.
+        const slot = this.slots[this.freeTags[this.freeTags.length - 1]!]!;
         q.walk(head, slot.chain);
+        this.freeTags.pop();
         this.inFlight++;
         started++;
         slot.generation = this.generation;
@@ -179,9 +181,9 @@ class QueueWorker {
         const head = q.popHead();
         this.tracker?.popped(head);
         avail--;
-        const tag = this.freeTags.pop()!;
-        const slot = this.slots[tag]!;
+        const slot = this.slots[this.freeTags[this.freeTags.length - 1]!]!;
         q.walk(head, slot.chain);
+        this.freeTags.pop();
         this.inFlight++;
         started++;
         slot.generation = this.generation;

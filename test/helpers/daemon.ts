@@ -78,7 +78,7 @@ export async function startDaemon(args: string[], opts: { dir?: string; waitSock
       if (Date.now() > deadline) throw new Error(`vubd did not create its socket: ${logs.join('\n')}`);
       await new Promise((r) => setTimeout(r, 20));
     }
-    await d.waitForLog((r) => r.msg === 'vubd listening');
+    if (!args.some((a) => /^--log-level=(warn|error|fatal|silent)$/.test(a))) await d.waitForLog((r) => r.msg === 'vubd listening');
   }
   return d;
 }

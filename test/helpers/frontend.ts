@@ -46,6 +46,10 @@ export class GuestRam {
     if (this.next > r.size) throw new Error('guest RAM exhausted');
     return r.gpa + start;
   }
+  /** Frees everything allocated in region i (> 0; region 0 holds the rings). */
+  resetRegion(i: number): void {
+    (this.regions[i] as { cursor?: number }).cursor = 0x1000;
+  }
   resetAlloc(): void {
     this.next = 0x1000;
     for (const r of this.regions) (r as { cursor?: number }).cursor = 0x1000;

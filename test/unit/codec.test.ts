@@ -109,9 +109,16 @@ describe('round trips of the frontend encoders', () => {
   test('SET_MEM_TABLE with 8 regions and addresses up to 2^53', () => {
     const regions: MemoryRegion[] = [];
     for (let i = 0; i < 8; i++) regions.push({ guestPhysAddr: i * 2 ** 40, size: 2 ** 30 + i, userAddr: 2 ** 52 + i * 2 ** 40, mmapOffset: i * 4096 });
-    regions[7] = { guestPhysAddr: 2 ** 53 - 4096, size: 4096, userAddr: 2 ** 53 - 8192, mmapOffset: 2 ** 52 };
+    regions[7] = { guestPhysAddr: 2 ** 53 - 4096, size: 4096, userAddr: 2 ** 53 - 8192, mmapOffset: 2 ** 32 - 4096 };
     const { m } = roundTrip(Request.SET_MEM_TABLE, memTablePayload(regions), [1, 2, 3, 4, 5, 6, 7, 8]);
     assert.deepEqual(m, { request: Request.SET_MEM_TABLE, regions });
+  });
+
+  test('rejects a region whose mapping would exceed 4 GiB or whose mmap_offset is not page aligned', () => {
+    const big = [{ guestPhysAddr: 0, size: 2 ** 32, userAddr: 0x10000, mmapOffset: 4096 }];
+    assert.throws(() => roundTrip(Request.SET_MEM_TABLE, memTablePayload(big), [3]), /over 4 GiB/);
+    const odd = [{ guestPhysAddr: 0, size: 4096, userAddr: 0x10000, mmapOffset: 100 }];
+    assert.throws(() => roundTrip(Request.SET_MEM_TABLE, memTablePayload(odd), [3]), /not page aligned/);
   });
 
   test('singleRegionPayload -> ADD_MEM_REG (1 fd) and REM_MEM_REG (0 or 1 fd)', () => {
