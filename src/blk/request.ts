@@ -43,7 +43,8 @@ export class BlkSlot implements DataIo {
   phase = Phase.MAIN;
   /** node the request was issued to (stats and the swap check in tests rely on it) */
   node: BlockNode | null = null;
-  startNs = 0;
+  /** performance.now() when the request was popped */
+  startMs = 0;
   /** graph generation the request started under */
   generation = 0;
 

@@ -157,7 +157,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     }
   }
 
-  stats(): Record<string, number>[] {
+  stats(): Record<string, number | string | Record<string, number>>[] {
     return this.workers.map((w) => ({
       queue: w.index,
       readOps: Atomics.load(w.stats, StatIndex.READ_OPS),
@@ -171,10 +171,22 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
       staleCompletions: Atomics.load(w.stats, StatIndex.STALE),
       readKiB: Atomics.load(w.stats, StatIndex.READ_KIB),
       writeKiB: Atomics.load(w.stats, StatIndex.WRITE_KIB),
+      state: ['idle', 'running', 'drained', 'broken'][Atomics.load(w.stats, StatIndex.STATE)] ?? 'unknown',
+      latencyHistogramUs: histogram(w.stats),
     }));
   }
 
   async close(): Promise<void> {
     await Promise.all(this.workers.map((w) => w.terminate()));
   }
+}
+
+/** Non-empty buckets of a queue's latency histogram, keyed by their upper bound ("<=Nus"). */
+function histogram(stats: Int32Array): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (let b = 0; b < StatIndex.HIST_BUCKETS; b++) {
+    const n = Atomics.load(stats, StatIndex.HIST_BASE + b);
+    if (n > 0) out[`<${2 ** b}us`] = n;
+  }
+  return out;
 }

@@ -52,7 +52,10 @@ export const enum StatIndex {
   /** requests that completed under a newer graph generation than they started with (must stay 0) */
   STALE = 11,
   DRAINS = 12,
-  COUNT = 16,
+  /** latency histogram: bucket b counts requests that took [2^(b-1), 2^b) microseconds */
+  HIST_BASE = 16,
+  HIST_BUCKETS = 24,
+  COUNT = 40,
 }
 
 export const enum QueueState {

@@ -174,6 +174,7 @@ class QueueWorker {
         this.inFlight++;
         started++;
         slot.generation = this.generation;
+        slot.startMs = performance.now();
         this.handler.start(slot, this.node, this.ctx);
       }
       let avail = q.pending();
@@ -187,6 +188,7 @@ class QueueWorker {
         this.inFlight++;
         started++;
         slot.generation = this.generation;
+        slot.startMs = performance.now();
         this.handler.start(slot, this.node, this.ctx);
       }
     } catch (e) {
@@ -229,6 +231,9 @@ class QueueWorker {
     if (used < 0) return; // another phase is running
     this.count(slot, res);
     if (slot.generation !== this.generation) Atomics.add(this.stats, StatIndex.STALE, 1);
+    const us = (performance.now() - slot.startMs) * 1000;
+    const bucket = us < 1 ? 0 : Math.min(StatIndex.HIST_BUCKETS - 1, 1 + Math.floor(Math.log2(us)));
+    Atomics.add(this.stats, StatIndex.HIST_BASE + bucket, 1);
     this.queue?.putUsed(slot.chain.head, used);
     this.tracker?.completed(slot.chain.head);
     slot.chain.memory = null;
