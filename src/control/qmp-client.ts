@@ -23,6 +23,8 @@ export class QmpClient {
   private readonly waiters = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
   private eventWaiters: { match: (e: QmpEvent) => boolean; resolve: (e: QmpEvent) => void }[] = [];
   private nextId = 1;
+  /** called for every event as it arrives */
+  onEvent: ((e: QmpEvent) => void) | null = null;
 
   private constructor(private readonly socket: net.Socket) {}
 
@@ -56,6 +58,7 @@ export class QmpClient {
     if ('event' in msg) {
       const ev = msg as unknown as QmpEvent;
       this.events.push(ev);
+      this.onEvent?.(ev);
       this.eventWaiters = this.eventWaiters.filter((w) => {
         if (!w.match(ev)) return true;
         w.resolve(ev);

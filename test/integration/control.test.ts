@@ -1,0 +1,178 @@
+// The QMP control socket on the wire, and vubd-ctl on top of it.
+import { test, describe, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { startDaemon, tempDir, repoRoot, type Daemon } from '../helpers/daemon.js';
+import { QmpClient } from '../../src/control/qmp-client.js';
+import { Frontend, BLK } from '../helpers/frontend.js';
+
+const run = promisify(execFile);
+const ctlMain = path.join(repoRoot, 'dist/src/cli/ctl.js');
+const MiB = 2 ** 20;
+
+async function ctl(control: string, ...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const r = await run(process.execPath, [ctlMain, `--control=${control}`, ...args]);
+    return { code: 0, stdout: r.stdout, stderr: r.stderr };
+  } catch (e) {
+    const err = e as { code: number; stdout: string; stderr: string };
+    return { code: err.code, stdout: err.stdout, stderr: err.stderr };
+  }
+}
+
+/** Raw line-oriented QMP session for wire-level checks. */
+async function rawSession(control: string): Promise<{ send: (s: string) => void; next: () => Promise<Record<string, unknown>>; close: () => void }> {
+  const sock = net.createConnection(control);
+  const lines: string[] = [];
+  const waiters: ((l: string) => void)[] = [];
+  let buf = '';
+  sock.setEncoding('utf8');
+  sock.on('data', (d: string) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, i).trim();
+      buf = buf.slice(i + 1);
+      if (!line) continue;
+      const w = waiters.shift();
+      if (w) w(line);
+      else lines.push(line);
+    }
+  });
+  await new Promise((r) => sock.once('connect', r));
+  return {
+    send: (s) => sock.write(s),
+    next: () =>
+      new Promise((resolve, reject) => {
+        const t = setTimeout(() => reject(new Error('no QMP reply')), 5000);
+        const take = (l: string): void => {
+          clearTimeout(t);
+          resolve(JSON.parse(l) as Record<string, unknown>);
+        };
+        const l = lines.shift();
+        if (l !== undefined) take(l);
+        else waiters.push(take);
+      }),
+    close: () => sock.destroy(),
+  };
+}
+
+describe('control socket', () => {
+  let d: Daemon;
+  let control: string;
+  let dir: string;
+  let image: string;
+
+  before(async () => {
+    dir = tempDir();
+    image = path.join(dir, 'disk.img');
+    fs.writeFileSync(image, '');
+    fs.truncateSync(image, 16 * MiB);
+    control = path.join(dir, 'qmp.sock');
+    d = await startDaemon([`--blk-file=${image}`, '--num-queues=2', `--control=${control}`], { dir });
+  });
+
+  after(async () => {
+    assert.equal((await d.stop()).code, 0);
+  });
+
+  test('QMP wire protocol: greeting, negotiation, ids, errors', async () => {
+    const s = await rawSession(control);
+    const greeting = (await s.next()) as { QMP: { version: { package: string }; capabilities: unknown[] } };
+    assert.match(greeting.QMP.version.package, /^vubd /);
+    assert.deepEqual(greeting.QMP.capabilities, []);
+    s.send('{"execute":"query-block-exports","id":1}\n');
+    assert.deepEqual(await s.next(), { error: { class: 'CommandNotFound', desc: "Expecting capabilities negotiation with 'qmp_capabilities'" }, id: 1 });
+    // Objects need not be newline terminated and may arrive in pieces.
+    s.send('{"execute":"qmp_cap');
+    s.send('abilities"}');
+    assert.deepEqual(await s.next(), { return: {} });
+    s.send('{"execute":"query-block-exports","id":"x"}');
+    assert.deepEqual(await s.next(), { return: [{ id: 'export0', type: 'vhost-user-blk', 'node-name': 'file0', 'shutting-down': false }], id: 'x' });
+    s.send('{"execute":"no-such-command","id":2}');
+    assert.deepEqual(await s.next(), { error: { class: 'CommandNotFound', desc: 'The command no-such-command has not been found' }, id: 2 });
+    s.send('{"execute":"blockdev-del","arguments":{"node-name":"file0"},"id":3}');
+    const busy = (await s.next()) as { error: { class: string; desc: string }; id: number };
+    assert.equal(busy.error.class, 'GenericError');
+    assert.match(busy.error.desc, /busy.*export 'export0'/);
+    s.send('{"execute": 5}');
+    assert.equal(((await s.next()) as { error: { class: string } }).error.class, 'GenericError');
+    s.send('[1,2]');
+    assert.equal(((await s.next()) as { error: { class: string } }).error.class, 'GenericError');
+    s.close();
+  });
+
+  test('vubd-ctl: graph, add, swap, throttle, stats, errors', async () => {
+    const dot = await ctl(control, 'graph', '--dot');
+    assert.equal(dot.code, 0);
+    assert.match(dot.stdout, /^digraph vubd \{/);
+    assert.match(dot.stdout, /"export:export0" -> "file0"/);
+
+    assert.equal((await ctl(control, 'add-file', 'file1', image)).code, 0);
+    assert.equal((await ctl(control, 'add-throttle', 'thr0', 'file1', 'iops-total=5000', 'bps-total=100M')).code, 0);
+    assert.equal((await ctl(control, 'swap', 'export0', 'thr0')).code, 0);
+    const exports = JSON.parse((await ctl(control, 'exports')).stdout) as { 'node-name': string }[];
+    assert.equal(exports[0]!['node-name'], 'thr0');
+    const graph = JSON.parse((await ctl(control, 'graph')).stdout) as { generation: number; nodes: { 'node-name': string; children: string[] }[] };
+    assert.deepEqual(graph.nodes.find((n) => n['node-name'] === 'thr0')!.children, ['file1']);
+
+    // The guest's I/O now goes through thr0 and file1, and the counters say so.
+    const fe = Frontend.connect(d.socketPath);
+    fe.negotiate();
+    const ring = fe.setupRing(0);
+    assert.equal(fe.statusOf(fe.run(ring, BLK.OUT, 64, new Uint8Array(4096).fill(7))), 0);
+    const r = fe.run(ring, BLK.IN, 64, 4096);
+    assert.ok(fe.dataOf(r).every((b) => b === 7));
+    const stats = JSON.parse((await ctl(control, 'stats')).stdout) as { nodes: { 'node-name': string; 'read-ops': number; 'write-ops': number }[]; exports: { queues: { readOps: number; latencyHistogramUs: Record<string, number> }[] }[] };
+    const byName = Object.fromEntries(stats.nodes.map((n) => [n['node-name'], n]));
+    assert.equal(byName.thr0!['write-ops'], 1);
+    assert.equal(byName.file1!['read-ops'], 1);
+    assert.equal(byName.file0!['read-ops'], 0);
+    assert.equal(stats.exports[0]!.queues[0]!.readOps, 1);
+    assert.ok(Object.values(stats.exports[0]!.queues[0]!.latencyHistogramUs).reduce((a, b) => a + b, 0) >= 2);
+
+    assert.equal((await ctl(control, 'throttle', 'thr0', 'iops=100', 'bps_wr=1M')).code, 0);
+    const nodes = JSON.parse((await ctl(control, 'nodes')).stdout) as { 'node-name': string; limits?: Record<string, number> }[];
+    const lim = nodes.find((n) => n['node-name'] === 'thr0')!.limits!;
+    assert.equal(lim.iops_total, 100);
+    assert.equal(lim.bps_wr, MiB);
+
+    const bad = await ctl(control, 'swap', 'export0', 'nope');
+    assert.equal(bad.code, 1);
+    assert.match(bad.stderr, /Cannot find node 'nope'/);
+    assert.equal((await ctl(control, 'frobnicate')).code, 1);
+    const noControl = await run(process.execPath, [ctlMain, 'graph']).catch((e: { code: number }) => e);
+    assert.equal((noControl as { code: number }).code, 2);
+
+    assert.equal((await ctl(control, 'swap', 'export0', 'file0')).code, 0);
+    fe.close();
+  });
+
+  test('throttle limits hold across both queues', async () => {
+    await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend');
+    const qmp = await QmpClient.connect(control);
+    await qmp.execute('block_set_io_throttle', { id: 'thr0', iops: 200, iops_max: 20, bps: 0, bps_wr: 0 });
+    await qmp.execute('block-export-set-node', { id: 'export0', 'node-name': 'thr0' });
+    const fe = Frontend.connect(d.socketPath);
+    fe.negotiate();
+    const q0 = fe.setupRing(0, 256);
+    const q1 = fe.setupRing(1, 256);
+    const t0 = performance.now();
+    for (let i = 0; i < 60; i++) fe.blk(i % 2 ? q1 : q0, BLK.IN, 8 * i, 4096, { indirect: true });
+    q0.kick();
+    q1.kick();
+    q0.waitFor(30, 10000);
+    q1.waitFor(30, 10000);
+    const ms = performance.now() - t0;
+    // 60 requests at 200 IOPS with a burst of 20: at least (60 - 20) / 200 s = 200 ms.
+    assert.ok(ms >= 180, `60 requests took only ${ms.toFixed(0)} ms`);
+    assert.ok(ms < 2000, `60 requests took ${ms.toFixed(0)} ms`);
+    await qmp.execute('block-export-set-node', { id: 'export0', 'node-name': 'file0' });
+    fe.close();
+    qmp.close();
+  });
+});
