@@ -222,15 +222,18 @@ export class Session {
       }
       case Request.SET_VRING_NUM: {
         const v = this.vring(m.index, 'SET_VRING_NUM');
-        if (m.num === 0 || m.num > b.maxQueueSize || (m.num & (m.num - 1)) !== 0) {
-          throw new ProtocolError(`SET_VRING_NUM: size ${m.num} must be a power of two in 1..${b.maxQueueSize}`);
+        // Split rings need a power of two; packed rings only a size within bounds.
+        const packed = hasBit(this.ackedFeatures, F.RING_PACKED);
+        if (m.num === 0 || m.num > b.maxQueueSize || (!packed && (m.num & (m.num - 1)) !== 0)) {
+          throw new ProtocolError(`SET_VRING_NUM: size ${m.num} must be ${packed ? 'in' : 'a power of two in'} 1..${b.maxQueueSize}`);
         }
         v.size = m.num;
         return true;
       }
       case Request.SET_VRING_BASE: {
         const v = this.vring(m.index, 'SET_VRING_BASE');
-        if (m.num > 0xffff) throw new ProtocolError(`SET_VRING_BASE: base ${m.num} out of range`);
+        // Split: the next avail index. Packed: avail idx | wrap << 15 | used idx << 16 | wrap << 31.
+        if (m.num > 0xffff && !hasBit(this.ackedFeatures, F.RING_PACKED)) throw new ProtocolError(`SET_VRING_BASE: base ${m.num} out of range`);
         v.base = m.num;
         return true;
       }

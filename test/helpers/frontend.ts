@@ -221,6 +221,141 @@ export class SplitRing {
   }
 }
 
+/** A packed ring, driver side (VIRTIO_F_RING_PACKED). */
+export class PackedRing {
+  readonly desc: number;
+  /** driver event suppression area */
+  readonly avail: number;
+  /** device event suppression area */
+  readonly used: number;
+  kickFd: number;
+  callFd: number;
+  next = 0;
+  wrap = true;
+  usedNext = 0;
+  usedWrap = true;
+  private freeIds: number[] = [];
+  private descsOf = new Map<number, number>();
+  private inRing = 0;
+
+  constructor(
+    readonly ram: GuestRam,
+    readonly index: number,
+    readonly size: number,
+  ) {
+    this.desc = ram.alloc(16 * size, 16);
+    this.avail = ram.alloc(4, 4);
+    this.used = ram.alloc(4, 4);
+    ram.bytes(this.desc, 16 * size).fill(0);
+    ram.bytes(this.avail, 4).fill(0);
+    ram.bytes(this.used, 4).fill(0);
+    this.kickFd = native.eventfd(true);
+    this.callFd = native.eventfd(true);
+    for (let i = size - 1; i >= 0; i--) this.freeIds.push(i);
+  }
+
+  reopenFds(): void {
+    native.close(this.kickFd);
+    native.close(this.callFd);
+    this.kickFd = native.eventfd(true);
+    this.callFd = native.eventfd(true);
+  }
+
+  add(bufs: Buf[], indirect = false): number {
+    const id = this.freeIds.pop();
+    const n = indirect ? 1 : bufs.length;
+    if (id === undefined || this.inRing + n > this.size) throw new Error('ring full');
+    const flagsOf = (k: number, extra: number): number => extra | (this.wrap ? 1 << 7 : 1 << 15);
+    const slots: { i: number; flags: number }[] = [];
+    const write = (gpa: number, len: number, flags: number, last: boolean): void => {
+      const dv = this.ram.view(this.desc + 16 * this.next, 16);
+      dv.setBigUint64(0, BigInt(gpa), true);
+      dv.setUint32(8, len, true);
+      dv.setUint16(12, last ? id : 0, true);
+      slots.push({ i: this.next, flags: flagsOf(0, flags) });
+      if (++this.next === this.size) {
+        this.next = 0;
+        this.wrap = !this.wrap;
+      }
+    };
+    if (indirect) {
+      const table = this.ram.alloc(16 * bufs.length, 16, 1);
+      bufs.forEach((b, k) => {
+        const dv = this.ram.view(table + 16 * k, 16);
+        dv.setBigUint64(0, BigInt(b.gpa), true);
+        dv.setUint32(8, b.len, true);
+        dv.setUint16(14, b.write ? 2 : 0, true);
+      });
+      write(table, 16 * bufs.length, 4, true);
+    } else {
+      bufs.forEach((b, k) => write(b.gpa, b.len, (b.write ? 2 : 0) | (k + 1 < bufs.length ? 1 : 0), k + 1 === bufs.length));
+    }
+    // Flags last, the head's flags very last: that is what makes the chain available.
+    for (let k = slots.length - 1; k >= 0; k--) {
+      const b = this.ram.bytes(this.desc + 16 * slots[k]!.i + 14, 2);
+      Atomics.store(new Uint16Array(b.buffer, b.byteOffset, 1), 0, slots[k]!.flags);
+    }
+    this.descsOf.set(id, n);
+    this.inRing += n;
+    return id;
+  }
+
+  kick(): void {
+    native.eventfdWrite(this.kickFd, 1);
+  }
+
+  collect(): { head: number; len: number }[] {
+    const out: { head: number; len: number }[] = [];
+    for (;;) {
+      const b = this.ram.bytes(this.desc + 16 * this.usedNext, 16);
+      const flags = Atomics.load(new Uint16Array(b.buffer, b.byteOffset, 8), 7);
+      const avail = (flags & (1 << 7)) !== 0;
+      const used = (flags & (1 << 15)) !== 0;
+      if (avail !== this.usedWrap || used !== this.usedWrap) break;
+      const dv = new DataView(b.buffer, b.byteOffset, 16);
+      const id = dv.getUint16(12, true);
+      const n = this.descsOf.get(id);
+      if (n === undefined) throw new Error(`device used unknown id ${id}`);
+      out.push({ head: id, len: dv.getUint32(8, true) });
+      this.descsOf.delete(id);
+      this.freeIds.push(id);
+      this.inRing -= n;
+      this.usedNext += n;
+      if (this.usedNext >= this.size) {
+        this.usedNext -= this.size;
+        this.usedWrap = !this.usedWrap;
+      }
+    }
+    return out;
+  }
+
+  waitFor(n: number, timeoutMs = 5000): { head: number; len: number }[] {
+    return waitForCompletions(this, n, timeoutMs);
+  }
+
+  close(): void {
+    native.close(this.kickFd);
+    native.close(this.callFd);
+  }
+}
+
+function waitForCompletions(ring: { callFd: number; collect(): { head: number; len: number }[] }, n: number, timeoutMs: number): { head: number; len: number }[] {
+  const got: { head: number; len: number }[] = [];
+  const deadline = Date.now() + timeoutMs;
+  const fds = Int32Array.of(ring.callFd);
+  const rev = new Int32Array(1);
+  while (got.length < n) {
+    got.push(...ring.collect());
+    if (got.length >= n) break;
+    const left = deadline - Date.now();
+    if (left <= 0) throw new Error(`timed out waiting for ${n} completions (got ${got.length})`);
+    if (native.pollWait(fds, 1, rev, Math.min(left, 100)) > 0 && rev[0]! & POLLIN) native.eventfdRead(ring.callFd);
+  }
+  return got;
+}
+
+export type DriverRing = SplitRing | PackedRing;
+
 export const BLK = { IN: 0, OUT: 1, FLUSH: 4, GET_ID: 8, GET_LIFETIME: 10, DISCARD: 11, WRITE_ZEROES: 13 } as const;
 
 export interface BlkRequest {
@@ -234,6 +369,7 @@ export class Frontend {
   readonly fd: number;
   readonly ram: GuestRam;
   rings: SplitRing[] = [];
+  packedRings: PackedRing[] = [];
   features = 0n;
   protocolFeatures = 0n;
   backendReqFds: [number, number] | null = null;
@@ -337,7 +473,7 @@ export class Frontend {
   }
 
   /** QEMU 7.2's start-up sequence up to (not including) the rings. */
-  negotiate(opts: { eventIdx?: boolean; indirect?: boolean; inflight?: { fd: number; size: number; queueSize: number } | 'new' } = {}): void {
+  negotiate(opts: { eventIdx?: boolean; indirect?: boolean; packed?: boolean; inflight?: { fd: number; size: number; queueSize: number } | 'new' } = {}): void {
     const offered = this.callU64(Request.GET_FEATURES);
     if (!hasBit(offered, F.PROTOCOL_FEATURES)) throw new Error('backend lacks PROTOCOL_FEATURES');
     const pf = this.callU64(Request.GET_PROTOCOL_FEATURES);
@@ -354,6 +490,10 @@ export class Frontend {
     let want = offered & ~(bit(F.RING_EVENT_IDX) | bit(F.RING_INDIRECT_DESC) | bit(F.RING_PACKED));
     if (opts.eventIdx ?? true) want |= offered & bit(F.RING_EVENT_IDX);
     if (opts.indirect ?? true) want |= offered & bit(F.RING_INDIRECT_DESC);
+    if (opts.packed) {
+      if (!hasBit(offered, F.RING_PACKED)) throw new Error('backend does not offer RING_PACKED');
+      want |= bit(F.RING_PACKED);
+    }
     this.features = want;
     if (opts.inflight === 'new') this.inflight = this.getInflight(2, 128);
     else if (opts.inflight) this.inflight = opts.inflight;
@@ -394,13 +534,29 @@ export class Frontend {
     return ring;
   }
 
+  setupPackedRing(index: number, size = 128, existing?: PackedRing, base = 0x80008000): PackedRing {
+    const ring = existing ?? new PackedRing(this.ram, index, size);
+    this.send(Request.SET_VRING_NUM, vringStatePayload(index, size));
+    this.send(Request.SET_VRING_BASE, vringStatePayload(index, base));
+    this.send(
+      Request.SET_VRING_ADDR,
+      vringAddrPayload({ index, flags: 0, descUserAddr: this.ram.uva(ring.desc), usedUserAddr: this.ram.uva(ring.used), availUserAddr: this.ram.uva(ring.avail), logGuestAddr: 0 }),
+    );
+    if (existing) ring.reopenFds();
+    this.send(Request.SET_VRING_KICK, u64Payload(index), [ring.kickFd]);
+    this.send(Request.SET_VRING_CALL, u64Payload(index), [ring.callFd]);
+    if (this.ack(Request.SET_VRING_ENABLE, vringStatePayload(index, 1)) !== 0n) throw new Error('SET_VRING_ENABLE failed');
+    this.packedRings[index] = ring;
+    return ring;
+  }
+
   getVringBase(index: number): number {
     const p = this.call(Request.GET_VRING_BASE, vringStatePayload(index, 0));
     return new DataView(p.buffer, p.byteOffset).getUint32(4, true);
   }
 
   /** Queues a virtio-blk request; data buffer lands in region `region`. */
-  blk(ring: SplitRing, type: number, sector: number, data: Uint8Array | number, opts: { indirect?: boolean; region?: number; split?: number } = {}): BlkRequest {
+  blk(ring: DriverRing, type: number, sector: number, data: Uint8Array | number, opts: { indirect?: boolean; region?: number; split?: number } = {}): BlkRequest {
     const hdr = this.ram.alloc(16, 16, opts.region ?? 0);
     const dv = this.ram.view(hdr, 16);
     dv.setUint32(0, type, true);
@@ -434,7 +590,7 @@ export class Frontend {
   }
 
   /** Submits one request, waits for it, returns its status. */
-  run(ring: SplitRing, type: number, sector: number, data: Uint8Array | number, opts: { indirect?: boolean; region?: number; split?: number } = {}): BlkRequest & { usedLen: number } {
+  run(ring: DriverRing, type: number, sector: number, data: Uint8Array | number, opts: { indirect?: boolean; region?: number; split?: number } = {}): BlkRequest & { usedLen: number } {
     const r = this.blk(ring, type, sector, data, opts);
     ring.kick();
     const done = ring.waitFor(1);
@@ -444,6 +600,7 @@ export class Frontend {
 
   close(): void {
     for (const r of this.rings) r?.close();
+    for (const r of this.packedRings) r?.close();
     if (this.backendReqFds) native.close(this.backendReqFds[0]);
     native.close(this.fd);
   }
