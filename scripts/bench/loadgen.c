@@ -1,17 +1,25 @@
 // vhost-user-blk load generator: a minimal vhost-user *front-end* (what QEMU does) that drives a
-// back-end's split virtqueues directly from host threads, without a guest.
+// back-end's split (or, with --packed, packed) virtqueues directly from host threads, without a guest.
 //
 //   gcc -O2 -pthread -o loadgen loadgen.c
 //   loadgen --socket PATH [--queues N] [--qd N] [--bs BYTES] [--rw randread|randwrite|read|write]
 //           [--size BYTES] [--time SECONDS] [--ramp SECONDS] [--wait spin|eventfd]
-//           [--seg BYTES] [--indirect auto|always|never] [--qsize N] [--mem-mb N] [--verbose]
+//           [--seg BYTES] [--indirect auto|always|never] [--qsize N] [--mem-mb N] [--packed] [--verbose]
 //
 // Protocol: GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES (offered & (MQ|REPLY_ACK|CONFIG)),
 // GET_QUEUE_NUM, SET_OWNER, GET_CONFIG(0, 60), SET_FEATURES (VERSION_1|EVENT_IDX|INDIRECT_DESC|
-// PROTOCOL_FEATURES, & offered), SET_MEM_TABLE (2 memfd regions, distinct GPAs, fake user addresses,
+// PROTOCOL_FEATURES [|RING_PACKED with --packed; fatal if not offered], & offered), SET_MEM_TABLE (2 memfd regions, distinct GPAs, fake user addresses,
 // NEED_REPLY when REPLY_ACK), then per ring SET_VRING_NUM/BASE/ADDR/KICK/CALL and SET_VRING_ENABLE(1).
 // Every reply is checked: flags == 0x5, request echoes ours, size as expected.
-// At the end: GET_VRING_BASE per ring (back-end drains and stops the ring), close.
+// At the end: GET_VRING_BASE per ring (back-end drains and stops the ring), checked against our own
+// ring state (split: next avail idx; packed: avail idx | avail wrap << 15 | used idx << 16 | used wrap << 31).
+//
+// Packed rings (virtio 1.1 §2.7): one 16-byte descriptor ring {addr, len, id, flags} per queue plus a
+// driver and a device event suppression area {off_wrap, flags}; SET_VRING_ADDR carries desc = ring,
+// avail = driver area, used = device area; SET_VRING_BASE starts at 0x80008000 (both wrap counters 1).
+// A chain's descriptors are written, then the flags of all but the first, then the first's flags with
+// release ordering. The buffer id (= slot number) goes in the last descriptor of a chain (earlier
+// descriptors carry 0xffff, so a back-end reading the id from the head is caught), or in the indirect one.
 // Output: one JSON line on stdout. Diagnostics on stderr. Exit 0 = ran (errors are counted in the JSON),
 // 2 = protocol/setup failure, 3 = a ring stalled (hang).
 #define _GNU_SOURCE
@@ -50,6 +58,7 @@ enum {
 #define F_EVENT_IDX 29
 #define F_PROTOCOL_FEATURES 30
 #define F_VERSION_1 32
+#define F_RING_PACKED 34
 #define BIT(n) (1ull << (n))
 #define CONFIG_SIZE 60 // sizeof(struct virtio_blk_config) in QEMU 7.2
 
@@ -62,7 +71,16 @@ enum {
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
 
+// packed rings
+#define PDESC_F_AVAIL (1u << 7)
+#define PDESC_F_USED (1u << 15)
+#define PEVENT_ENABLE 0
+#define PEVENT_DISABLE 1
+#define PEVENT_DESC 2
+
 struct vdesc { uint64_t addr; uint32_t len; uint16_t flags; uint16_t next; };
+struct pdesc { uint64_t addr; uint32_t len; uint16_t id; uint16_t flags; };
+struct pevent { uint16_t off_wrap, flags; };
 struct blk_hdr { uint32_t type; uint32_t ioprio; uint64_t sector; };
 
 static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old) {
@@ -73,6 +91,7 @@ static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old) {
 static const char *opt_socket;
 static int opt_queues = 1, opt_qd = 1, opt_bs = 4096, opt_seg = 4096, opt_qsize = 0, opt_verbose = 0;
 static int opt_rw_write = 0, opt_rw_rand = 1, opt_wait_spin = 1, opt_indirect = 0; // 0 auto 1 always -1 never
+static int opt_packed = 0;
 static uint64_t opt_size = 0, opt_mem_mb = 64;
 static double opt_time = 10, opt_ramp = 0;
 static const char *opt_rw = "randread";
@@ -238,6 +257,8 @@ struct slot {
   uint8_t *data;
   struct vdesc *itable; // indirect table (NULL when direct)
   uint64_t t_submit;
+  uint16_t ndesc;       // packed: ring descriptors the chain occupies
+  uint8_t busy;         // packed: submitted and not yet used
 };
 
 struct queue {
@@ -247,6 +268,11 @@ struct queue {
   uint16_t *avail; // flags, idx, ring[qsize], used_event
   uint8_t *used;   // flags u16, idx u16, ring[qsize]{u32 id,u32 len}, avail_event u16
   uint16_t avail_idx, last_used;
+  // packed rings
+  struct pdesc *pring;
+  struct pevent *drv_evt, *dev_evt; // driver area (we write), device area (back-end writes)
+  uint16_t p_avail, p_used, p_added; // next avail position, next used position, descriptors added since last kick check
+  uint8_t p_avail_wrap, p_used_wrap;
   struct slot *slots;
   uint64_t rng, seq_pos, seq_start, seq_len;
   // results
@@ -306,9 +332,17 @@ static inline uint64_t xorshift(uint64_t *s) {
 
 static void setup_queue_memory(struct queue *q) {
   int rr = q->index % NREG; // rings in one region, request metadata/data alternate between regions
-  q->desc = mem_alloc(rr, 16ull * q->qsize, 4096);
-  q->avail = mem_alloc(rr, 6 + 2ull * q->qsize, 4096);
-  q->used = mem_alloc(rr, 6 + 8ull * q->qsize, 4096);
+  if (opt_packed) {
+    q->pring = mem_alloc(rr, 16ull * q->qsize, 4096);
+    q->drv_evt = mem_alloc(rr, sizeof(struct pevent), 64);
+    q->dev_evt = mem_alloc(rr, sizeof(struct pevent), 64);
+    q->p_avail = q->p_used = 0;
+    q->p_avail_wrap = q->p_used_wrap = 1;
+  } else {
+    q->desc = mem_alloc(rr, 16ull * q->qsize, 4096);
+    q->avail = mem_alloc(rr, 6 + 2ull * q->qsize, 4096);
+    q->used = mem_alloc(rr, 6 + 8ull * q->qsize, 4096);
+  }
   q->slots = calloc(opt_qd, sizeof *q->slots);
   for (int i = 0; i < opt_qd; i++) {
     struct slot *s = &q->slots[i];
@@ -328,9 +362,8 @@ static void setup_queue_memory(struct queue *q) {
   q->seq_pos = 0;
 }
 
-// Fills slot i's descriptors and puts its head on the avail ring (not yet published).
-static void submit(struct queue *q, int i) {
-  struct slot *s = &q->slots[i];
+// Picks the next block and fills slot s's request header and status byte.
+static void prep_request(struct queue *q, struct slot *s) {
   uint64_t blocks = disk_bytes / opt_bs, blk;
   if (opt_rw_rand) blk = xorshift(&q->rng) % blocks;
   else { blk = q->seq_start + q->seq_pos; if (++q->seq_pos >= q->seq_len) q->seq_pos = 0; if (blk >= blocks) blk = 0; }
@@ -338,6 +371,26 @@ static void submit(struct queue *q, int i) {
   s->hdr->ioprio = 0;
   s->hdr->sector = blk * (opt_bs / 512);
   *s->status = 0xff;
+}
+
+// Records the completion of slot s (seen at time t) in the queue's results.
+static void account(struct queue *q, struct slot *s, uint32_t len, uint32_t expect_len, uint64_t t) {
+  if (t >= t_ramp_end_ns && s->t_submit >= t_ramp_end_ns) {
+    q->ops++;
+    q->bytes += opt_bs;
+    if (*s->status != 0) q->errors++;
+    if (len != expect_len) q->len_mismatch++;
+    uint64_t lat = t - s->t_submit;
+    hist_add(q->hist, lat);
+    q->lat_sum += lat;
+    if (lat > q->lat_max) q->lat_max = lat;
+  } else if (*s->status != 0) q->errors++;
+}
+
+// Fills slot i's descriptors and puts its head on the avail ring (not yet published).
+static void submit(struct queue *q, int i) {
+  struct slot *s = &q->slots[i];
+  prep_request(q, s);
   uint16_t head = (uint16_t)(i * q->stride);
   struct vdesc *t = use_indirect ? s->itable : &q->desc[head];
   uint16_t base = use_indirect ? 0 : head; // "next" values are table-relative
@@ -406,16 +459,7 @@ static void *queue_thread(void *arg) {
         int i = id / q->stride;
         struct slot *s = &q->slots[i];
         q->inflight--;
-        if (t >= t_ramp_end_ns && s->t_submit >= t_ramp_end_ns) {
-          q->ops++;
-          q->bytes += opt_bs;
-          if (*s->status != 0) q->errors++;
-          if (len != expect_len) q->len_mismatch++;
-          uint64_t lat = t - s->t_submit;
-          hist_add(q->hist, lat);
-          q->lat_sum += lat;
-          if (lat > q->lat_max) q->lat_max = lat;
-        } else if (*s->status != 0) q->errors++;
+        account(q, s, len, expect_len, t);
         if (!stopping) submit(q, i);
       }
       q->progress += 1;
@@ -449,12 +493,160 @@ static void *queue_thread(void *arg) {
   return NULL;
 }
 
+// ---- packed rings --------------------------------------------------------------------------------
+// Fills slot i's chain at the next avail position(s) and makes it available (head flags last,
+// release). Not yet kicked: publish_packed() decides that for the whole batch.
+static void submit_packed(struct queue *q, int i) {
+  struct slot *s = &q->slots[i];
+  prep_request(q, s);
+  uint16_t pos = q->p_avail, head = pos, head_flags = 0;
+  uint8_t wrap = q->p_avail_wrap;
+  // the chain as plain {addr, len, flags} entries
+  struct seg { uint64_t addr; uint32_t len; uint16_t flags; } c[nseg + 2];
+  int n = 0;
+  c[n++] = (struct seg){ gpa_of(s->hdr), sizeof(struct blk_hdr), 0 };
+  for (int k = 0; k < nseg; k++) {
+    uint32_t len = (uint32_t)((k == nseg - 1) ? opt_bs - (uint64_t)k * opt_seg : (uint64_t)opt_seg);
+    c[n++] = (struct seg){ gpa_of(s->data + (uint64_t)k * opt_seg), len, (uint16_t)(opt_rw_write ? 0 : VRING_DESC_F_WRITE) };
+  }
+  c[n++] = (struct seg){ gpa_of(s->status), 1, VRING_DESC_F_WRITE };
+  int ndesc;
+  if (use_indirect) {
+    // indirect table: sequential, WRITE is the only valid flag, ids reserved
+    struct pdesc *t = (struct pdesc *)s->itable;
+    for (int k = 0; k < n; k++) t[k] = (struct pdesc){ c[k].addr, c[k].len, 0, c[k].flags };
+    struct pdesc *d = &q->pring[pos];
+    d->addr = gpa_of(t);
+    d->len = 16u * n;
+    d->id = (uint16_t)i;
+    head_flags = (uint16_t)(VRING_DESC_F_INDIRECT | (wrap ? PDESC_F_AVAIL : PDESC_F_USED));
+    if (++pos == q->qsize) { pos = 0; wrap ^= 1; }
+    ndesc = 1;
+  } else {
+    for (int k = 0; k < n; k++) {
+      struct pdesc *d = &q->pring[pos];
+      d->addr = c[k].addr;
+      d->len = c[k].len;
+      d->id = k == n - 1 ? (uint16_t)i : 0xffff;
+      uint16_t f = (uint16_t)(c[k].flags | (k < n - 1 ? VRING_DESC_F_NEXT : 0) | (wrap ? PDESC_F_AVAIL : PDESC_F_USED));
+      if (k == 0) head_flags = f;
+      else __atomic_store_n(&d->flags, f, __ATOMIC_RELAXED); // ordered before the head's release store
+      if (++pos == q->qsize) { pos = 0; wrap ^= 1; }
+    }
+    ndesc = n;
+  }
+  s->ndesc = (uint16_t)ndesc;
+  s->busy = 1;
+  s->t_submit = now_ns();
+  __atomic_store_n(&q->pring[head].flags, head_flags, __ATOMIC_RELEASE);
+  q->p_avail = pos;
+  q->p_avail_wrap = wrap;
+  q->p_added += (uint16_t)ndesc;
+  q->inflight++;
+}
+
+// Kicks if the device event suppression area asks for it (Linux's virtqueue_kick_prepare_packed).
+static void publish_packed(struct queue *q) {
+  if (!q->p_added) return;
+  __atomic_thread_fence(__ATOMIC_SEQ_CST); // descriptors visible before reading the device area
+  uint16_t new_idx = q->p_avail, old = (uint16_t)(q->p_avail - q->p_added);
+  q->p_added = 0;
+  uint32_t snap = __atomic_load_n((uint32_t *)q->dev_evt, __ATOMIC_ACQUIRE);
+  uint16_t off_wrap = (uint16_t)snap, flags = (uint16_t)(snap >> 16);
+  int kick;
+  if (flags != PEVENT_DESC) kick = flags != PEVENT_DISABLE;
+  else {
+    uint16_t ev = off_wrap & 0x7fff;
+    if ((off_wrap >> 15) != q->p_avail_wrap) ev = (uint16_t)(ev - q->qsize);
+    kick = need_event(ev, new_idx, old);
+  }
+  if (kick) {
+    uint64_t one = 1;
+    if (write(q->kickfd, &one, 8) != 8) die(2, "kick write: %s", strerror(errno));
+    q->kicks++;
+  }
+}
+
+// Driver event suppression: eventfd mode asks for a call at the next used descriptor (EVENT_IDX)
+// or for every one; spin mode disables calls.
+static void set_interrupts_packed(struct queue *q, int enable) {
+  if (!enable) { __atomic_store_n(&q->drv_evt->flags, (uint16_t)PEVENT_DISABLE, __ATOMIC_RELEASE); return; }
+  if (event_idx) {
+    __atomic_store_n(&q->drv_evt->off_wrap, (uint16_t)(q->p_used | (q->p_used_wrap << 15)), __ATOMIC_RELAXED);
+    __atomic_store_n(&q->drv_evt->flags, (uint16_t)PEVENT_DESC, __ATOMIC_RELEASE);
+  } else __atomic_store_n(&q->drv_evt->flags, (uint16_t)PEVENT_ENABLE, __ATOMIC_RELEASE);
+}
+
+static inline int used_ready_packed(struct queue *q) {
+  uint16_t f = __atomic_load_n(&q->pring[q->p_used].flags, __ATOMIC_ACQUIRE);
+  return !!(f & PDESC_F_AVAIL) == q->p_used_wrap && !!(f & PDESC_F_USED) == q->p_used_wrap;
+}
+
+static uint32_t packed_base(const struct queue *q) {
+  return (uint32_t)q->p_avail | (uint32_t)q->p_avail_wrap << 15 | (uint32_t)q->p_used << 16 | (uint32_t)q->p_used_wrap << 31;
+}
+
+static void *queue_thread_packed(void *arg) {
+  struct queue *q = arg;
+  uint32_t expect_len = opt_rw_write ? 1 : (uint32_t)opt_bs + 1;
+  set_interrupts_packed(q, !opt_wait_spin);
+  for (int i = 0; i < opt_qd; i++) submit_packed(q, i);
+  publish_packed(q);
+  for (;;) {
+    if (used_ready_packed(q)) {
+      uint64_t t = now_ns();
+      int stopping = stop_flag;
+      do {
+        struct pdesc *d = &q->pring[q->p_used];
+        uint16_t id = d->id;
+        uint32_t len = d->len;
+        if (id >= (uint32_t)opt_qd || !q->slots[id].busy) {
+          fprintf(stderr, "loadgen: queue %d: used descriptor at %u (wrap %u) names id %u, not a buffer in flight\n",
+                  q->index, q->p_used, q->p_used_wrap, id);
+          abort_flag = 1;
+          break;
+        }
+        struct slot *s = &q->slots[id];
+        s->busy = 0;
+        q->p_used += s->ndesc;
+        if (q->p_used >= q->qsize) { q->p_used -= q->qsize; q->p_used_wrap ^= 1; }
+        q->inflight--;
+        account(q, s, len, expect_len, t);
+        if (!stopping) submit_packed(q, id);
+      } while (used_ready_packed(q));
+      q->progress += 1;
+      publish_packed(q);
+      if (stopping && q->inflight == 0) break;
+      if (abort_flag) break;
+      continue;
+    }
+    if (abort_flag) break;
+    if (stop_flag && q->inflight == 0) break;
+    if (opt_wait_spin) {
+      __builtin_ia32_pause();
+      continue;
+    }
+    set_interrupts_packed(q, 1);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (used_ready_packed(q)) continue;
+    uint64_t v;
+    struct pollfd pfd = { .fd = q->callfd, .events = POLLIN };
+    q->sleeps++;
+    if (poll(&pfd, 1, -1) < 0 && errno != EINTR) die(2, "call fd poll: %s", strerror(errno));
+    ssize_t n = read(q->callfd, &v, 8);
+    if (n < 0 && errno != EINTR && errno != EAGAIN) die(2, "call fd read: %s", strerror(errno));
+    if (n == 8) q->wakeups++;
+  }
+  q->done = 1;
+  return NULL;
+}
+
 // ---- main --------------------------------------------------------------------------------------
 static void usage(void) {
   fprintf(stderr,
           "usage: loadgen --socket PATH [--queues N] [--qd N] [--bs BYTES] [--rw randread|randwrite|read|write]\n"
           "               [--size BYTES] [--time S] [--ramp S] [--wait spin|eventfd] [--seg BYTES]\n"
-          "               [--indirect auto|always|never] [--qsize N] [--mem-mb N] [--verbose]\n");
+          "               [--indirect auto|always|never] [--qsize N] [--mem-mb N] [--packed] [--verbose]\n");
   exit(2);
 }
 
@@ -493,7 +685,8 @@ int main(int argc, char **argv) {
     } else if (ARG("--indirect")) {
       if (!strcmp(v, "auto")) opt_indirect = 0; else if (!strcmp(v, "always")) opt_indirect = 1;
       else if (!strcmp(v, "never")) opt_indirect = -1; else usage();
-    } else if (!strcmp(a, "--verbose") || !strcmp(a, "-v")) opt_verbose = 1;
+    } else if (!strcmp(a, "--packed")) opt_packed = 1;
+    else if (!strcmp(a, "--verbose") || !strcmp(a, "-v")) opt_verbose = 1;
     else usage();
   }
   if (!opt_socket) usage();
@@ -533,7 +726,11 @@ int main(int argc, char **argv) {
     if (c.offset != 0 || c.size != CONFIG_SIZE) die(2, "GET_CONFIG reply has offset %u size %u", c.offset, c.size);
     memcpy(&capacity, c.cfg, 8);
   }
-  features = offered & (BIT(F_VERSION_1) | BIT(F_EVENT_IDX) | BIT(F_INDIRECT_DESC) | BIT(F_PROTOCOL_FEATURES));
+  if (opt_packed && !(offered & BIT(F_RING_PACKED)))
+    die(2, "--packed: back-end does not offer VIRTIO_F_RING_PACKED (feature bit 34; offered features 0x%" PRIx64 ")", offered);
+  if (opt_packed && !(offered & BIT(F_VERSION_1))) die(2, "--packed: back-end offers RING_PACKED without VERSION_1");
+  features = offered & (BIT(F_VERSION_1) | BIT(F_EVENT_IDX) | BIT(F_INDIRECT_DESC) | BIT(F_PROTOCOL_FEATURES) |
+                        (opt_packed ? BIT(F_RING_PACKED) : 0));
   vu_set_u64(SET_FEATURES, features, NULL, 0, 0);
   event_idx = !!(features & BIT(F_EVENT_IDX));
   int have_indirect = !!(features & BIT(F_INDIRECT_DESC));
@@ -576,9 +773,10 @@ int main(int argc, char **argv) {
     q->callfd = eventfd(0, EFD_CLOEXEC);
     if (q->kickfd < 0 || q->callfd < 0) die(2, "eventfd: %s", strerror(errno));
     vu_set_state(SET_VRING_NUM, qi, qsize, 0);
-    vu_set_state(SET_VRING_BASE, qi, 0, 0);
-    struct { uint32_t index, flags; uint64_t desc, used, avail, log; } va = {
-      (uint32_t)qi, 0, uva_of(q->desc), uva_of(q->used), uva_of(q->avail), 0 };
+    vu_set_state(SET_VRING_BASE, qi, opt_packed ? packed_base(q) : 0, 0); // packed: 0x80008000
+    struct { uint32_t index, flags; uint64_t desc, used, avail, log; } va = { (uint32_t)qi, 0, 0, 0, 0, 0 };
+    if (opt_packed) { va.desc = uva_of(q->pring); va.avail = uva_of(q->drv_evt); va.used = uva_of(q->dev_evt); }
+    else { va.desc = uva_of(q->desc); va.used = uva_of(q->used); va.avail = uva_of(q->avail); }
     vu_set(SET_VRING_ADDR, &va, sizeof va, NULL, 0, 0);
     vu_set_u64(SET_VRING_KICK, qi, &q->kickfd, 1, 0);
     vu_set_u64(SET_VRING_CALL, qi, &q->callfd, 1, 0);
@@ -589,14 +787,15 @@ int main(int argc, char **argv) {
   for (int qi = 0; qi < opt_queues; qi++)
     vlog("queue %d: kick fd O_NONBLOCK=%d call fd O_NONBLOCK=%d (set by the back-end if 1)\n", qi,
          !!(fcntl(queues[qi].kickfd, F_GETFL) & O_NONBLOCK), !!(fcntl(queues[qi].callfd, F_GETFL) & O_NONBLOCK));
-  vlog("setup done: features=0x%" PRIx64 " proto=0x%" PRIx64 " disk=%" PRIu64 " qsize=%d indirect=%d event_idx=%d\n",
-       features, proto_features, disk_bytes, qsize, use_indirect, event_idx);
+  vlog("setup done: features=0x%" PRIx64 " proto=0x%" PRIx64 " disk=%" PRIu64 " qsize=%d indirect=%d event_idx=%d packed=%d\n",
+       features, proto_features, disk_bytes, qsize, use_indirect, event_idx, opt_packed);
 
   // --- run ---
   t_start = now_s();
   t_ramp_end_ns = now_ns() + (uint64_t)(opt_ramp * 1e9);
   t_deadline = t_start + opt_ramp + opt_time;
-  for (int qi = 0; qi < opt_queues; qi++) pthread_create(&queues[qi].thr, NULL, queue_thread, &queues[qi]);
+  for (int qi = 0; qi < opt_queues; qi++)
+    pthread_create(&queues[qi].thr, NULL, opt_packed ? queue_thread_packed : queue_thread, &queues[qi]);
 
   // watchdog: end of run, stall detection (5 s without progress while requests are in flight)
   uint64_t last_prog[64] = { 0 };
@@ -615,6 +814,16 @@ int main(int argc, char **argv) {
       if (q->progress != last_prog[qi]) { last_prog[qi] = q->progress; last_change[qi] = t; }
       else if (!q->done && t - last_change[qi] > 5.0 && stalled < 0) {
         stalled = qi;
+        if (opt_packed) {
+          struct pdesc *d = &q->pring[q->p_used];
+          fprintf(stderr,
+                  "loadgen: STALL queue %d (packed): no completion for 5 s; inflight=%d avail=%u/wrap%u used=%u/wrap%u "
+                  "desc[used]={len %u id %u flags 0x%x} driver_evt={off_wrap 0x%x flags %u} device_evt={off_wrap 0x%x flags %u} "
+                  "kicks=%" PRIu64 " ops=%" PRIu64 "\n",
+                  qi, q->inflight, q->p_avail, q->p_avail_wrap, q->p_used, q->p_used_wrap, d->len, d->id, d->flags,
+                  q->drv_evt->off_wrap, q->drv_evt->flags, q->dev_evt->off_wrap, q->dev_evt->flags, q->kicks, q->ops);
+          continue;
+        }
         uint16_t ui = __atomic_load_n(used_idx_p(q), __ATOMIC_ACQUIRE);
         fprintf(stderr,
                 "loadgen: STALL queue %d: no completion for 5 s; inflight=%d avail_idx=%u used_idx=%u "
@@ -642,7 +851,14 @@ int main(int argc, char **argv) {
       struct vring_state s = { (uint32_t)qi, 0 };
       vu_send(GET_VRING_BASE, 0, &s, sizeof s, NULL, 0);
       vu_recv(GET_VRING_BASE, &s, sizeof s);
-      if (s.index != (uint32_t)qi || (s.num & 0xffff) != queues[qi].avail_idx) {
+      if (opt_packed) {
+        uint32_t want = packed_base(&queues[qi]);
+        if (s.index != (uint32_t)qi || s.num != want) {
+          fprintf(stderr, "loadgen: GET_VRING_BASE(%d) returned index %u num 0x%08x, expected num 0x%08x "
+                  "(avail idx | avail wrap << 15 | used idx << 16 | used wrap << 31)\n", qi, s.index, s.num, want);
+          base_mismatch++;
+        }
+      } else if (s.index != (uint32_t)qi || (s.num & 0xffff) != queues[qi].avail_idx) {
         fprintf(stderr, "loadgen: GET_VRING_BASE(%d) returned index %u num %u, expected num %u\n", qi, s.index, s.num,
                 queues[qi].avail_idx);
         base_mismatch++;
@@ -666,10 +882,11 @@ int main(int argc, char **argv) {
   printf("{\"iops\":%.0f,\"mbps\":%.2f,\"p50_us\":%.2f,\"p99_us\":%.2f,\"p999_us\":%.2f,\"mean_us\":%.2f,\"max_us\":%.1f,\"errors\":%" PRIu64
          ",\"ops\":%" PRIu64 ",\"seconds\":%.3f,\"kicks\":%" PRIu64 ",\"sleeps\":%" PRIu64 ",\"len_mismatch\":%" PRIu64
          ",\"vring_base_mismatch\":%d,\"stalled_queue\":%d,\"queues\":%d,\"qd\":%d,\"bs\":%d,\"rw\":\"%s\",\"wait\":\"%s\","
-         "\"indirect\":%d,\"event_idx\":%d,\"qsize\":%d,\"disk_bytes\":%" PRIu64 "}\n",
+         "\"indirect\":%d,\"event_idx\":%d,\"packed\":%s,\"qsize\":%d,\"disk_bytes\":%" PRIu64 "}\n",
          ops / seconds, bytes / seconds / 1e6, hist_pct(hist, ops, 0.50) / 1e3, hist_pct(hist, ops, 0.99) / 1e3,
          hist_pct(hist, ops, 0.999) / 1e3, ops ? lat_sum / 1e3 / ops : 0.0, lat_max / 1e3, errors, ops, seconds, kicks, sleeps, lenmm, base_mismatch, stalled, opt_queues,
-         opt_qd, opt_bs, opt_rw, opt_wait_spin ? "spin" : "eventfd", use_indirect, event_idx, qsize, disk_bytes);
+         opt_qd, opt_bs, opt_rw, opt_wait_spin ? "spin" : "eventfd", use_indirect, event_idx, opt_packed ? "true" : "false", qsize,
+         disk_bytes);
   fflush(stdout);
   return stalled >= 0 ? 3 : 0;
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Benchmark: vubd vs qemu-storage-daemon (vhost-user-blk export), driven by scripts/bench/loadgen.c,
-// a C vhost-user front-end that plays QEMU + guest driver (split rings, EVENT_IDX, indirect descriptors).
+// a C vhost-user front-end that plays QEMU + guest driver (split or packed rings, EVENT_IDX, indirect descriptors).
 //
 //   node scripts/bench/run.mjs [--quick] [--time S] [--wait eventfd|spin] [--pin] [--write] [--rss-60]
 //                              [--backends vubd,qsd] [--rows null,file|ROWID,...] [--img PATH]
@@ -13,7 +13,8 @@
 //   --rss-60     extra row: vubd RSS at start vs end of a 60 s 4k randread QD32 run
 //   --backends   subset/order of backends (default vubd,qsd)
 //   --rows       row ids or groups to run (default all): null-qd1,null-qd32,null-qd32-2q,file-randread,
-//                file-randwrite,file-seqread64k, or null / file
+//                file-randwrite,file-seqread64k,null-qd1-packed,null-qd32-packed, or null / file / packed
+//                (packed rows: vubd only, loadgen --packed; their ratio columns are vubd packed ÷ vubd split)
 //   --img PATH   raw image for the file rows (default /var/tmp/vubd-bench-1g.img; created once, 1 GiB)
 //   --repeat N   run every row N times (fresh backend each time) and report the run with the median IOPS
 //
@@ -58,7 +59,7 @@ function parseArgs(argv) {
       case '--img': o.img = val(); break;
       case '--repeat': o.repeat = Number(val()); break;
       case '-h': case '--help':
-        console.log(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n').slice(1, 20).join('\n'));
+        console.log(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n').slice(1, 21).join('\n'));
         process.exit(0);
       default: throw new Error(`unknown option ${a}`);
     }
@@ -75,6 +76,9 @@ function parseArgs(argv) {
 const ROWS = [
   { id: 'null-qd1', group: 'null', label: 'null 4k randread QD1 1q', disk: 'null', lg: { rw: 'randread', bs: 4096, qd: 1, queues: 1 } },
   { id: 'null-qd32', group: 'null', label: 'null 4k randread QD32 1q', disk: 'null', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
+  // Packed virtqueues (VIRTIO_F_RING_PACKED): vubd only (QSD 7.2 has none); ratios vs the split row `vs`.
+  { id: 'null-qd1-packed', group: 'packed', label: 'null 4k randread QD1 1q packed', disk: 'null', backends: ['vubd'], vs: 'null-qd1', lg: { rw: 'randread', bs: 4096, qd: 1, queues: 1, packed: true } },
+  { id: 'null-qd32-packed', group: 'packed', label: 'null 4k randread QD32 1q packed', disk: 'null', backends: ['vubd'], vs: 'null-qd32', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1, packed: true } },
   { id: 'null-qd32-2q', group: 'null', label: 'null 4k randread QD32 2q', disk: 'null', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 2 } },
   { id: 'file-randread', group: 'file', label: 'file 4k randread QD32', disk: 'file', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
   { id: 'file-randwrite', group: 'file', label: 'file 4k randwrite QD32', disk: 'file', lg: { rw: 'randwrite', bs: 4096, qd: 32, queues: 1 } },
@@ -175,6 +179,7 @@ class Backend {
 function runLoadgen(sock, lg, opts, seconds) {
   const args = ['--socket', sock, '--queues', String(lg.queues), '--qd', String(lg.qd), '--bs', String(lg.bs),
     '--rw', lg.rw, '--time', String(seconds), '--ramp', String(opts.ramp), '--wait', opts.wait];
+  if (lg.packed) args.push('--packed');
   const cmd = opts.pin ? ['taskset', '-c', '0', LOADGEN, ...args] : [LOADGEN, ...args];
   const p = spawn(cmd[0], cmd.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '', err = '';
@@ -224,6 +229,8 @@ async function runRow(row, backend, opts, tmp) {
     } else {
       res.ok = false;
       res.failure = r.json?.stalled_queue >= 0 ? `stall on queue ${r.json.stalled_queue}` : `loadgen exit ${r.code ?? r.sig}`;
+      // setup failures (exit 2) say why on their last stderr line, e.g. RING_PACKED not offered
+      if (r.code === 2 && r.stderr) res.failure += `: ${r.stderr.split('\n').pop().replace(/^loadgen: /, '')}`;
       if (be.exited) res.failure += `; backend exited ${JSON.stringify(be.exited)}`;
     }
   } catch (e) {
@@ -305,7 +312,10 @@ function table(results, opts, extras) {
   for (const row of ROWS) {
     const rs = results.filter((r) => r.row === row);
     if (!rs.length) continue;
-    const v = rs.find((r) => r.backend === 'vubd' && r.ok), q = rs.find((r) => r.backend === 'qsd' && r.ok);
+    const v = rs.find((r) => r.backend === 'vubd' && r.ok);
+    // packed rows compare to vubd on the split row they mirror; the others to QSD on the same row
+    const q = row.vs ? results.find((r) => r.row.id === row.vs && r.backend === 'vubd' && r.ok) : rs.find((r) => r.backend === 'qsd' && r.ok);
+    const vsNote = row.vs ? ' vs split' : '';
     for (const r of rs) {
       const name = r.backend === 'qsd' ? 'QSD 7.2' : 'vubd';
       if (!r.ok) {
@@ -314,7 +324,7 @@ function table(results, opts, extras) {
       }
       const isV = r.backend === 'vubd';
       const note = r.warn ? ` ⚠ ${r.warn}` : '';
-      lines.push(`| ${row.label} | ${name}${note} | ${fmt(r.iops)} | ${fmt(r.p50_us, 1)} | ${fmt(r.p99_us, 1)} | ${fmt(r.cpuPct, 0)} | ${fmt(r.iopsPerCpuS)} | ${fmt(r.rssMiB, 1)} | ${isV && q ? ratio(v.iopsPerCpuS, q.iopsPerCpuS) : ''} | ${isV && q ? ratio(v.p50_us, q.p50_us) : ''} |`);
+      lines.push(`| ${row.label} | ${name}${note} | ${fmt(r.iops)} | ${fmt(r.p50_us, 1)} | ${fmt(r.p99_us, 1)} | ${fmt(r.cpuPct, 0)} | ${fmt(r.iopsPerCpuS)} | ${fmt(r.rssMiB, 1)} | ${isV && q ? ratio(v.iopsPerCpuS, q.iopsPerCpuS) + vsNote : ''} | ${isV && q ? ratio(v.p50_us, q.p50_us) + vsNote : ''} |`);
     }
   }
   const out = [];
@@ -323,8 +333,9 @@ function table(results, opts, extras) {
   out.push(`${new Date().toISOString()} · ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}) · Node ${process.version} · ` +
     `${opts.time} s per row (+${opts.ramp} s ramp)${opts.repeat > 1 ? `, median IOPS of ${opts.repeat} runs` : ''} · loadgen wait=${opts.wait} · ${opts.pin ? 'pinned: backend CPU 1, loadgen CPU 0' : 'not pinned'}`);
   out.push('');
-  out.push('Load generator: `scripts/bench/loadgen.c` (vhost-user front-end, split rings, EVENT_IDX, indirect descriptors for >3-descriptor requests, 2 memfd regions). ' +
-    'CPU % = backend utime+stime over the measured window (100 % = one core). Ratios: vubd ÷ QSD (IOPS/CPU-s higher is better; p50 lower is better). ' +
+  out.push('Load generator: `scripts/bench/loadgen.c` (vhost-user front-end, split rings or packed rings for "packed" rows, EVENT_IDX, indirect descriptors for >3-descriptor requests, 2 memfd regions). ' +
+    'CPU % = backend utime+stime over the measured window (100 % = one core). Ratios: vubd ÷ QSD (IOPS/CPU-s higher is better; p50 lower is better); ' +
+    '"packed" rows (loadgen `--packed`, VIRTIO_F_RING_PACKED; vubd only, QSD 7.2 has no packed rings) compare vubd packed ÷ vubd split on the same workload. ' +
     'null rows: 8 GiB null disk (`null-co,read-zeroes=on` / `--blk-driver=null`); file rows: 1 GiB raw image in page cache (QSD: `aio=io_uring,cache.direct=off`).');
   out.push('');
   out.push(...lines);
@@ -346,6 +357,7 @@ async function main() {
   try {
     for (const row of rows) {
       for (const backend of opts.backends) {
+        if (row.backends && !row.backends.includes(backend)) continue;
         const runs = [];
         for (let k = 0; k < opts.repeat; k++) {
           process.stderr.write(`${row.label} / ${backend}${opts.repeat > 1 ? ` [${k + 1}/${opts.repeat}]` : ''} ... `);
