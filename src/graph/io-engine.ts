@@ -41,11 +41,15 @@ class ImmediateQueue {
   }
   /** moves up to what fits into out starting at pair index `at`; returns pairs moved */
   drain(out: Float64Array, at: number): number {
+    const n = this.n;
+    if (n === 0) return 0;
     const room = (out.length >> 1) - at;
-    const k = Math.min(room, this.n);
-    out.set(this.buf.subarray(0, 2 * k), 2 * at);
-    this.buf.copyWithin(0, 2 * k, 2 * this.n);
-    this.n -= k;
+    const k = room < n ? room : n;
+    const buf = this.buf;
+    const k2 = 2 * k;
+    for (let i = 0, o = 2 * at; i < k2; i++, o++) out[o] = buf[i]!;
+    if (k < n) buf.copyWithin(0, k2, 2 * n);
+    this.n = n - k;
     return k;
   }
 }
@@ -82,6 +86,8 @@ export class UringEngine implements IoEngine {
   private readonly ring: Ring;
   private readonly ready: ImmediateQueue;
   private queued = 0;
+  /** operations prepared and not yet reaped: the ring is only asked for completions when > 0 */
+  private inRing = 0;
 
   constructor(entries: number, maxTags: number, maxSegs: number) {
     this.ring = new native.Ring(entries, maxTags, maxSegs);
@@ -89,24 +95,30 @@ export class UringEngine implements IoEngine {
     this.ready = new ImmediateQueue(maxTags);
   }
 
-  private prep(ok: () => boolean): void {
-    if (ok()) {
-      this.queued++;
-      return;
-    }
-    this.submit(); // SQ full: hand what we have to the kernel and retry once
-    if (!ok()) throw new Error('io_uring submission queue stays full');
-    this.queued++;
-  }
-
+  // Each prep tries once; when the SQ is full it hands what we have to the kernel and retries once.
   readv(fd: number, iov: Float64Array, iovCount: number, offset: number, tag: number): void {
-    this.prep(() => this.ring.prepReadv(fd, iov, iovCount, offset, tag));
+    if (!this.ring.prepReadv(fd, iov, iovCount, offset, tag)) {
+      this.submit();
+      if (!this.ring.prepReadv(fd, iov, iovCount, offset, tag)) throw new Error('io_uring submission queue stays full');
+    }
+    this.queued++;
+    this.inRing++;
   }
   writev(fd: number, iov: Float64Array, iovCount: number, offset: number, tag: number): void {
-    this.prep(() => this.ring.prepWritev(fd, iov, iovCount, offset, tag));
+    if (!this.ring.prepWritev(fd, iov, iovCount, offset, tag)) {
+      this.submit();
+      if (!this.ring.prepWritev(fd, iov, iovCount, offset, tag)) throw new Error('io_uring submission queue stays full');
+    }
+    this.queued++;
+    this.inRing++;
   }
   fsync(fd: number, tag: number): void {
-    this.prep(() => this.ring.prepFsync(fd, tag, true));
+    if (!this.ring.prepFsync(fd, tag, true)) {
+      this.submit();
+      if (!this.ring.prepFsync(fd, tag, true)) throw new Error('io_uring submission queue stays full');
+    }
+    this.queued++;
+    this.inRing++;
   }
   done(tag: number, res: number): void {
     this.ready.push(tag, res);
@@ -120,8 +132,9 @@ export class UringEngine implements IoEngine {
   }
   reap(out: Float64Array): number {
     const k = this.ready.drain(out, 0);
-    if (k === out.length >> 1) return k;
+    if (this.inRing === 0 || k === out.length >> 1) return k;
     const got = this.ring.reap(k === 0 ? out : out.subarray(2 * k));
+    this.inRing -= got;
     return k + got;
   }
   close(): void {

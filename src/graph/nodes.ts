@@ -74,11 +74,26 @@ export interface BlockNode {
   writeZeroes(offset: number, length: number, unmap: boolean): number;
 }
 
+/** Nodes of this thread with counts not yet in their shared stats block. */
+const dirtyNodes: CountingNode[] = [];
+
+/**
+ * Adds the counts gathered since the last call to the nodes' shared stats blocks. The worker
+ * calls it before each used-ring publish, so a completion the guest sees is already counted.
+ */
+export function flushNodeStats(): void {
+  for (let i = 0; i < dirtyNodes.length; i++) dirtyNodes[i]!.flushCounts();
+  dirtyNodes.length = 0;
+}
+
 abstract class CountingNode {
   readonly name: string;
   readonly size: number;
   readonly readOnly: boolean;
   protected readonly stats: Int32Array;
+  /** counts since the last flushNodeStats(): Atomics once per batch, not per request */
+  private readonly pending = new Int32Array(NodeStat.COUNT);
+  private dirty = false;
   constructor(spec: NodeSpec) {
     this.name = spec.name;
     this.size = spec.size;
@@ -86,8 +101,24 @@ abstract class CountingNode {
     this.stats = new Int32Array(spec.stats);
   }
   protected count(slot: NodeStat, kibSlot: NodeStat | -1, bytes: number): void {
-    Atomics.add(this.stats, slot, 1);
-    if (kibSlot >= 0) Atomics.add(this.stats, kibSlot, bytes >> 10);
+    const p = this.pending;
+    p[slot]!++;
+    if (kibSlot >= 0) p[kibSlot]! += bytes >> 10;
+    if (!this.dirty) {
+      this.dirty = true;
+      dirtyNodes.push(this);
+    }
+  }
+  flushCounts(): void {
+    const p = this.pending;
+    for (let i = 0; i < NodeStat.COUNT; i++) {
+      const v = p[i]!;
+      if (v !== 0) {
+        Atomics.add(this.stats, i, v);
+        p[i] = 0;
+      }
+    }
+    this.dirty = false;
   }
 }
 
@@ -181,18 +212,17 @@ export class ThrottleNode extends CountingNode implements BlockNode {
     this.child = buildNode(spec.child);
     this.state = spec.state;
   }
-  private gate(ctx: IoContext, tag: number, write: boolean, bytes: number, go: () => void): void {
-    const wait = reserve(this.state, write, bytes, process.hrtime.bigint());
-    if (wait <= 0) go();
-    else ctx.defer(tag, wait, go);
-  }
   read(ctx: IoContext, io: DataIo): void {
     this.count(NodeStat.READ_OPS, NodeStat.READ_KIB, io.length);
-    this.gate(ctx, io.tag, false, io.length, () => this.child.read(ctx, io));
+    const wait = reserve(this.state, false, io.length, process.hrtime.bigint());
+    if (wait <= 0) this.child.read(ctx, io);
+    else ctx.defer(io.tag, wait, () => this.child.read(ctx, io));
   }
   write(ctx: IoContext, io: DataIo): void {
     this.count(NodeStat.WRITE_OPS, NodeStat.WRITE_KIB, io.length);
-    this.gate(ctx, io.tag, true, io.length, () => this.child.write(ctx, io));
+    const wait = reserve(this.state, true, io.length, process.hrtime.bigint());
+    if (wait <= 0) this.child.write(ctx, io);
+    else ctx.defer(io.tag, wait, () => this.child.write(ctx, io));
   }
   flush(ctx: IoContext, tag: number): void {
     this.count(NodeStat.FLUSH_OPS, -1, 0);

@@ -95,9 +95,11 @@ export class DescriptorChain {
         continue;
       }
       const take = Math.min(l - skip, n - done);
-      const r = regions[this.region[k]!]!;
+      const bytes = regions[this.region[k]!]!.bytes;
       const start = this.offset[k]! + skip;
-      out.set(r.bytes.subarray(start, start + take), done);
+      // Small reads (request headers) copy bytewise: no subarray object per request.
+      if (take <= 64) for (let j = 0; j < take; j++) out[done + j] = bytes[start + j]!;
+      else out.set(bytes.subarray(start, start + take), done);
       done += take;
       skip = 0;
     }

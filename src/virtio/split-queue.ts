@@ -22,7 +22,11 @@ export class BrokenQueueError extends Error {}
 export class SplitQueue {
   readonly size: number;
   private readonly mask: number;
-  private readonly desc: DataView;
+  /** the descriptor table as 32-bit words (addr lo/hi, len) and 16-bit halves (flags, next) */
+  private readonly desc32: Uint32Array;
+  private readonly desc16: Uint16Array;
+  /** per region: whole-mapping views for aligned indirect tables (null: mapping too large for a view) */
+  private readonly regionViews: ({ u32: Uint32Array; u16: Uint16Array } | null | undefined)[] = [];
   private readonly avail: Uint16Array;
   private readonly used16: Uint16Array;
   private readonly used32: Uint32Array;
@@ -44,7 +48,8 @@ export class SplitQueue {
     this.size = q;
     this.mask = q - 1;
     const d = memory.locateUva(layout.descAddr, 16 * q, 16);
-    this.desc = new DataView(d.buffer, d.byteOffset, 16 * q);
+    this.desc32 = new Uint32Array(d.buffer, d.byteOffset, 4 * q);
+    this.desc16 = new Uint16Array(d.buffer, d.byteOffset, 8 * q);
     const a = memory.locateUva(layout.availAddr, 6 + 2 * q, 2);
     this.avail = new Uint16Array(a.buffer, a.byteOffset, 3 + q);
     const u = memory.locateUva(layout.usedAddr, 6 + 8 * q, 4);
@@ -63,6 +68,11 @@ export class SplitQueue {
     return n;
   }
 
+  /** Cheap check for new avail entries (no validation; pending() validates before popping). */
+  hasPending(): boolean {
+    return Atomics.load(this.avail, 1) !== this.lastAvail;
+  }
+
   /** Pops the next head index (caller checked pending() > 0). */
   popHead(): number {
     const head = this.avail[2 + (this.lastAvail & this.mask)]!;
@@ -74,40 +84,89 @@ export class SplitQueue {
   /** Walks the chain starting at head into chain. Throws BrokenQueueError only for ring damage. */
   walk(head: number, chain: DescriptorChain): void {
     chain.reset(head, this.memory);
-    let table = this.desc;
-    let tableSize = this.size;
+    const d32 = this.desc32;
+    const d16 = this.desc16;
+    const size = this.size;
     let i = head;
     let seen = 0;
-    let inIndirect = false;
     for (;;) {
-      if (i >= tableSize) throw new BrokenQueueError(`descriptor index ${i} out of range ${tableSize}`);
-      if (++seen > tableSize) throw new BrokenQueueError('descriptor chain loops or is longer than its table');
-      const o = 16 * i;
-      const lo = table.getUint32(o, true);
-      const hi = table.getUint32(o + 4, true);
-      const len = table.getUint32(o + 8, true);
-      const flags = table.getUint16(o + 12, true);
-      const next = table.getUint16(o + 14, true);
-      const addr = hi * 0x100000000 + lo;
+      if (i >= size) throw new BrokenQueueError(`descriptor index ${i} out of range ${size}`);
+      if (++seen > size) throw new BrokenQueueError('descriptor chain loops or is longer than its table');
+      const lo = d32[4 * i]!;
+      const hi = d32[4 * i + 1]!;
+      const len = d32[4 * i + 2]!;
+      const flags = d16[8 * i + 6]!;
+      const next = d16[8 * i + 7]!;
       if (flags & VIRTQ_DESC_F_INDIRECT) {
-        if (!this.indirect || inIndirect || flags & VIRTQ_DESC_F_NEXT || len === 0 || len % 16 !== 0) {
-          throw new BrokenQueueError(`invalid indirect descriptor (flags ${flags}, len ${len})`);
-        }
-        const ri = hi >= 0x200000 ? -1 : this.memory.findGpa(addr, len);
-        if (ri < 0) throw new BrokenQueueError(`indirect table 0x${addr.toString(16)}+${len} is outside guest memory`);
-        const r = this.memory.regions[ri]!;
-        table = new DataView(r.buffer, r.base + (addr - r.gpa), len);
-        tableSize = len / 16;
-        inIndirect = true;
-        i = 0;
-        seen = 0;
-        continue;
+        this.walkIndirect(chain, lo, hi, len, flags);
+        return;
       }
       // An address past 2^53 is imprecise as a number but lies outside every region all the same.
-      chain.add(addr, len, (flags & VIRTQ_DESC_F_WRITE) !== 0);
+      chain.add(hi * 0x100000000 + lo, len, (flags & VIRTQ_DESC_F_WRITE) !== 0);
       if (!(flags & VIRTQ_DESC_F_NEXT)) return;
       i = next;
     }
+  }
+
+  /** Walks the indirect table an INDIRECT descriptor names; the chain ends with it. */
+  private walkIndirect(chain: DescriptorChain, lo: number, hi: number, len: number, flags: number): void {
+    if (!this.indirect || flags & VIRTQ_DESC_F_NEXT || len === 0 || len % 16 !== 0) {
+      throw new BrokenQueueError(`invalid indirect descriptor (flags ${flags}, len ${len})`);
+    }
+    const addr = hi * 0x100000000 + lo;
+    const ri = hi >= 0x200000 ? -1 : this.memory.findGpa(addr, len);
+    if (ri < 0) throw new BrokenQueueError(`indirect table 0x${addr.toString(16)}+${len} is outside guest memory`);
+    const r = this.memory.regions[ri]!;
+    const byteOffset = r.base + (addr - r.gpa);
+    const tableSize = len / 16;
+    const views = byteOffset % 4 === 0 ? this.viewsOf(ri) : null;
+    // A table at an odd address (legal, if unusual) is read through a DataView.
+    const dv = views === null ? new DataView(r.buffer, byteOffset, len) : null;
+    const b32 = byteOffset / 4;
+    const b16 = byteOffset / 2;
+    let i = 0;
+    let seen = 0;
+    for (;;) {
+      if (i >= tableSize) throw new BrokenQueueError(`descriptor index ${i} out of range ${tableSize}`);
+      if (++seen > tableSize) throw new BrokenQueueError('descriptor chain loops or is longer than its table');
+      let dlo: number, dhi: number, dlen: number, dflags: number, next: number;
+      if (views !== null) {
+        const w = b32 + 4 * i;
+        const h = b16 + 8 * i;
+        dlo = views.u32[w]!;
+        dhi = views.u32[w + 1]!;
+        dlen = views.u32[w + 2]!;
+        dflags = views.u16[h + 6]!;
+        next = views.u16[h + 7]!;
+      } else {
+        const o = 16 * i;
+        dlo = dv!.getUint32(o, true);
+        dhi = dv!.getUint32(o + 4, true);
+        dlen = dv!.getUint32(o + 8, true);
+        dflags = dv!.getUint16(o + 12, true);
+        next = dv!.getUint16(o + 14, true);
+      }
+      if (dflags & VIRTQ_DESC_F_INDIRECT) {
+        throw new BrokenQueueError(`invalid indirect descriptor (flags ${dflags}, len ${dlen})`);
+      }
+      chain.add(dhi * 0x100000000 + dlo, dlen, (dflags & VIRTQ_DESC_F_WRITE) !== 0);
+      if (!(dflags & VIRTQ_DESC_F_NEXT)) return;
+      i = next;
+    }
+  }
+
+  private viewsOf(ri: number): { u32: Uint32Array; u16: Uint16Array } | null {
+    let v = this.regionViews[ri];
+    if (v === undefined) {
+      const buf = this.memory.regions[ri]!.buffer;
+      try {
+        v = { u32: new Uint32Array(buf, 0, buf.byteLength >>> 2), u16: new Uint16Array(buf, 0, buf.byteLength >>> 1) };
+      } catch {
+        v = null; // larger than a typed array may be here: DataView per table instead
+      }
+      this.regionViews[ri] = v;
+    }
+    return v;
   }
 
   /** Writes a used element; not visible to the driver until publish(). */

@@ -2,19 +2,49 @@
 // and in-flight table, and sleeps in one blocking poll covering kick, control and completions.
 // Control messages arrive on parentPort and are read synchronously after the control eventfd wakes us.
 import { parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
+import { performance } from 'node:perf_hooks';
 import { native, POLLIN } from '../native/index.js';
 import { GuestMemory } from '../virtio/memory.js';
 import { DescriptorChain } from '../virtio/chain.js';
 import { BrokenQueueError, SplitQueue } from '../virtio/split-queue.js';
 import { SplitInflight, inflightQueueBytes } from '../virtio/inflight.js';
 import { BlkRequestHandler, BlkSlot, BlkType } from '../blk/request.js';
-import { buildNode, PENDING, type BlockNode, type IoContext } from '../graph/nodes.js';
+import { buildNode, flushNodeStats, PENDING, type BlockNode, type IoContext } from '../graph/nodes.js';
 import { createEngine, type IoEngine } from '../graph/io-engine.js';
 import type { InflightRegion, VringSetup } from '../protocol/backend.js';
 import { QueueState, StatIndex, type FromWorker, type ToWorker, type WorkerInit } from './messages.js';
 
 const MAX_SEGS = 256;
+/** completions handled per reap call */
 const BATCH = 64;
+/** requests started between two used-ring publishes: the first completions reach the driver early, so it refills while we work */
+const CHUNK = 8;
+/** requests started before control messages and timers are looked at again */
+const ROUND = 256;
+
+interface Timer {
+  due: bigint;
+  fn: () => void;
+}
+
+/** What nodes get to run requests: the engine is a plain field (the hot path reads it per request). */
+class WorkerIoContext implements IoContext {
+  engine: IoEngine = null as unknown as IoEngine; // set before the first request starts
+  constructor(
+    private readonly timers: Timer[],
+    private readonly conts: ((res: number) => number)[][],
+  ) {}
+  defer(_tag: number, delayNs: number, fn: () => void): void {
+    const due = process.hrtime.bigint() + BigInt(Math.ceil(delayNs));
+    const t = this.timers;
+    let i = t.length;
+    while (i > 0 && t[i - 1]!.due > due) i--;
+    t.splice(i, 0, { due, fn });
+  }
+  then(tag: number, next: (res: number) => number): void {
+    (this.conts[tag] ??= []).push(next);
+  }
+}
 
 class QueueWorker {
   private readonly init: WorkerInit;
@@ -41,14 +71,22 @@ class QueueWorker {
   private needNotify = false;
   private readonly completions = new Float64Array(2 * BATCH);
   /** per tag: continuations registered by nodes (IoContext.then), innermost last */
-  private conts: ((res: number) => number)[][] = [];
+  private readonly conts: ((res: number) => number)[][] = [];
   /** deferred starts (IoContext.defer), sorted by due time */
-  private timers: { due: bigint; fn: () => void }[] = [];
+  private readonly timers: Timer[] = [];
   /** graph generation of the node tree in use; requests remember the one they started under */
   private generation = 0;
-  private readonly ctx: IoContext;
+  private readonly ctx: WorkerIoContext;
   private readonly pollFds = new Int32Array(3);
   private readonly revents = new Int32Array(3);
+  /** stats counted since the last publish; added to the shared block before the used index moves */
+  private readonly acc = new Int32Array(StatIndex.COUNT);
+  private accDirty = false;
+  /** performance.now() of the current pop chunk / reap call (one clock read per batch, not per request) */
+  private reapMs = 0;
+  /** adaptive busy-poll window before sleeping, in ms (0 = off); at most init.pollUs */
+  private readonly pollMaxMs: number;
+  private pollMs: number;
 
   constructor(init: WorkerInit) {
     this.init = init;
@@ -56,22 +94,9 @@ class QueueWorker {
     this.node = buildNode(init.node);
     this.handler = new BlkRequestHandler({ serial: init.serial, writeback: init.writeback, readOnly: init.readOnly });
     this.generation = init.generation;
-    const self = this;
-    this.ctx = {
-      get engine() {
-        return self.engine!;
-      },
-      defer(_tag, delayNs, fn) {
-        const due = process.hrtime.bigint() + BigInt(Math.ceil(delayNs));
-        const t = self.timers;
-        let i = t.length;
-        while (i > 0 && t[i - 1]!.due > due) i--;
-        t.splice(i, 0, { due, fn });
-      },
-      then(tag, next) {
-        (self.conts[tag] ??= []).push(next);
-      },
-    };
+    this.pollMaxMs = Math.max(0, init.pollUs) / 1000;
+    this.pollMs = this.pollMaxMs;
+    this.ctx = new WorkerIoContext(this.timers, this.conts);
   }
 
   /** Runs deferred starts that are due; returns true if any ran. */
@@ -105,6 +130,7 @@ class QueueWorker {
     if (this.inFlight > 0) throw new Error('cannot grow the request table with requests in flight');
     this.engine?.close();
     this.engine = createEngine(this.init.aio, Math.min(queueSize, 1024), queueSize, MAX_SEGS, (m) => this.log('warn', m));
+    this.ctx.engine = this.engine;
     this.slots = [];
     for (let t = 0; t < queueSize; t++) this.slots.push(new BlkSlot(t, new DescriptorChain(MAX_SEGS), MAX_SEGS));
     this.freeTags = [];
@@ -117,13 +143,10 @@ class QueueWorker {
       this.handleControl();
       if (this.exiting) break;
       let progressed = this.runTimers();
-      progressed = this.reap() || progressed;
-      if (this.canPop()) progressed = this.popAndStart() || progressed;
-      this.engine?.submit();
-      progressed = this.reap() || progressed;
-      this.publish();
+      progressed = this.serviceRound() || progressed;
       this.finishStopOrDrain();
       if (progressed) continue;
+      if (this.pollMs > 0 && this.busyPoll()) continue;
       if (this.canPop()) {
         try {
           if (this.queue!.armKick()) continue;
@@ -134,6 +157,53 @@ class QueueWorker {
       this.sleep();
     }
     this.engine?.close();
+  }
+
+  /**
+   * Pops, starts, reaps and publishes in chunks until the ring and the engine have nothing more
+   * (or ROUND requests were started). Returns true if anything was started or completed.
+   */
+  private serviceRound(): boolean {
+    let progressed = false;
+    let budget = ROUND;
+    for (;;) {
+      let started = 0;
+      if (budget > 0 && this.canPop()) {
+        started = this.popAndStart(budget < CHUNK ? budget : CHUNK);
+        budget -= started;
+      }
+      // Also submits what timers and completions (next phases) queued.
+      this.engine?.submit();
+      const reaped = this.reap();
+      this.publish();
+      if (started === 0 && !reaped) return progressed;
+      progressed = true;
+    }
+  }
+
+  /**
+   * Spins for up to the poll window waiting for new avail entries, I/O completions or control
+   * messages; returns true if one arrived. The window adapts: it shrinks when polling did not pay.
+   */
+  private busyPoll(): boolean {
+    const q = this.canPop() ? this.queue! : null;
+    const start = performance.now();
+    const until = start + this.pollMs;
+    let spins = 0;
+    for (;;) {
+      if (q !== null && q.hasPending()) break;
+      if (this.inFlight > 0 && this.engine !== null && this.engine.pollFd >= 0 && this.reap()) break;
+      if ((++spins & 7) === 0) {
+        if (this.handleControl()) break;
+        if (this.timers.length > 0 && this.timers[0]!.due <= process.hrtime.bigint()) break;
+        if (performance.now() >= until) {
+          // Nothing came within the window: halve it (it regrows after short sleeps).
+          this.pollMs = this.pollMs / 2 < 0.001 ? 0.001 : this.pollMs / 2;
+          return false;
+        }
+      }
+    }
+    return true;
   }
 
   private canPop(): boolean {
@@ -150,7 +220,14 @@ class QueueWorker {
     if (kick >= 0) fds[n++] = kick;
     const io = this.inFlight > 0 && this.engine !== null ? this.engine.pollFd : -1;
     if (io >= 0) fds[n++] = io;
-    native.pollWait(fds, n, this.revents, this.sleepTimeoutMs());
+    if (this.pollMaxMs > 0) {
+      const t0 = performance.now();
+      native.pollWait(fds, n, this.revents, this.sleepTimeoutMs());
+      // A sleep shorter than the longest window would have been caught by polling: grow it.
+      if (performance.now() - t0 < this.pollMaxMs) this.pollMs = Math.min(this.pollMaxMs, this.pollMs * 2);
+    } else {
+      native.pollWait(fds, n, this.revents, this.sleepTimeoutMs());
+    }
     for (let i = 0; i < n; i++) {
       if ((this.revents[i]! & POLLIN) === 0) continue;
       if (fds[i] === this.init.ctrlFd) native.eventfdRead(fds[i]!);
@@ -161,41 +238,45 @@ class QueueWorker {
     }
   }
 
-  private popAndStart(): boolean {
+  /** Starts up to `limit` requests (recovered ones first); returns how many were started. */
+  private popAndStart(limit: number): number {
     const q = this.queue!;
+    const slots = this.slots;
+    const freeTags = this.freeTags;
+    const now = performance.now();
     let started = 0;
     try {
-      while (this.resubmit.length > 0 && started < BATCH && this.freeTags.length > 0) {
+      while (this.resubmit.length > 0 && started < limit && freeTags.length > 0) {
         const head = this.resubmit.shift()!;
         // Take the tag only once the chain walked: a broken chain must not leak it.
-        const slot = this.slots[this.freeTags[this.freeTags.length - 1]!]!;
+        const slot = slots[freeTags[freeTags.length - 1]!]!;
         q.walk(head, slot.chain);
-        this.freeTags.pop();
+        freeTags.pop();
         this.inFlight++;
         started++;
         slot.generation = this.generation;
-        slot.startMs = performance.now();
+        slot.startMs = now;
         this.handler.start(slot, this.node, this.ctx);
       }
-      let avail = q.pending();
-      while (avail > 0 && started < BATCH && this.freeTags.length > 0) {
+      let avail = started < limit && freeTags.length > 0 ? q.pending() : 0;
+      while (avail > 0 && started < limit && freeTags.length > 0) {
         const head = q.popHead();
         this.tracker?.popped(head);
         avail--;
-        const slot = this.slots[this.freeTags[this.freeTags.length - 1]!]!;
+        const slot = slots[freeTags[freeTags.length - 1]!]!;
         q.walk(head, slot.chain);
-        this.freeTags.pop();
+        freeTags.pop();
         this.inFlight++;
         started++;
         slot.generation = this.generation;
-        slot.startMs = performance.now();
+        slot.startMs = now;
         this.handler.start(slot, this.node, this.ctx);
       }
     } catch (e) {
       this.markBroken(e);
     }
-    Atomics.store(this.stats, StatIndex.IN_FLIGHT, this.inFlight);
-    return started > 0;
+    if (started > 0) Atomics.store(this.stats, StatIndex.IN_FLIGHT, this.inFlight);
+    return started;
   }
 
   private markBroken(e: unknown): void {
@@ -210,11 +291,13 @@ class QueueWorker {
     const engine = this.engine;
     if (engine === null || this.inFlight === 0) return false;
     let any = false;
+    const c = this.completions;
     for (;;) {
-      const n = engine.reap(this.completions);
+      const n = engine.reap(c);
       if (n === 0) break;
+      if (!any) this.reapMs = performance.now();
       any = true;
-      for (let i = 0; i < n; i++) this.completeOne(this.completions[2 * i]!, this.completions[2 * i + 1]!);
+      for (let i = 0; i < n; i++) this.completeOne(c[2 * i]!, c[2 * i + 1]!);
       if (n < BATCH) break;
     }
     return any;
@@ -229,11 +312,14 @@ class QueueWorker {
     }
     const used = this.handler.complete(slot, res, this.ctx);
     if (used < 0) return; // another phase is running
-    this.count(slot, res);
-    if (slot.generation !== this.generation) Atomics.add(this.stats, StatIndex.STALE, 1);
-    const us = (performance.now() - slot.startMs) * 1000;
-    const bucket = us < 1 ? 0 : Math.min(StatIndex.HIST_BUCKETS - 1, 1 + Math.floor(Math.log2(us)));
-    Atomics.add(this.stats, StatIndex.HIST_BASE + bucket, 1);
+    const acc = this.acc;
+    this.count(acc, slot, res);
+    if (slot.generation !== this.generation) acc[StatIndex.STALE]!++;
+    const us = (this.reapMs - slot.startMs) * 1000;
+    // bucket 0: < 1 us; bucket b: [2^(b-1), 2^b) us
+    const bucket = us < 1 ? 0 : Math.min(StatIndex.HIST_BUCKETS - 1, 1 + (us >= 2147483647 ? 31 : 31 - Math.clz32(us)));
+    acc[StatIndex.HIST_BASE + bucket]!++;
+    this.accDirty = true;
     this.queue?.putUsed(slot.chain.head, used);
     this.tracker?.completed(slot.chain.head);
     slot.chain.memory = null;
@@ -242,27 +328,44 @@ class QueueWorker {
     this.inFlight--;
   }
 
-  private count(slot: BlkSlot, res: number): void {
-    const s = this.stats;
-    if (res < 0 || slot.fixedStatus >= 0) Atomics.add(s, StatIndex.ERRORS, 1);
+  private count(a: Int32Array, slot: BlkSlot, res: number): void {
+    if (res < 0 || slot.fixedStatus >= 0) a[StatIndex.ERRORS]!++;
     switch (slot.type) {
       case BlkType.IN:
-        Atomics.add(s, StatIndex.READ_OPS, 1);
-        Atomics.add(s, StatIndex.READ_KIB, slot.length >> 10);
+        a[StatIndex.READ_OPS]!++;
+        a[StatIndex.READ_KIB]! += slot.length >> 10;
         break;
       case BlkType.OUT:
-        Atomics.add(s, StatIndex.WRITE_OPS, 1);
-        Atomics.add(s, StatIndex.WRITE_KIB, slot.length >> 10);
+        a[StatIndex.WRITE_OPS]!++;
+        a[StatIndex.WRITE_KIB]! += slot.length >> 10;
         break;
       case BlkType.FLUSH:
-        Atomics.add(s, StatIndex.FLUSH_OPS, 1);
+        a[StatIndex.FLUSH_OPS]!++;
         break;
       default:
-        Atomics.add(s, StatIndex.OTHER_OPS, 1);
+        a[StatIndex.OTHER_OPS]!++;
+    }
+  }
+
+  /** Adds the counters gathered since the last flush to the shared stats blocks. */
+  private flushStats(): void {
+    flushNodeStats();
+    if (!this.accDirty) return;
+    this.accDirty = false;
+    const a = this.acc;
+    const s = this.stats;
+    for (let i = 0; i < StatIndex.COUNT; i++) {
+      const v = a[i]!;
+      if (v !== 0) {
+        Atomics.add(s, i, v);
+        a[i] = 0;
+      }
     }
   }
 
   private publish(): void {
+    // Stats first: whoever sees a completion also sees it counted.
+    this.flushStats();
     if (!this.needNotify || this.queue === null) return;
     this.needNotify = false;
     Atomics.store(this.stats, StatIndex.IN_FLIGHT, this.inFlight);
@@ -293,10 +396,11 @@ class QueueWorker {
     }
   }
 
-  private handleControl(): void {
-    for (;;) {
+  /** Applies queued control messages; returns true if there were any. */
+  private handleControl(): boolean {
+    for (let any = false; ; any = true) {
       const got = receiveMessageOnPort(this.port);
-      if (got === undefined) return;
+      if (got === undefined) return any;
       const m = got.message as ToWorker;
       try {
         this.apply(m);
@@ -355,6 +459,7 @@ class QueueWorker {
         return;
       case 'set-node':
         if (this.inFlight > 0) throw new Error('node swap with requests in flight: drain first');
+        flushNodeStats();
         this.node = buildNode(m.node);
         this.generation = m.generation;
         this.post({ type: 'ack', seq: m.seq });
