@@ -32,7 +32,8 @@ export function blkFeatures(readOnly: boolean): bigint {
     bit(F.BLK_FLUSH) |
     bit(F.BLK_CONFIG_WCE) |
     bit(F.BLK_DISCARD) |
-    bit(F.BLK_WRITE_ZEROES);
+    bit(F.BLK_WRITE_ZEROES) |
+    bit(F.RING_PACKED);
   if (readOnly) f |= bit(F.BLK_RO);
   return f;
 }

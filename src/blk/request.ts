@@ -45,6 +45,8 @@ export class BlkSlot implements DataIo {
   node: BlockNode | null = null;
   /** performance.now() when the request was popped */
   startMs = 0;
+  /** ring descriptors the chain occupied (packed rings skip that many when marking it used) */
+  ringDescs = 1;
   /** graph generation the request started under */
   generation = 0;
 

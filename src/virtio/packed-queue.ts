@@ -84,6 +84,10 @@ export class PackedQueue {
     return avail === this.availWrap && used !== this.availWrap;
   }
 
+  hasPending(): boolean {
+    return this.isAvail(this.lastAvail);
+  }
+
   /** 1 if the next descriptor is available, else 0 (a packed ring has no avail count). */
   pending(): number {
     return this.isAvail(this.lastAvail) ? 1 : 0;

@@ -114,7 +114,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     await w.request({ type: 'configure', setup });
     if (!this.started.has(setup.index)) {
       this.started.add(setup.index);
-      this.log.info({ queue: setup.index, size: setup.size, enabled: setup.enabled, eventIdx: setup.eventIdx }, 'queue started');
+      this.log.info({ queue: setup.index, size: setup.size, enabled: setup.enabled, eventIdx: setup.eventIdx, packed: setup.packed }, 'queue started');
     }
   }
 

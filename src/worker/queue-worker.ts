@@ -7,6 +7,7 @@ import { native, POLLIN } from '../native/index.js';
 import { GuestMemory } from '../virtio/memory.js';
 import { DescriptorChain } from '../virtio/chain.js';
 import { BrokenQueueError, SplitQueue } from '../virtio/split-queue.js';
+import { PackedQueue } from '../virtio/packed-queue.js';
 import { SplitInflight, inflightQueueBytes } from '../virtio/inflight.js';
 import { BlkRequestHandler, BlkSlot, BlkType } from '../blk/request.js';
 import { buildNode, flushNodeStats, PENDING, type BlockNode, type IoContext } from '../graph/nodes.js';
@@ -51,7 +52,7 @@ class QueueWorker {
   private readonly port = parentPort!;
   private readonly stats: Int32Array;
   private memory: GuestMemory | null = null;
-  private queue: SplitQueue | null = null;
+  private queue: SplitQueue | PackedQueue | null = null;
   private setup: VringSetup | null = null;
   private node: BlockNode;
   private engine: IoEngine | null = null;
@@ -241,6 +242,7 @@ class QueueWorker {
   /** Starts up to `limit` requests (recovered ones first); returns how many were started. */
   private popAndStart(limit: number): number {
     const q = this.queue!;
+    if (q instanceof PackedQueue) return this.popAndStartPacked(q, limit);
     const slots = this.slots;
     const freeTags = this.freeTags;
     const now = performance.now();
@@ -265,6 +267,31 @@ class QueueWorker {
         avail--;
         const slot = slots[freeTags[freeTags.length - 1]!]!;
         q.walk(head, slot.chain);
+        freeTags.pop();
+        this.inFlight++;
+        started++;
+        slot.generation = this.generation;
+        slot.startMs = now;
+        this.handler.start(slot, this.node, this.ctx);
+      }
+    } catch (e) {
+      this.markBroken(e);
+    }
+    if (started > 0) Atomics.store(this.stats, StatIndex.IN_FLIGHT, this.inFlight);
+    return started;
+  }
+
+  /** The packed-ring variant: a chain is popped and walked in one step; no inflight region. */
+  private popAndStartPacked(q: PackedQueue, limit: number): number {
+    const slots = this.slots;
+    const freeTags = this.freeTags;
+    const now = performance.now();
+    let started = 0;
+    try {
+      while (started < limit && freeTags.length > 0 && q.pending() > 0) {
+        const slot = slots[freeTags[freeTags.length - 1]!]!;
+        q.pop(slot.chain);
+        slot.ringDescs = q.lastChainDescs;
         freeTags.pop();
         this.inFlight++;
         started++;
@@ -320,8 +347,12 @@ class QueueWorker {
     const bucket = us < 1 ? 0 : Math.min(StatIndex.HIST_BUCKETS - 1, 1 + (us >= 2147483647 ? 31 : 31 - Math.clz32(us)));
     acc[StatIndex.HIST_BASE + bucket]!++;
     this.accDirty = true;
-    this.queue?.putUsed(slot.chain.head, used);
-    this.tracker?.completed(slot.chain.head);
+    const q = this.queue;
+    if (q instanceof PackedQueue) q.putUsed(slot.chain.head, used, slot.ringDescs);
+    else if (q !== null) {
+      q.putUsed(slot.chain.head, used);
+      this.tracker?.completed(slot.chain.head);
+    }
     slot.chain.memory = null;
     this.needNotify = true;
     this.freeTags.push(tag);
@@ -370,7 +401,7 @@ class QueueWorker {
     this.needNotify = false;
     Atomics.store(this.stats, StatIndex.IN_FLIGHT, this.inFlight);
     const notify = this.queue.publish();
-    this.tracker?.published(this.queue.usedIdx);
+    if (this.tracker !== null && this.queue instanceof SplitQueue) this.tracker.published(this.queue.usedIdx);
     if (notify && this.setup && this.setup.callFd >= 0) {
       native.eventfdWrite(this.setup.callFd, 1);
       Atomics.add(this.stats, StatIndex.NOTIFIES, 1);
@@ -381,7 +412,8 @@ class QueueWorker {
     if (this.inFlight > 0) return;
     if (this.stopSeq >= 0) {
       const seq = this.stopSeq;
-      const lastAvail = this.queue?.lastAvail ?? this.setup?.base ?? 0;
+      const q = this.queue;
+      const lastAvail = q instanceof PackedQueue ? q.base : (q?.lastAvail ?? this.setup?.base ?? 0);
       this.stopSeq = -1;
       this.queue = null;
       this.setup = null;
@@ -489,14 +521,18 @@ class QueueWorker {
     const prev = this.queue;
     this.queue = null;
     if (this.memory === null) return;
-    if (s.packed) {
-      this.markBroken(new BrokenQueueError('packed rings are not supported yet'));
-      return;
-    }
     try {
-      const base = prev ? prev.lastAvail : s.base;
+      if (s.packed) {
+        // A rebind (new memory table) keeps the indices; a fresh start takes them from the base.
+        const base = prev instanceof PackedQueue ? prev.base : s.base;
+        this.tracker = null;
+        this.queue = new PackedQueue(this.memory, { size: s.size, descAddr: s.descUserAddr, driverAddr: s.availUserAddr, deviceAddr: s.usedUserAddr }, base, s.eventIdx, s.indirect);
+        this.broken = false;
+        return;
+      }
+      const base = prev instanceof SplitQueue ? prev.lastAvail : s.base;
       const q = new SplitQueue(this.memory, { size: s.size, descAddr: s.descUserAddr, availAddr: s.availUserAddr, usedAddr: s.usedUserAddr }, base, s.eventIdx, s.indirect);
-      if (prev) q.usedIdx = prev.usedIdx;
+      if (prev instanceof SplitQueue) q.usedIdx = prev.usedIdx;
       else this.recoverInflight(q, s);
       this.queue = q;
       this.broken = false;

@@ -165,6 +165,8 @@ export interface BootGuestOptions {
   disk?: { path: string; format?: "raw" | "qcow2" };
   /** num-queues of the virtio-blk device. */
   numQueues: number;
+  /** vhost-user only: ask QEMU for packed virtqueues (VIRTIO_F_RING_PACKED) */
+  packed?: boolean;
   /** Guest test to run: /tests/<testName>.sh; undefined = interactive shell (never resolves before timeout). */
   testName?: string;
   memMiB?: number;
@@ -231,7 +233,7 @@ export function guestQemuArgs(opts: BootGuestOptions, image: GuestImage): string
       "-object", `memory-backend-memfd,id=mem,size=${memMiB}M,share=on`,
       "-numa", "node,memdev=mem",
       "-chardev", `socket,id=vub0,path=${opts.socketPath}`,
-      "-device", `vhost-user-blk-pci,chardev=vub0,num-queues=${opts.numQueues}`,
+      "-device", `vhost-user-blk-pci,chardev=vub0,num-queues=${opts.numQueues}${opts.packed ? ",packed=on" : ""}`,
     );
   } else if (opts.disk !== undefined) {
     args.push(
