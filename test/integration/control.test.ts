@@ -175,4 +175,33 @@ describe('control socket', () => {
     fe.close();
     qmp.close();
   });
+
+  test('a drain that cannot finish in 5 s fails the change cleanly and the queues go on', { timeout: 30000 }, async () => {
+    await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend' && d.logRecords().filter((x) => x.msg === 'session ended; waiting for the next frontend').length >= 2);
+    const qmp = await QmpClient.connect(control);
+    await qmp.execute('block-export-set-node', { id: 'export0', 'node-name': 'thr0' });
+    await qmp.execute('block_set_io_throttle', { id: 'thr0', iops: 2, iops_max: 1, bps: 0, bps_wr: 0 });
+    const fe = Frontend.connect(d.socketPath);
+    fe.negotiate();
+    const q0 = fe.setupRing(0, 256);
+    for (let i = 0; i < 16; i++) fe.blk(q0, BLK.IN, 8 * i, 4096, { indirect: true });
+    q0.kick();
+    await new Promise((r) => setTimeout(r, 100));
+    // 16 requests at 2 IOPS stay in flight for ~8 s: the swap's drain must give up after 5 s.
+    const t0 = performance.now();
+    await assert.rejects(qmp.execute('block-export-set-node', { id: 'export0', 'node-name': 'file0' }), /drain did not complete within 5000 ms/);
+    const waited = performance.now() - t0;
+    assert.ok(waited >= 4900 && waited < 7000, `gave up after ${waited.toFixed(0)} ms`);
+    const stats = (await qmp.execute('query-stats')) as { exports: { 'node-name': string; drain: { state: string; timeouts: number } }[] };
+    assert.equal(stats.exports[0]!.drain.state, 'running', 'the queues were resumed');
+    assert.equal(stats.exports[0]!.drain.timeouts, 1);
+    assert.equal(stats.exports[0]!['node-name'], 'thr0', 'the failed change left the graph as it was');
+    // Lift the limit: every request completes, none lost, and the next swap goes through.
+    await qmp.execute('block_set_io_throttle', { id: 'thr0', iops: 0, bps: 0, bps_wr: 0 });
+    const done = q0.waitFor(16, 10000);
+    assert.equal(done.length, 16);
+    await qmp.execute('block-export-set-node', { id: 'export0', 'node-name': 'file0' });
+    fe.close();
+    qmp.close();
+  });
 });
