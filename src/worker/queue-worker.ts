@@ -242,37 +242,36 @@ class QueueWorker {
   /** Starts up to `limit` requests (recovered ones first); returns how many were started. */
   private popAndStart(limit: number): number {
     const q = this.queue!;
-    if (q instanceof PackedQueue) return this.popAndStartPacked(q, limit);
-    const slots = this.slots;
     const freeTags = this.freeTags;
     const now = performance.now();
     let started = 0;
     try {
-      while (this.resubmit.length > 0 && started < limit && freeTags.length > 0) {
-        const head = this.resubmit.shift()!;
-        // Take the tag only once the chain walked: a broken chain must not leak it.
-        const slot = slots[freeTags[freeTags.length - 1]!]!;
-        q.walk(head, slot.chain);
-        freeTags.pop();
-        this.inFlight++;
-        started++;
-        slot.generation = this.generation;
-        slot.startMs = now;
-        this.handler.start(slot, this.node, this.ctx);
-      }
-      let avail = started < limit && freeTags.length > 0 ? q.pending() : 0;
-      while (avail > 0 && started < limit && freeTags.length > 0) {
-        const head = q.popHead();
-        this.tracker?.popped(head);
-        avail--;
-        const slot = slots[freeTags[freeTags.length - 1]!]!;
-        q.walk(head, slot.chain);
-        freeTags.pop();
-        this.inFlight++;
-        started++;
-        slot.generation = this.generation;
-        slot.startMs = now;
-        this.handler.start(slot, this.node, this.ctx);
+      if (q instanceof PackedQueue) {
+        // A packed chain is popped and walked in one step; no inflight region for packed rings.
+        while (started < limit && freeTags.length > 0 && q.pending() > 0) {
+          const slot = this.nextSlot();
+          q.pop(slot.chain);
+          slot.ringDescs = q.lastChainDescs;
+          this.startSlot(slot, now);
+          started++;
+        }
+      } else {
+        while (this.resubmit.length > 0 && started < limit && freeTags.length > 0) {
+          const slot = this.nextSlot();
+          q.walk(this.resubmit.shift()!, slot.chain);
+          this.startSlot(slot, now);
+          started++;
+        }
+        let avail = started < limit && freeTags.length > 0 ? q.pending() : 0;
+        while (avail > 0 && started < limit && freeTags.length > 0) {
+          const head = q.popHead();
+          this.tracker?.popped(head);
+          avail--;
+          const slot = this.nextSlot();
+          q.walk(head, slot.chain);
+          this.startSlot(slot, now);
+          started++;
+        }
       }
     } catch (e) {
       this.markBroken(e);
@@ -281,29 +280,17 @@ class QueueWorker {
     return started;
   }
 
-  /** The packed-ring variant: a chain is popped and walked in one step; no inflight region. */
-  private popAndStartPacked(q: PackedQueue, limit: number): number {
-    const slots = this.slots;
-    const freeTags = this.freeTags;
-    const now = performance.now();
-    let started = 0;
-    try {
-      while (started < limit && freeTags.length > 0 && q.pending() > 0) {
-        const slot = slots[freeTags[freeTags.length - 1]!]!;
-        q.pop(slot.chain);
-        slot.ringDescs = q.lastChainDescs;
-        freeTags.pop();
-        this.inFlight++;
-        started++;
-        slot.generation = this.generation;
-        slot.startMs = now;
-        this.handler.start(slot, this.node, this.ctx);
-      }
-    } catch (e) {
-      this.markBroken(e);
-    }
-    if (started > 0) Atomics.store(this.stats, StatIndex.IN_FLIGHT, this.inFlight);
-    return started;
+  /** The slot the next request will use. Its tag is taken only by startSlot, once the chain walked: a broken chain must not leak it. */
+  private nextSlot(): BlkSlot {
+    return this.slots[this.freeTags[this.freeTags.length - 1]!]!;
+  }
+
+  private startSlot(slot: BlkSlot, now: number): void {
+    this.freeTags.pop();
+    this.inFlight++;
+    slot.generation = this.generation;
+    slot.startMs = now;
+    this.handler.start(slot, this.node, this.ctx);
   }
 
   private markBroken(e: unknown): void {

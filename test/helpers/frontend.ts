@@ -201,18 +201,7 @@ export class SplitRing {
 
   /** Waits for the call eventfd (or polls the used ring) until n completions arrived. */
   waitFor(n: number, timeoutMs = 5000): { head: number; len: number }[] {
-    const got: { head: number; len: number }[] = [];
-    const deadline = Date.now() + timeoutMs;
-    const fds = Int32Array.of(this.callFd);
-    const rev = new Int32Array(1);
-    while (got.length < n) {
-      got.push(...this.collect());
-      if (got.length >= n) break;
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`timed out waiting for ${n} completions (got ${got.length})`);
-      if (native.pollWait(fds, 1, rev, Math.min(left, 100)) > 0 && rev[0]! & POLLIN) native.eventfdRead(this.callFd);
-    }
-    return got;
+    return waitForCompletions(this, n, timeoutMs);
   }
 
   close(): void {
@@ -339,6 +328,7 @@ export class PackedRing {
   }
 }
 
+/** Collects completions, sleeping on the call eventfd in between, until n arrived. */
 function waitForCompletions(ring: { callFd: number; collect(): { head: number; len: number }[] }, n: number, timeoutMs: number): { head: number; len: number }[] {
   const got: { head: number; len: number }[] = [];
   const deadline = Date.now() + timeoutMs;

@@ -6,21 +6,13 @@ import path from 'node:path';
 import { Frontend, BLK } from '../helpers/frontend.js';
 import { startDaemon, type Daemon } from '../helpers/daemon.js';
 import { Request } from '../../src/protocol/constants.js';
+import { pattern } from '../helpers/sessions.js';
 
 const MiB = 2 ** 20;
 const OK = 0;
 const IOERR = 1;
 const UNSUPP = 2;
 
-function pattern(seed: number, len: number): Uint8Array {
-  const b = new Uint8Array(len);
-  let x = seed * 2654435761 >>> 0;
-  for (let i = 0; i < len; i++) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    b[i] = x >>> 24;
-  }
-  return b;
-}
 
 for (const aio of ['io_uring', 'sync'] as const) {
   describe(`blk I/O (aio=${aio})`, () => {

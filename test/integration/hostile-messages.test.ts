@@ -18,36 +18,11 @@ import {
   vringStatePayload,
   type MemoryRegion,
 } from '../../src/protocol/codec.js';
+import { pattern, openSession } from '../helpers/sessions.js';
 
 const MiB = 2 ** 20;
 const NUM_QUEUES = 2;
 
-function pattern(seed: number, len: number): Uint8Array {
-  const b = new Uint8Array(len);
-  let x = (seed * 2654435761) >>> 0;
-  for (let i = 0; i < len; i++) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    b[i] = x >>> 24;
-  }
-  return b;
-}
-
-function countMsg(d: Daemon, msg: string): number {
-  return d.logRecords().filter((r) => r.msg === msg).length;
-}
-
-/** Connects and returns the frontend with the daemon's connection id for it. */
-async function open(d: Daemon): Promise<{ fe: Frontend; conn: unknown }> {
-  const before = countMsg(d, 'frontend connected');
-  const fe = Frontend.connect(d.socketPath);
-  const deadline = Date.now() + 5000;
-  for (;;) {
-    const recs = d.logRecords().filter((r) => r.msg === 'frontend connected');
-    if (recs.length > before) return { fe, conn: recs[before]!.conn };
-    if (Date.now() > deadline) throw new Error(`connection not accepted; logs:\n${d.logs.join('\n')}`);
-    await sleep(10);
-  }
-}
 
 async function sessionEnded(d: Daemon, conn: unknown): Promise<void> {
   await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend' && r.conn === conn);
@@ -75,7 +50,7 @@ function dispose(fe: Frontend): void {
 
 /** A fresh frontend does the whole QEMU sequence and a write + read-back on queue 0. */
 async function worksEndToEnd(d: Daemon, seed: number): Promise<void> {
-  const { fe, conn } = await open(d);
+  const { fe, conn } = await openSession(d);
   try {
     fe.negotiate();
     const ring = fe.setupRing(0, 128);
@@ -107,7 +82,7 @@ describe('hostile vhost-user messages', () => {
     d = await startDaemon([`--blk-file=${image}`, `--num-queues=${NUM_QUEUES}`, '--aio=sync'], { dir });
     fdsAtStart = d.fdCount();
     // Warm up both workers (each maps memory and builds its request table on first use).
-    const { fe, conn } = await open(d);
+    const { fe, conn } = await openSession(d);
     fe.negotiate();
     for (let q = 0; q < NUM_QUEUES; q++) {
       const ring = fe.setupRing(q, 128);
@@ -133,7 +108,7 @@ describe('hostile vhost-user messages', () => {
     opts: { peerCloses?: boolean } = {},
   ): Promise<void> {
     const fdsBefore = d.fdCount(); // the previous session has ended: nothing is closing right now
-    const { fe, conn } = await open(d);
+    const { fe, conn } = await openSession(d);
     try {
       await hostile(fe);
       if (opts.peerCloses ?? true) assert.ok(fe.isClosedByPeer(3000), 'backend closed the connection');
@@ -373,7 +348,7 @@ describe('hostile vhost-user messages', () => {
     for (const v of variants) {
       const fdsBefore = d.fdCount();
       const brokenBefore = d.logRecords().filter((r) => typeof r.msg === 'string' && r.msg.startsWith('queue marked broken')).length;
-      const { fe, conn } = await open(d);
+      const { fe, conn } = await openSession(d);
       try {
         fe.negotiate();
         const ring = new SplitRing(fe.ram, 0, 128, true);

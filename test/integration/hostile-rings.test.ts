@@ -9,6 +9,7 @@ import { Frontend, SplitRing, BLK, REGION_SIZE } from '../helpers/frontend.js';
 import { startDaemon, sleep, type Daemon } from '../helpers/daemon.js';
 import { Request } from '../../src/protocol/constants.js';
 import { u64Payload, vringAddrPayload, vringStatePayload } from '../../src/protocol/codec.js';
+import { pattern, openSession, closeSession } from '../helpers/sessions.js';
 
 const MiB = 2 ** 20;
 const OK = 0;
@@ -17,33 +18,8 @@ const NEXT = 1;
 const WRITE = 2;
 const INDIRECT = 4;
 
-function pattern(seed: number, len: number): Uint8Array {
-  const b = new Uint8Array(len);
-  let x = (seed * 2654435761) >>> 0;
-  for (let i = 0; i < len; i++) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    b[i] = x >>> 24;
-  }
-  return b;
-}
 
-async function open(d: Daemon): Promise<{ fe: Frontend; conn: unknown }> {
-  const before = d.logRecords().filter((r) => r.msg === 'frontend connected').length;
-  const fe = Frontend.connect(d.socketPath);
-  const deadline = Date.now() + 5000;
-  for (;;) {
-    const recs = d.logRecords().filter((r) => r.msg === 'frontend connected');
-    if (recs.length > before) return { fe, conn: recs[before]!.conn };
-    if (Date.now() > deadline) throw new Error(`connection not accepted; logs:\n${d.logs.join('\n')}`);
-    await sleep(10);
-  }
-}
 
-async function closeSession(d: Daemon, fe: Frontend, conn: unknown): Promise<void> {
-  fe.close();
-  fe.ram.close();
-  await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend' && r.conn === conn);
-}
 
 function brokenCount(d: Daemon, queue: number): number {
   return d.logRecords().filter((r) => typeof r.msg === 'string' && r.msg.startsWith('queue marked broken') && r.queue === queue).length;
@@ -113,7 +89,7 @@ describe('hostile descriptor chains and ring indices', () => {
 
   /** A request the backend can answer: it completes with `status`, then both rings keep working. */
   async function answered(name: string, build: (fe: Frontend, ring: SplitRing) => { head: number; status: number | null; check?: () => void }, want: number | null): Promise<void> {
-    const { fe, conn } = await open(d);
+    const { fe, conn } = await openSession(d);
     try {
       fe.negotiate();
       const q0 = fe.setupRing(0, 128);
@@ -139,7 +115,7 @@ describe('hostile descriptor chains and ring indices', () => {
    */
   async function broken(name: string, damage: (fe: Frontend, ring: SplitRing) => void, goodFirst = true): Promise<void> {
     const before1 = brokenCount(d, 1);
-    const { fe, conn } = await open(d);
+    const { fe, conn } = await openSession(d);
     try {
       fe.negotiate();
       const q0 = fe.setupRing(0, 128);
@@ -163,7 +139,7 @@ describe('hostile descriptor chains and ring indices', () => {
     } finally {
       await closeSession(d, fe, conn);
     }
-    const again = await open(d);
+    const again = await openSession(d);
     try {
       again.fe.negotiate();
       ringWorks(again.fe, again.fe.setupRing(1, 128), seed++);
@@ -250,7 +226,7 @@ describe('hostile descriptor chains and ring indices', () => {
   });
 
   test('header only, no writable byte at all (IN): completed, used length 0', async () => {
-    const { fe, conn } = await open(d);
+    const { fe, conn } = await openSession(d);
     try {
       fe.negotiate();
       const q1 = fe.setupRing(1, 128);
@@ -387,7 +363,7 @@ describe('broken chains do not leak request slots', () => {
   });
 
   test('6 x (looping chain, GET_VRING_BASE, restart ring) on a 4-entry queue: valid requests still complete', async () => {
-    const { fe, conn } = await open(d);
+    const { fe, conn } = await openSession(d);
     try {
       fe.negotiate();
       const ring = fe.setupRing(0, 4); // the worker sizes its request table from the first ring: 4 slots

@@ -10,45 +10,15 @@ import { startDaemon, sleep, tempDir, vubdMain, type Daemon } from '../helpers/d
 import { native } from '../../src/native/index.js';
 import { F, PF, Request, hasBit } from '../../src/protocol/constants.js';
 import { memTablePayload, u64Payload, vringAddrPayload, vringStatePayload } from '../../src/protocol/codec.js';
+import { pattern, makeImage, openSession, closeSession } from '../helpers/sessions.js';
 
 const MiB = 2 ** 20;
 const OK = 0;
 const IOERR = 1;
 
-function pattern(seed: number, len: number): Uint8Array {
-  const b = new Uint8Array(len);
-  let x = (seed * 2654435761) >>> 0;
-  for (let i = 0; i < len; i++) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    b[i] = x >>> 24;
-  }
-  return b;
-}
 
-function makeImage(dir: string, size = 16 * MiB): string {
-  const image = path.join(dir, 'disk.img');
-  fs.writeFileSync(image, '');
-  fs.truncateSync(image, size);
-  return image;
-}
 
-async function open(d: Daemon): Promise<{ fe: Frontend; conn: unknown }> {
-  const before = d.logRecords().filter((r) => r.msg === 'frontend connected').length;
-  const fe = Frontend.connect(d.socketPath);
-  const deadline = Date.now() + 5000;
-  for (;;) {
-    const recs = d.logRecords().filter((r) => r.msg === 'frontend connected');
-    if (recs.length > before) return { fe, conn: recs[before]!.conn };
-    if (Date.now() > deadline) throw new Error(`connection not accepted; logs:\n${d.logs.join('\n')}`);
-    await sleep(10);
-  }
-}
 
-async function closeSession(d: Daemon, fe: Frontend, conn: unknown): Promise<void> {
-  fe.close();
-  fe.ram.close();
-  await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend' && r.conn === conn);
-}
 
 function ringWorks(fe: Frontend, ring: SplitRing, seed: number): void {
   const data = pattern(seed, 8192);
@@ -60,7 +30,7 @@ function ringWorks(fe: Frontend, ring: SplitRing, seed: number): void {
 }
 
 async function freshSessionWorks(d: Daemon, seed: number): Promise<void> {
-  const { fe, conn } = await open(d);
+  const { fe, conn } = await openSession(d);
   try {
     fe.negotiate();
     ringWorks(fe, fe.setupRing(0, 128), seed);
@@ -102,7 +72,7 @@ describe('reconnects and ring lifecycle', () => {
 
   test('disconnect with requests in flight, reconnect, serve again', async () => {
     for (let round = 0; round < 3; round++) {
-      const { fe, conn } = await open(d);
+      const { fe, conn } = await openSession(d);
       fe.negotiate();
       const q0 = fe.setupRing(0, 128);
       const q1 = fe.setupRing(1, 128);
@@ -121,7 +91,7 @@ describe('reconnects and ring lifecycle', () => {
     await freshSessionWorks(d, seed++); // warm: workers have their engines and request tables
     const fds0 = d.fdCount();
     for (let i = 0; i < 20; i++) {
-      const { fe, conn } = await open(d);
+      const { fe, conn } = await openSession(d);
       fe.negotiate();
       const q = fe.setupRing(i % 2, 64 << (i % 3));
       ringWorks(fe, q, seed++);
@@ -132,7 +102,7 @@ describe('reconnects and ring lifecycle', () => {
   });
 
   test('a second simultaneous connection is refused while the first keeps working', async () => {
-    const { fe, conn } = await open(d);
+    const { fe, conn } = await openSession(d);
     try {
       fe.negotiate();
       const q0 = fe.setupRing(0, 128);
@@ -162,7 +132,7 @@ describe('reconnects and ring lifecycle', () => {
   });
 
   test('GET_VRING_BASE, then restart the ring with SET_VRING_BASE = returned value', async () => {
-    const { fe, conn } = await open(d);
+    const { fe, conn } = await openSession(d);
     try {
       fe.negotiate();
       const q = fe.setupRing(0, 128);
@@ -189,7 +159,7 @@ describe('reconnects and ring lifecycle', () => {
   });
 
   test('GET_VRING_BASE with requests in flight: used == base at the reply, restart finishes the rest exactly once', async () => {
-    const { fe, conn } = await open(d);
+    const { fe, conn } = await openSession(d);
     try {
       fe.negotiate();
       const q = fe.setupRing(0, 256); // 64 requests x 3 descriptors
@@ -217,7 +187,7 @@ describe('reconnects and ring lifecycle', () => {
   });
 
   test('SET_MEM_TABLE re-sent with rings running (QEMU does this on memory changes): I/O continues, old fds closed', async () => {
-    const { fe, conn } = await open(d);
+    const { fe, conn } = await openSession(d);
     try {
       fe.negotiate();
       const q0 = fe.setupRing(0, 128);
@@ -244,7 +214,7 @@ describe('reconnects and ring lifecycle', () => {
   });
 
   test('RESET_DEVICE stops the rings; renegotiating on the same connection works', async () => {
-    const { fe, conn } = await open(d);
+    const { fe, conn } = await openSession(d);
     try {
       fe.negotiate();
       assert.ok(hasBit(fe.protocolFeatures, PF.RESET_DEVICE), 'RESET_DEVICE is offered');
@@ -392,7 +362,7 @@ describe('command line', () => {
     const content = pattern(77, 4 * MiB);
     fs.writeFileSync(image, content);
     const d = await startDaemon([`--blk-file=${image}`, '--read-only', '--num-queues=1'], { dir });
-    const { fe, conn } = await open(d);
+    const { fe, conn } = await openSession(d);
     try {
       const features = fe.callU64(Request.GET_FEATURES);
       assert.ok(hasBit(features, F.BLK_RO), 'bit 5 offered');
