@@ -510,34 +510,30 @@ export class Frontend {
 
   setupRing(index: number, size = 128, existing?: SplitRing, base = 0): SplitRing {
     const ring = existing ?? new SplitRing(this.ram, index, size, hasBit(this.features, F.RING_EVENT_IDX));
-    this.send(Request.SET_VRING_NUM, vringStatePayload(index, size));
-    this.send(Request.SET_VRING_BASE, vringStatePayload(index, base));
-    this.send(
-      Request.SET_VRING_ADDR,
-      vringAddrPayload({ index, flags: 0, descUserAddr: this.ram.uva(ring.desc), usedUserAddr: this.ram.uva(ring.used), availUserAddr: this.ram.uva(ring.avail), logGuestAddr: 0 }),
-    );
-    if (existing) ring.reopenFds();
-    this.send(Request.SET_VRING_KICK, u64Payload(index), [ring.kickFd]);
-    this.send(Request.SET_VRING_CALL, u64Payload(index), [ring.callFd]);
-    if (this.ack(Request.SET_VRING_ENABLE, vringStatePayload(index, 1)) !== 0n) throw new Error('SET_VRING_ENABLE failed');
+    this.startRing(ring, index, size, existing !== undefined, base);
     this.rings[index] = ring;
     return ring;
   }
 
   setupPackedRing(index: number, size = 128, existing?: PackedRing, base = 0x80008000): PackedRing {
     const ring = existing ?? new PackedRing(this.ram, index, size);
+    this.startRing(ring, index, size, existing !== undefined, base);
+    this.packedRings[index] = ring;
+    return ring;
+  }
+
+  /** QEMU's per-ring start sequence; a restarted ring gets new eventfds like after a reconnect. */
+  private startRing(ring: DriverRing, index: number, size: number, restart: boolean, base: number): void {
     this.send(Request.SET_VRING_NUM, vringStatePayload(index, size));
     this.send(Request.SET_VRING_BASE, vringStatePayload(index, base));
     this.send(
       Request.SET_VRING_ADDR,
       vringAddrPayload({ index, flags: 0, descUserAddr: this.ram.uva(ring.desc), usedUserAddr: this.ram.uva(ring.used), availUserAddr: this.ram.uva(ring.avail), logGuestAddr: 0 }),
     );
-    if (existing) ring.reopenFds();
+    if (restart) ring.reopenFds();
     this.send(Request.SET_VRING_KICK, u64Payload(index), [ring.kickFd]);
     this.send(Request.SET_VRING_CALL, u64Payload(index), [ring.callFd]);
     if (this.ack(Request.SET_VRING_ENABLE, vringStatePayload(index, 1)) !== 0n) throw new Error('SET_VRING_ENABLE failed');
-    this.packedRings[index] = ring;
-    return ring;
   }
 
   getVringBase(index: number): number {
