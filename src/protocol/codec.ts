@@ -100,9 +100,6 @@ function region(dv: DataView, off: number): MemoryRegion {
   };
   if (r.size === 0) throw new ProtocolError('memory region of size 0');
   if (r.guestPhysAddr + r.size > 2 ** 53 || r.userAddr + r.size > 2 ** 53) throw new ProtocolError('memory region wraps');
-  if (r.mmapOffset + r.size > 2 ** 32) {
-    throw new ProtocolError(`memory region of ${r.size} bytes at mmap offset ${r.mmapOffset} needs a mapping over 4 GiB, which vubd does not support`);
-  }
   if (r.mmapOffset % 4096 !== 0) throw new ProtocolError(`mmap_offset ${r.mmapOffset} is not page aligned`);
   return r;
 }

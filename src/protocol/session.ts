@@ -1,6 +1,7 @@
 // The vhost-user protocol state machine for one frontend connection. It validates every message
 // against the negotiated state, owns every fd the frontend sent until the backend is done with
 // it, and replies in the exact format QEMU checks. Any ProtocolError closes the connection.
+import fs from 'node:fs';
 import { native } from '../native/index.js';
 import type { Logger } from '../log.js';
 import {
@@ -187,6 +188,7 @@ export class Session {
         return true;
       case Request.SET_MEM_TABLE: {
         const regions = m.regions.map((r, i) => ({ ...r, fd: fds[i]! }));
+        regions.forEach(checkRegionFile);
         await b.setMemTable(regions);
         const old = this.regions;
         this.regions = regions;
@@ -197,6 +199,7 @@ export class Session {
         if (this.regions.length >= MAX_MEM_SLOTS) {
           throw new ProtocolError(`ADD_MEM_REG: already ${this.regions.length} regions (max ${MAX_MEM_SLOTS})`);
         }
+        checkRegionFile({ ...m.region, fd: fds[0]! });
         const regions = [...this.regions, { ...m.region, fd: fds[0]! }];
         await b.setMemTable(regions);
         this.regions = regions;
@@ -404,6 +407,25 @@ export class Session {
       this.backendReqFd = -1;
       this.closedResolve();
     });
+  }
+}
+
+/**
+ * A region must lie inside its file: mapping past the end succeeds but the first access would
+ * kill the daemon with SIGBUS.
+ */
+function checkRegionFile(r: RegionWithFd): void {
+  let size: number;
+  try {
+    const st = fs.fstatSync(r.fd);
+    if (!st.isFile()) throw new ProtocolError(`memory region fd is not a regular file (memfd, hugetlbfs or shm expected)`);
+    size = st.size;
+  } catch (e) {
+    if (e instanceof ProtocolError) throw e;
+    throw new ProtocolError(`memory region fd cannot be examined: ${(e as Error).message}`);
+  }
+  if (r.mmapOffset + r.size > size) {
+    throw new ProtocolError(`memory region [${r.mmapOffset}, ${r.mmapOffset + r.size}) lies beyond the end of its ${size}-byte file`);
   }
 }
 

@@ -56,22 +56,46 @@ export class DescriptorChain {
     }
     const mem = this.memory!;
     const ri = mem.findGpa(gpa, len);
-    if (ri < 0) {
-      this.error ||= ChainError.BAD_ADDRESS;
-      if (writable) this.statusRegion = -1; // the status byte may be this one: never guess
+    if (ri >= 0) {
+      this.addPiece(ri, gpa, len, writable);
       return;
     }
+    // Not inside one mapped chunk: a large buffer, or one running into the next region. Check
+    // that all of it is guest memory before recording any piece, then split it at chunk ends.
+    for (let g = gpa, left = len; left > 0; ) {
+      const i = mem.findGpa(g, 1);
+      if (i < 0) {
+        this.error ||= ChainError.BAD_ADDRESS;
+        if (writable) this.statusRegion = -1; // the status byte may be in this one: never guess
+        return;
+      }
+      const r = mem.regions[i]!;
+      const take = Math.min(left, r.gpa + r.size - g);
+      g += take;
+      left -= take;
+    }
+    for (let g = gpa, left = len; left > 0; ) {
+      const i = mem.findGpa(g, 1);
+      const r = mem.regions[i]!;
+      const take = Math.min(left, r.gpa + r.size - g);
+      this.addPiece(i, g, take, writable);
+      g += take;
+      left -= take;
+    }
+  }
+
+  private addPiece(ri: number, gpa: number, len: number, writable: boolean): void {
+    const r = this.memory!.regions[ri]!;
+    const off = gpa - r.gpa;
     if (writable) {
       this.statusRegion = ri;
-      this.statusOffset = gpa - mem.regions[ri]!.gpa + len - 1;
+      this.statusOffset = off + len - 1;
     }
     if (this.count >= this.maxSegments) {
       this.error ||= ChainError.TOO_MANY_SEGMENTS;
       return;
     }
-    const r = mem.regions[ri]!;
     const k = this.count++;
-    const off = gpa - r.gpa;
     this.hostAddr[k] = r.hostAddr + off;
     this.len[k] = len;
     this.region[k] = ri;

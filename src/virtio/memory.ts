@@ -10,46 +10,50 @@ export interface RegionSpec {
   fd: number;
 }
 
-export const MAX_REGION_MAPPING = 2 ** 32;
+/**
+ * Guest regions are mapped in chunks: one ArrayBuffer cannot exceed 4 GiB, and guests are often
+ * larger. Consecutive chunks overlap by CHUNK_OVERLAP, so anything up to that size (rings,
+ * headers, indirect tables) lies inside one chunk wherever it starts; longer buffers are split
+ * at chunk ends by the descriptor walker.
+ */
+export const CHUNK_SIZE = 2 ** 30;
+export const CHUNK_OVERLAP = 2 ** 21;
 
+/** One mapped chunk of a guest memory region. */
 export class MappedRegion {
   readonly gpa: number;
   readonly uva: number;
+  /** bytes mapped (the chunk plus its overlap into the next one) */
   readonly size: number;
-  /** the whole mapping (starts mmapOffset bytes before the region) */
   readonly buffer: ArrayBuffer;
-  /** byte offset of the region's first byte inside buffer */
-  readonly base: number;
-  /** host virtual address of the region's first byte */
+  /** byte offset of the chunk's first byte inside buffer */
+  readonly base = 0;
+  /** host virtual address of the chunk's first byte */
   readonly hostAddr: number;
   readonly bytes: Uint8Array;
 
-  constructor(spec: RegionSpec) {
-    const length = spec.size + spec.mmapOffset;
-    if (length > MAX_REGION_MAPPING) {
-      throw new RangeError(
-        `guest memory region of ${spec.size} bytes at offset ${spec.mmapOffset} needs a ${length}-byte mapping; regions over 4 GiB are not supported`,
-      );
-    }
-    this.gpa = spec.guestPhysAddr;
-    this.uva = spec.userAddr;
-    this.size = spec.size;
-    this.buffer = native.mmap(spec.fd, length, 0, true);
-    this.base = spec.mmapOffset;
-    this.hostAddr = native.addressOf(this.buffer) + this.base;
-    this.bytes = new Uint8Array(this.buffer, this.base, this.size);
+  constructor(spec: RegionSpec, offset: number) {
+    this.gpa = spec.guestPhysAddr + offset;
+    this.uva = spec.userAddr + offset;
+    this.size = Math.min(CHUNK_SIZE + CHUNK_OVERLAP, spec.size - offset);
+    if (spec.mmapOffset % 4096 !== 0) throw new RangeError(`mmap offset ${spec.mmapOffset} is not page aligned`);
+    this.buffer = native.mmap(spec.fd, this.size, spec.mmapOffset + offset, true);
+    this.hostAddr = native.addressOf(this.buffer);
+    this.bytes = new Uint8Array(this.buffer, 0, this.size);
   }
 }
 
 export class GuestMemory {
+  /** every chunk of every region, in region order */
   readonly regions: MappedRegion[];
   private last = 0;
 
   constructor(specs: readonly RegionSpec[]) {
-    this.regions = specs.map((s) => new MappedRegion(s));
+    this.regions = [];
+    for (const s of specs) for (let off = 0; off < s.size; off += CHUNK_SIZE) this.regions.push(new MappedRegion(s, off));
   }
 
-  /** Index of the region holding [gpa, gpa+len), or -1. len must be > 0. */
+  /** Index of the chunk holding [gpa, gpa+len), or -1. len must be > 0. */
   findGpa(gpa: number, len: number): number {
     const rs = this.regions;
     const hint = rs[this.last];

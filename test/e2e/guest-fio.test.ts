@@ -71,9 +71,11 @@ describe(`e2e guest fio against ${backend}`, () => {
     { numQueues: 2, packed: false },
     // qemu-storage-daemon has no packed rings; vubd does.
     ...(backend === "vubd" ? [{ numQueues: 2, packed: true }] : []),
-  ];
-  for (const { numQueues, packed } of cases) {
-    test(`fio verify through vhost-user-blk, num-queues=${numQueues}${packed ? ", packed=on" : ""}`, { skip, timeout: GUEST_TIMEOUT_MS + 120_000 }, async (t) => {
+    // 5 GiB of guest RAM: regions over 4 GiB are mapped in chunks (pc machine: 3 GiB low + 2 GiB high).
+    ...(backend === "vubd" ? [{ numQueues: 2, packed: false, memMiB: 5120 }] : []),
+  ] as { numQueues: number; packed: boolean; memMiB?: number }[];
+  for (const { numQueues, packed, memMiB } of cases) {
+    test(`fio verify through vhost-user-blk, num-queues=${numQueues}${packed ? ", packed=on" : ""}${memMiB ? `, ${memMiB} MiB guest` : ""}`, { skip, timeout: GUEST_TIMEOUT_MS + 120_000 }, async (t) => {
       // Under CI=true a missing prerequisite fails the test instead of skipping it.
       if (problem !== null) assert.fail(problem);
       imageReady ??= ensureGuestImage();
@@ -103,6 +105,7 @@ describe(`e2e guest fio against ${backend}`, () => {
           socketPath,
           numQueues,
           packed,
+          ...(memMiB ? { memMiB } : {}),
           testName: "fio-verify",
           timeoutMs: GUEST_TIMEOUT_MS,
           signal: abort.signal,
@@ -136,6 +139,10 @@ describe(`e2e guest fio against ${backend}`, () => {
           // SeaBIOS drives queue 0 first (split rings, no EVENT_IDX); the kernel's queues start last.
           const kernelStarts = starts.slice(-numQueues);
           assert.ok(kernelStarts.every((l) => l.includes(`"packed":${packed}`)), `queues ran with the wrong ring layout${context()}`);
+          if (memMiB !== undefined && memMiB > 4096) {
+            // QEMU puts RAM above 3 GiB at 4 GiB: a region ending past 4 GiB of its memfd.
+            assert.match(daemon.logs(), /"gpa":4294967296/, `no guest memory region above 4 GiB was mapped${context()}`);
+          }
         }
       } finally {
         // The guest has powered off (or was killed by bootGuest); now the daemon.

@@ -202,8 +202,9 @@ describe('hostile vhost-user messages', () => {
   });
 
   test('SET_MEM_TABLE that cannot be mapped, replacing a valid table', async () => {
-    // mmap_offset puts the region past what vubd maps (4 GiB): refused, and the fds of both the
-    // refused table and the valid table it was meant to replace must be closed.
+    // mmap_offset puts the region past the end of its memfd (mapping it would SIGBUS on the first
+    // access): refused, and the fds of both the refused table and the valid table it was meant to
+    // replace must be closed.
     await refused(/4 GiB|mmap|offset|region|internal|map/i, (fe) => {
       fe.negotiate();
       const t: MemoryRegion[] = fe.ram.table.map((r) => ({ ...r, mmapOffset: 8 * 2 ** 30 }));

@@ -147,7 +147,7 @@ function queue(ring: TestRing, opts: { eventIdx?: boolean; indirect?: boolean; b
 function hostOf(gpa: number): number {
   const i = gpa >= R1.gpa ? 1 : 0;
   const d = i === 1 ? R1 : R0;
-  return native.addressOf(ram.mem.regions[i]!.buffer) + d.mmapOffset + (gpa - d.gpa);
+  return native.addressOf(ram.mem.regions[i]!.buffer) + ram.mem.regions[i]!.base + (gpa - d.gpa);
 }
 
 function segments(c: DescriptorChain): { region: number; offset: number; len: number; host: number }[] {
@@ -160,7 +160,7 @@ describe('GuestMemory', () => {
   test('maps each region at its mmap offset and translates GPA and UVA', () => {
     const [m0, m1] = ram.mem.regions;
     assert.equal(m0!.hostAddr, native.addressOf(m0!.buffer));
-    assert.equal(m1!.hostAddr, native.addressOf(m1!.buffer) + 0x3000);
+    assert.equal(m1!.hostAddr, native.addressOf(m1!.buffer) + m1!.base);
     assert.equal(m1!.bytes.byteLength, MiB);
     // what the driver writes at region offset 5 appears at bytes[5], not at file offset 5
     ram.files[1]![5] = 0x11;
@@ -181,7 +181,7 @@ describe('GuestMemory', () => {
   test('locateUva checks bounds and alignment', () => {
     const at = ram.mem.locateUva(R1.uva + 0x40, 64, 16);
     assert.equal(at.buffer, ram.mem.regions[1]!.buffer);
-    assert.equal(at.byteOffset, 0x3000 + 0x40);
+    assert.equal(at.byteOffset, ram.mem.regions[1]!.base + 0x40);
     assert.throws(() => ram.mem.locateUva(R1.uva + 0x42, 64, 16), RangeError);
     assert.throws(() => ram.mem.locateUva(R0.uva + MiB - 32, 64, 16), RangeError);
     assert.throws(() => ram.mem.locateUva(0x1000, 64, 16), RangeError);
