@@ -10,8 +10,9 @@ import { BrokenQueueError, SplitQueue } from '../virtio/split-queue.js';
 import { PackedQueue } from '../virtio/packed-queue.js';
 import { SplitInflight, inflightQueueBytes } from '../virtio/inflight.js';
 import { BlkRequestHandler, BlkSlot, BlkType } from '../blk/request.js';
-import { buildNode, flushNodeStats, PENDING, type BlockNode, type IoContext } from '../graph/nodes.js';
+import { buildNode, flushNodeStats, PENDING, type BlockNode } from '../graph/nodes.js';
 import { createEngine, type IoEngine } from '../graph/io-engine.js';
+import { WorkerIoContext } from './io-context.js';
 import type { InflightRegion, VringSetup } from '../protocol/backend.js';
 import { QueueState, StatIndex, type FromWorker, type ToWorker, type WorkerInit } from './messages.js';
 
@@ -22,30 +23,6 @@ const BATCH = 64;
 const CHUNK = 8;
 /** requests started before control messages and timers are looked at again */
 const ROUND = 256;
-
-interface Timer {
-  due: bigint;
-  fn: () => void;
-}
-
-/** What nodes get to run requests: the engine is a plain field (the hot path reads it per request). */
-class WorkerIoContext implements IoContext {
-  engine: IoEngine = null as unknown as IoEngine; // set before the first request starts
-  constructor(
-    private readonly timers: Timer[],
-    private readonly conts: ((res: number) => number)[][],
-  ) {}
-  defer(_tag: number, delayNs: number, fn: () => void): void {
-    const due = process.hrtime.bigint() + BigInt(Math.ceil(delayNs));
-    const t = this.timers;
-    let i = t.length;
-    while (i > 0 && t[i - 1]!.due > due) i--;
-    t.splice(i, 0, { due, fn });
-  }
-  then(tag: number, next: (res: number) => number): void {
-    (this.conts[tag] ??= []).push(next);
-  }
-}
 
 class QueueWorker {
   private readonly init: WorkerInit;
@@ -72,9 +49,9 @@ class QueueWorker {
   private needNotify = false;
   private readonly completions = new Float64Array(2 * BATCH);
   /** per tag: continuations registered by nodes (IoContext.then), innermost last */
-  private readonly conts: ((res: number) => number)[][] = [];
+
   /** deferred starts (IoContext.defer), sorted by due time */
-  private readonly timers: Timer[] = [];
+
   /** graph generation of the node tree in use; requests remember the one they started under */
   private generation = 0;
   private readonly ctx: WorkerIoContext;
@@ -97,25 +74,7 @@ class QueueWorker {
     this.generation = init.generation;
     this.pollMaxMs = Math.max(0, init.pollUs) / 1000;
     this.pollMs = this.pollMaxMs;
-    this.ctx = new WorkerIoContext(this.timers, this.conts);
-  }
-
-  /** Runs deferred starts that are due; returns true if any ran. */
-  private runTimers(): boolean {
-    if (this.timers.length === 0) return false;
-    const now = process.hrtime.bigint();
-    let ran = false;
-    while (this.timers.length > 0 && this.timers[0]!.due <= now) {
-      this.timers.shift()!.fn();
-      ran = true;
-    }
-    return ran;
-  }
-
-  private sleepTimeoutMs(): number {
-    if (this.timers.length === 0) return -1;
-    const ns = this.timers[0]!.due - process.hrtime.bigint();
-    return ns <= 0n ? 0 : Math.ceil(Number(ns) / 1e6);
+    this.ctx = new WorkerIoContext();
   }
 
   private post(m: FromWorker): void {
@@ -143,7 +102,7 @@ class QueueWorker {
     for (;;) {
       this.handleControl();
       if (this.exiting) break;
-      let progressed = this.runTimers();
+      let progressed = this.ctx.runDueTimers();
       progressed = this.serviceRound() || progressed;
       this.finishStopOrDrain();
       if (progressed) continue;
@@ -196,7 +155,7 @@ class QueueWorker {
       if (this.inFlight > 0 && this.engine !== null && this.engine.pollFd >= 0 && this.reap()) break;
       if ((++spins & 7) === 0) {
         if (this.handleControl()) break;
-        if (this.timers.length > 0 && this.timers[0]!.due <= process.hrtime.bigint()) break;
+        if (this.ctx.hasDueTimer()) break;
         if (performance.now() >= until) {
           // Nothing came within the window: halve it (it regrows after short sleeps).
           this.pollMs = this.pollMs / 2 < 0.001 ? 0.001 : this.pollMs / 2;
@@ -223,11 +182,11 @@ class QueueWorker {
     if (io >= 0) fds[n++] = io;
     if (this.pollMaxMs > 0) {
       const t0 = performance.now();
-      native.pollWait(fds, n, this.revents, this.sleepTimeoutMs());
+      native.pollWait(fds, n, this.revents, this.ctx.msToNextTimer());
       // A sleep shorter than the longest window would have been caught by polling: grow it.
       if (performance.now() - t0 < this.pollMaxMs) this.pollMs = Math.min(this.pollMaxMs, this.pollMs * 2);
     } else {
-      native.pollWait(fds, n, this.revents, this.sleepTimeoutMs());
+      native.pollWait(fds, n, this.revents, this.ctx.msToNextTimer());
     }
     for (let i = 0; i < n; i++) {
       if ((this.revents[i]! & POLLIN) === 0) continue;
@@ -319,11 +278,8 @@ class QueueWorker {
 
   private completeOne(tag: number, res: number): void {
     const slot = this.slots[tag]!;
-    const stack = this.conts[tag];
-    while (stack !== undefined && stack.length > 0) {
-      res = stack.pop()!(res);
-      if (res === PENDING) return; // the node issued its next operation
-    }
+    res = this.ctx.runContinuations(tag, res);
+    if (res === PENDING) return; // a node issued its next operation for this request
     const used = this.handler.complete(slot, res, this.ctx);
     if (used < 0) return; // another phase is running
     const acc = this.acc;

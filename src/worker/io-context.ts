@@ -1,0 +1,63 @@
+// What block nodes use to run a request inside a queue worker: the I/O engine, deferred starts
+// (throttling) and continuations (a node chaining a second operation, as the mirror does).
+import { PENDING, type IoContext } from '../graph/nodes.js';
+import type { IoEngine } from '../graph/io-engine.js';
+
+interface Timer {
+  due: bigint;
+  fn: () => void;
+}
+
+export class WorkerIoContext implements IoContext {
+  /** a plain field: the hot path reads it per request */
+  engine: IoEngine = null as unknown as IoEngine; // set before the first request starts
+  /** deferred starts, sorted by due time */
+  private readonly timers: Timer[] = [];
+  /** per tag: continuations registered by nodes, innermost last */
+  private readonly conts: ((res: number) => number)[][] = [];
+
+  defer(_tag: number, delayNs: number, fn: () => void): void {
+    const due = process.hrtime.bigint() + BigInt(Math.ceil(delayNs));
+    const t = this.timers;
+    let i = t.length;
+    while (i > 0 && t[i - 1]!.due > due) i--;
+    t.splice(i, 0, { due, fn });
+  }
+
+  then(tag: number, next: (res: number) => number): void {
+    (this.conts[tag] ??= []).push(next);
+  }
+
+  /** Feeds a completion through the tag's continuations: the request's result, or PENDING. */
+  runContinuations(tag: number, res: number): number {
+    const stack = this.conts[tag];
+    while (stack !== undefined && stack.length > 0) {
+      res = stack.pop()!(res);
+      if (res === PENDING) return PENDING;
+    }
+    return res;
+  }
+
+  /** Runs deferred starts that are due; returns true if any ran. */
+  runDueTimers(): boolean {
+    if (this.timers.length === 0) return false;
+    const now = process.hrtime.bigint();
+    let ran = false;
+    while (this.timers.length > 0 && this.timers[0]!.due <= now) {
+      this.timers.shift()!.fn();
+      ran = true;
+    }
+    return ran;
+  }
+
+  hasDueTimer(): boolean {
+    return this.timers.length > 0 && this.timers[0]!.due <= process.hrtime.bigint();
+  }
+
+  /** poll(2) timeout until the next deferred start: -1 when there is none */
+  msToNextTimer(): number {
+    if (this.timers.length === 0) return -1;
+    const ns = this.timers[0]!.due - process.hrtime.bigint();
+    return ns <= 0n ? 0 : Math.ceil(Number(ns) / 1e6);
+  }
+}
