@@ -522,6 +522,11 @@ export class Frontend {
     return ring;
   }
 
+  /** Re-sends a ring's setup at `base`, as QEMU does when it restarts a stopped ring; newFds as after a reconnect. */
+  restartRing(ring: DriverRing, base: number, newFds: boolean): void {
+    this.startRing(ring, ring.index, ring.size, newFds, base);
+  }
+
   /** QEMU's per-ring start sequence; a restarted ring gets new eventfds like after a reconnect. */
   private startRing(ring: DriverRing, index: number, size: number, restart: boolean, base: number): void {
     this.send(Request.SET_VRING_NUM, vringStatePayload(index, size));

@@ -8,7 +8,6 @@ import path from 'node:path';
 import { Frontend, SplitRing, BLK, REGION_SIZE } from '../helpers/frontend.js';
 import { startDaemon, sleep, type Daemon } from '../helpers/daemon.js';
 import { Request } from '../../src/protocol/constants.js';
-import { u64Payload, vringAddrPayload, vringStatePayload } from '../../src/protocol/codec.js';
 import { pattern, openSession, closeSession } from '../helpers/sessions.js';
 
 const MiB = 2 ** 20;
@@ -56,19 +55,6 @@ function statusByte(fe: Frontend, region = 0): number {
   return g;
 }
 
-/** Re-sends a ring's setup (same guest memory), as QEMU does when it restarts a stopped ring. */
-function resetup(fe: Frontend, ring: SplitRing, base: number): void {
-  const i = ring.index;
-  fe.send(Request.SET_VRING_NUM, vringStatePayload(i, ring.size));
-  fe.send(Request.SET_VRING_BASE, vringStatePayload(i, base));
-  fe.send(
-    Request.SET_VRING_ADDR,
-    vringAddrPayload({ index: i, flags: 0, descUserAddr: fe.ram.uva(ring.desc), usedUserAddr: fe.ram.uva(ring.used), availUserAddr: fe.ram.uva(ring.avail), logGuestAddr: 0 }),
-  );
-  fe.send(Request.SET_VRING_KICK, u64Payload(i), [ring.kickFd]);
-  fe.send(Request.SET_VRING_CALL, u64Payload(i), [ring.callFd]);
-  assert.equal(fe.ack(Request.SET_VRING_ENABLE, vringStatePayload(i, 1)), 0n);
-}
 
 describe('hostile descriptor chains and ring indices', () => {
   let d: Daemon;
@@ -377,7 +363,7 @@ describe('broken chains do not leak request slots', () => {
         await d.waitForLog(() => brokenCount(d, 0) > before, 3000);
         const base = fe.getVringBase(0);
         assert.equal(base, ring.availIdx, 'the looping head was consumed');
-        resetup(fe, ring, base);
+        fe.restartRing(ring, base, false);
         let status = -1;
         try {
           const r = fe.run(ring, BLK.FLUSH, 0, 0);

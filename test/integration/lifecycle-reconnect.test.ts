@@ -9,7 +9,7 @@ import { Frontend, SplitRing, BLK } from '../helpers/frontend.js';
 import { startDaemon, sleep, tempDir, vubdMain, type Daemon } from '../helpers/daemon.js';
 import { native } from '../../src/native/index.js';
 import { F, PF, Request, hasBit } from '../../src/protocol/constants.js';
-import { memTablePayload, u64Payload, vringAddrPayload, vringStatePayload } from '../../src/protocol/codec.js';
+import { memTablePayload } from '../../src/protocol/codec.js';
 import { pattern, makeImage, openSession, closeSession } from '../helpers/sessions.js';
 
 const MiB = 2 ** 20;
@@ -39,18 +39,6 @@ async function freshSessionWorks(d: Daemon, seed: number): Promise<void> {
   }
 }
 
-function resetup(fe: Frontend, ring: SplitRing, base: number): void {
-  const i = ring.index;
-  fe.send(Request.SET_VRING_NUM, vringStatePayload(i, ring.size));
-  fe.send(Request.SET_VRING_BASE, vringStatePayload(i, base));
-  fe.send(
-    Request.SET_VRING_ADDR,
-    vringAddrPayload({ index: i, flags: 0, descUserAddr: fe.ram.uva(ring.desc), usedUserAddr: fe.ram.uva(ring.used), availUserAddr: fe.ram.uva(ring.avail), logGuestAddr: 0 }),
-  );
-  fe.send(Request.SET_VRING_KICK, u64Payload(i), [ring.kickFd]);
-  fe.send(Request.SET_VRING_CALL, u64Payload(i), [ring.callFd]);
-  assert.equal(fe.ack(Request.SET_VRING_ENABLE, vringStatePayload(i, 1)), 0n);
-}
 
 function errorsLogged(d: Daemon): Record<string, unknown>[] {
   return d.logRecords().filter((r) => typeof r.level === 'number' && r.level >= 50);
@@ -145,7 +133,7 @@ describe('reconnects and ring lifecycle', () => {
       q.kick();
       await sleep(200);
       assert.equal(q.usedIdx(), 10, 'a stopped ring is not processed');
-      resetup(fe, q, base);
+      fe.restartRing(q, base, false);
       q.kick();
       const done = q.waitFor(1);
       assert.equal(done[0]!.head, w.head);
@@ -169,7 +157,7 @@ describe('reconnects and ring lifecycle', () => {
       const base = fe.getVringBase(0);
       assert.ok(base <= 64);
       assert.equal(q.usedIdx(), base, 'every popped request completed before the reply');
-      resetup(fe, q, base);
+      fe.restartRing(q, base, false);
       q.kick();
       const done = [...q.collect(), ...q.waitFor(64 - base)];
       assert.equal(done.length, 64);
