@@ -124,6 +124,13 @@ async function main(): Promise<number> {
     logger('export'),
   );
   graph.attach(exp);
+  try {
+    await exp.ready();
+  } catch (e) {
+    console.error(`vubd: cannot start the queue workers: ${(e as Error).message}`);
+    await exp.close();
+    return 1;
+  }
 
   let qmp: QmpServer | null = null;
   let stop: (signal: string) => void = () => {};

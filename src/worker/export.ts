@@ -71,6 +71,22 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     );
   }
 
+  /**
+   * Resolves once every queue worker runs its loop (threads are made ahead of time, and a
+   * worker that cannot start is a start-up failure, not a first-request failure).
+   */
+  async ready(timeoutMs = 10000): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`queue workers did not start within ${timeoutMs} ms`)), timeoutMs);
+    });
+    try {
+      await Promise.race([Promise.all(this.workers.map((w) => w.request({ type: 'ready' }))), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   get nodeSpec(): NodeSpec {
     return this.node;
   }

@@ -20,6 +20,8 @@ export interface WorkerInit {
 }
 
 export type ToWorker =
+  /** answered once the worker's loop runs: start-up waits for every worker before listening */
+  | { type: 'ready'; seq: number }
   | { type: 'memtable'; seq: number; regions: RegionSpec[] }
   | { type: 'configure'; seq: number; setup: VringSetup }
   | { type: 'inflight'; seq: number; region: InflightRegion | null }

@@ -387,6 +387,9 @@ class QueueWorker {
 
   private apply(m: ToWorker): void {
     switch (m.type) {
+      case 'ready':
+        this.post({ type: 'ack', seq: m.seq });
+        return;
       case 'memtable': {
         this.publish();
         this.memory = m.regions.length > 0 ? new GuestMemory(m.regions) : null;
