@@ -96,9 +96,9 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
   const jobs = new Map<string, MirrorJob>();
   const events: JobEvents = {
     statusChanged: (j) => ctx.emit('JOB_STATUS_CHANGE', { id: j.id, status: j.status }),
-    ready: (j) => ctx.emit('BLOCK_JOB_READY', { type: 'mirror', device: j.id, len: j.total, offset: j.offset, speed: 0 }),
+    ready: (j) => ctx.emit('BLOCK_JOB_READY', { type: 'mirror', device: j.id, len: j.total, offset: j.offset, speed: j.speed }),
     completed: (j, error) => {
-      const data = { type: 'mirror', device: j.id, len: j.total, offset: j.offset, speed: 0 };
+      const data = { type: 'mirror', device: j.id, len: j.total, offset: j.offset, speed: j.speed };
       if (error === 'cancelled') ctx.emit('BLOCK_JOB_CANCELLED', data);
       else ctx.emit('BLOCK_JOB_COMPLETED', error ? { ...data, error } : data);
     },
@@ -235,7 +235,9 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
           if (sync !== 'full') throw new QmpError('GenericError', `sync mode '${sync}' is not supported (use 'full')`);
           const source = resolveDevice(str(a, 'device'));
           const target = str(a, 'target');
+          const speed = a['speed'] === undefined ? 0 : num(a, 'speed');
           const j = new MirrorJob(id, source, target, graph, events);
+          j.speed = speed;
           jobs.set(id, j);
           try {
             await j.start();
@@ -255,8 +257,18 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
           status: j.status,
           'current-progress': j.offset,
           'total-progress': j.total,
+          speed: j.speed,
           ...(j.error ? { error: j.error } : {}),
         })),
+    ],
+    [
+      'block-job-set-speed',
+      (a) =>
+        guard(() => {
+          const j = job({ id: a['device'] });
+          j.speed = num(a, 'speed');
+          return {};
+        }),
     ],
     ['job-complete', (a) => guard(async () => (await job(a).complete(), {}))],
     ['job-cancel', (a) => guard(async () => (await job(a).cancel(), {}))],

@@ -37,6 +37,8 @@ export class MirrorJob {
   total = 0;
   error: string | null = null;
   readonly filterName: string;
+  /** background copy rate limit in bytes per second (QEMU's `speed`); 0 = as fast as it goes */
+  speed = 0;
   private cancelled = false;
   private chunks: Int32Array | null = null;
   private readonly buf = new ArrayBuffer(CHUNK);
@@ -93,6 +95,10 @@ export class MirrorJob {
     const src = leafFile(snap, this.source);
     const dst = leafFile(snap, this.target)!;
     const chunks = this.chunks!;
+    // Rate limiting: bytes copied since the window began; the window restarts when the speed changes.
+    let windowStart = Date.now();
+    let windowBytes = 0;
+    let windowSpeed = this.speed;
     for (let c = 0; c < chunks.length; c++) {
       if (this.cancelled) return;
       const off = c * CHUNK;
@@ -109,7 +115,22 @@ export class MirrorJob {
         if (attempt > 1000) throw new Error(`chunk ${c} keeps changing under the copy`);
       }
       this.offset = off + len;
-      if (c % 8 === 7) await new Promise((r) => setImmediate(r)); // keep the main loop responsive
+      if (this.speed !== windowSpeed) {
+        windowStart = Date.now();
+        windowBytes = 0;
+        windowSpeed = this.speed;
+      }
+      windowBytes += len;
+      // Ahead of the allowed rate: wait, in steps short enough to notice a cancel or a new speed.
+      let waited = false;
+      for (;;) {
+        if (this.cancelled || this.speed !== windowSpeed || windowSpeed === 0) break;
+        const aheadMs = (windowBytes / windowSpeed) * 1000 - (Date.now() - windowStart);
+        if (aheadMs <= 0) break;
+        await new Promise((r) => setTimeout(r, Math.min(aheadMs, 200)));
+        waited = true;
+      }
+      if (!waited && c % 8 === 7) await new Promise((r) => setImmediate(r)); // keep the main loop responsive
     }
     if (this.cancelled) return;
     native.fsync(dst.fd, true);

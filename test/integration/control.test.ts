@@ -204,4 +204,31 @@ describe('control socket', () => {
     fe.close();
     qmp.close();
   });
+  test('blockdev-mirror speed limits the copy; block-job-set-speed lifts it', { timeout: 30000 }, async () => {
+    const qmp = await QmpClient.connect(control);
+    const target = path.join(dir, 'mirror-target.img');
+    fs.writeFileSync(target, '');
+    fs.truncateSync(target, 16 * MiB);
+    await qmp.execute('blockdev-add', { driver: 'file', 'node-name': 'slow0', filename: target });
+    const isJob = (e: { data: Record<string, unknown> }): boolean => e.data['device'] === 'slow';
+    const ready = qmp.waitEvent('BLOCK_JOB_READY', isJob, 20000);
+    const t0 = performance.now();
+    // 16 MiB at 4 MiB/s: READY after ~4 s if the limit holds, well under 1 s without it.
+    await qmp.execute('blockdev-mirror', { 'job-id': 'slow', device: 'file0', target: 'slow0', sync: 'full', speed: 4 * MiB });
+    await new Promise((r) => setTimeout(r, 1000));
+    const [j] = (await qmp.execute('query-jobs')) as { id: string; status: string; speed: number; 'current-progress': number }[];
+    assert.equal(j!.status, 'running');
+    assert.equal(j!.speed, 4 * MiB);
+    assert.ok(j!['current-progress'] <= 7 * MiB, `copied ${j!['current-progress']} bytes in 1 s at 4 MiB/s`);
+    await assert.rejects(qmp.execute('block-job-set-speed', { device: 'slow', speed: -1 }), /non-negative integer/);
+    await qmp.execute('block-job-set-speed', { device: 'slow', speed: 0 });
+    const ev = await ready;
+    const ms = performance.now() - t0;
+    assert.ok(ms < 3500, `unlimited after 1 s, READY still took ${ms.toFixed(0)} ms`);
+    assert.equal(ev.data['speed'], 0);
+    await qmp.execute('job-cancel', { id: 'slow' });
+    await qmp.execute('job-dismiss', { id: 'slow' });
+    await qmp.execute('blockdev-del', { 'node-name': 'slow0' });
+    qmp.close();
+  });
 });
