@@ -20,7 +20,10 @@ Commands (QMP command in brackets):
   resize NODE SIZE                   grow NODE; the guest sees the new size     [block_resize]
   throttle NODE|EXPORT [K=V...]      set limits: iops, iops_rd, iops_wr, bps, bps_rd, bps_wr and
                                      their _max bursts; 0 = unlimited           [block_set_io_throttle]
-  mirror JOB SOURCE TARGET           copy SOURCE (node or export) to node TARGET [blockdev-mirror]
+  mirror JOB SOURCE TARGET [SPEED]   copy SOURCE (node or export) to node TARGET, at most
+                                     SPEED bytes/s (e.g. 100M; default unlimited) [blockdev-mirror]
+  speed JOB SPEED                    change a running mirror's copy rate (0 = unlimited)
+                                                                                [block-job-set-speed]
   complete JOB                       pivot a ready mirror to its target         [job-complete]
   cancel JOB                         stop a job and keep the source             [job-cancel]
   watch                              print events until interrupted
@@ -120,7 +123,17 @@ async function main(argv: string[]): Promise<number> {
         break;
       case 'mirror':
         need(3);
-        out = await run('blockdev-mirror', { 'job-id': args[0], device: args[1], target: args[2], sync: 'full' });
+        out = await run('blockdev-mirror', {
+          'job-id': args[0],
+          device: args[1],
+          target: args[2],
+          sync: 'full',
+          ...(args[3] !== undefined ? { speed: parseSize(args[3]) } : {}),
+        });
+        break;
+      case 'speed':
+        need(2);
+        out = await run('block-job-set-speed', { device: args[0], speed: args[1] === '0' ? 0 : parseSize(args[1]!) });
         break;
       case 'complete':
         need(1);
