@@ -611,6 +611,9 @@ static void *queue_thread_packed(void *arg) {
         q->p_used += s->ndesc;
         if (q->p_used >= q->qsize) { q->p_used -= q->qsize; q->p_used_wrap ^= 1; }
         q->inflight--;
+        // A descriptor resubmitted earlier in this loop is visible to the device at once and may be
+        // used already: its completion time is later than the one read before the loop.
+        if (s->t_submit > t) t = now_ns();
         account(q, s, len, expect_len, t);
         if (!stopping) submit_packed(q, id);
       } while (used_ready_packed(q));
