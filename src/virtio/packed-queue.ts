@@ -31,7 +31,8 @@ export function encodePackedBase(lastAvail: number, availWrap: boolean, usedIdx:
 
 export class PackedQueue {
   readonly size: number;
-  private readonly ring: DataView;
+  /** the ring as 32-bit words (addr lo/hi, len) and 16-bit halves (id, flags) */
+  private readonly ring32: Uint32Array;
   private readonly flags16: Uint16Array;
   private readonly driverEvent: Uint16Array;
   private readonly deviceEvent: Uint16Array;
@@ -58,7 +59,7 @@ export class PackedQueue {
     if (q === 0 || q > 0x8000) throw new RangeError(`packed queue size ${q} out of range`);
     this.size = q;
     const r = memory.locateUva(layout.descAddr, 16 * q, 16);
-    this.ring = new DataView(r.buffer, r.byteOffset, 16 * q);
+    this.ring32 = new Uint32Array(r.buffer, r.byteOffset, 4 * q);
     this.flags16 = new Uint16Array(r.buffer, r.byteOffset, 8 * q);
     const d = memory.locateUva(layout.driverAddr, 4, 4);
     this.driverEvent = new Uint16Array(d.buffer, d.byteOffset, 2);
@@ -107,12 +108,12 @@ export class PackedQueue {
     for (;;) {
       if (descs >= q) throw new BrokenQueueError('packed descriptor chain longer than the ring');
       if (descs > 0 && !this.isAvailAt(i, wrap)) throw new BrokenQueueError('packed chain continues into a descriptor that is not available');
-      const o = 16 * i;
-      const lo = this.ring.getUint32(o, true);
-      const hi = this.ring.getUint32(o + 4, true);
-      const len = this.ring.getUint32(o + 8, true);
-      id = this.ring.getUint16(o + 12, true);
-      const flags = this.ring.getUint16(o + 14, true);
+      const w = 4 * i;
+      const lo = this.ring32[w]!;
+      const hi = this.ring32[w + 1]!;
+      const len = this.ring32[w + 2]!;
+      id = this.flags16[2 * w + 6]!;
+      const flags = this.flags16[2 * w + 7]!;
       descs++;
       if (++i === q) {
         i = 0;
@@ -159,9 +160,9 @@ export class PackedQueue {
    * (flags last, with a sequentially consistent store), then skips the chain's descriptor count.
    */
   putUsed(id: number, len: number, descs: number): void {
-    const o = 16 * this.usedIdx;
-    this.ring.setUint32(o + 8, len, true);
-    this.ring.setUint16(o + 12, id, true);
+    const w = 4 * this.usedIdx;
+    this.ring32[w + 2] = len;
+    this.flags16[2 * w + 6] = id;
     const f = this.usedWrap ? PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED : 0;
     Atomics.store(this.flags16, 8 * this.usedIdx + 7, f);
     this.usedSince++;

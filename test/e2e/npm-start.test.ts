@@ -106,7 +106,8 @@ test("the QEMU command line vubd --default prints boots a guest that sees and wr
       'while [ ! -b /dev/vda ]; do sleep 0.1; done; echo "VUBD-""SIZE $(cat /sys/block/vda/size)"; ' +
         'printf "written-by-the-npm-start-guest" | dd of=/dev/vda bs=512 seek=2048 conv=sync oflag=direct 2>/dev/null && echo "VUBD-""WROTE ok"\n',
     );
-    const size = await wait(/^VUBD-SIZE (\d+)/m, "guest disk size");
+    // Up to the line end: output arrives in chunks, and a chunk may end inside the number.
+    const size = await wait(/^VUBD-SIZE (\d+)\r?\n/m, "guest disk size");
     assert.equal(Number(size[1]) * 512, DEFAULT_IMAGE_BYTES, "the guest sees the default image's size");
     await wait(/^VUBD-WROTE ok/m, "guest write");
     qemu.stdin!.write("poweroff -f\n");

@@ -156,11 +156,10 @@ describe('packed virtqueue', () => {
       assert.equal(chain.error, ChainError.BAD_ADDRESS);
     }
     {
-      const { queue, add } = setup(8);
+      const { queue, add, dv } = setup(8);
       add(1, [{ addr: DATA, len: 16 }]);
       // The next slot is not available: a NEXT into it is ring damage.
-      const { dv } = { dv: (queue as unknown as { ring: DataView }).ring };
-      dv.setUint16(14, NEXT | AVAIL, true);
+      dv.setUint16(RING + 14, NEXT | AVAIL, true);
       assert.throws(() => queue.pop(chain), BrokenQueueError);
     }
   });
