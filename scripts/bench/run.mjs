@@ -17,6 +17,7 @@
 //                (packed rows: vubd only, loadgen --packed; their ratio columns are vubd packed ÷ vubd split)
 //   --img PATH   raw image for the file rows (default /var/tmp/vubd-bench-1g.img; created once, 1 GiB)
 //   --repeat N   run every row N times (fresh backend each time) and report the run with the median IOPS
+//   --vubd-args 'ARGS'  extra vubd options for every vubd run, e.g. '--poll-us=20' (shown in the header)
 //
 // The backend is started fresh for every row. Backend CPU time comes from /proc/PID/stat (utime+stime,
 // all threads) sampled over the measured window; RSS is VmRSS at the end of the run.
@@ -40,7 +41,7 @@ const GiB = 2 ** 30;
 function parseArgs(argv) {
   const o = {
     time: 10, quick: process.env.BENCH_QUICK === '1', wait: 'eventfd', pin: false, write: false, rss60: false,
-    backends: ['vubd', 'qsd'], rows: null, img: '/var/tmp/vubd-bench-1g.img', repeat: 1,
+    backends: ['vubd', 'qsd'], rows: null, img: '/var/tmp/vubd-bench-1g.img', repeat: 1, vubdArgs: [],
   };
   let timeGiven = false;
   for (let i = 0; i < argv.length; i++) {
@@ -58,8 +59,9 @@ function parseArgs(argv) {
       case '--rows': o.rows = val().split(','); break;
       case '--img': o.img = val(); break;
       case '--repeat': o.repeat = Number(val()); break;
+      case '--vubd-args': o.vubdArgs = val().split(/\s+/).filter(Boolean); break;
       case '-h': case '--help':
-        console.log(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n').slice(1, 21).join('\n'));
+        console.log(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n').slice(1, 22).join('\n'));
         process.exit(0);
       default: throw new Error(`unknown option ${a}`);
     }
@@ -121,11 +123,14 @@ function procStatus(pid, key) {
   return m ? Number(m[1]) / 1024 : NaN; // MiB
 }
 
+/** extra vubd options (--vubd-args) */
+let VUBD_ARGS = [];
+
 function backendArgv(backend, disk, sock, img, numQueues = 2) {
   if (backend === 'vubd') {
     const a = ['node', path.join(ROOT, 'dist/src/cli/main.js'), `--socket-path=${sock}`];
     if (disk === 'null') a.push('--blk-driver=null', '--size=8G'); else a.push(`--blk-file=${img}`);
-    a.push(`--num-queues=${numQueues}`, '--log-level=warn');
+    a.push(`--num-queues=${numQueues}`, '--log-level=warn', ...VUBD_ARGS);
     return a;
   }
   const exp = (node) => `type=vhost-user-blk,id=e0,node-name=${node},addr.type=unix,addr.path=${sock},writable=on,num-queues=${numQueues}`;
@@ -331,7 +336,7 @@ function table(results, opts, extras) {
   out.push(`# vubd benchmark (latest)`);
   out.push('');
   out.push(`${new Date().toISOString()} · ${os.cpus().length} CPUs (${os.cpus()[0]?.model ?? '?'}) · Node ${process.version} · ` +
-    `${opts.time} s per row (+${opts.ramp} s ramp)${opts.repeat > 1 ? `, median IOPS of ${opts.repeat} runs` : ''} · loadgen wait=${opts.wait} · ${opts.pin ? 'pinned: backend CPU 1, loadgen CPU 0' : 'not pinned'}`);
+    `${opts.time} s per row (+${opts.ramp} s ramp)${opts.repeat > 1 ? `, median IOPS of ${opts.repeat} runs` : ''} · loadgen wait=${opts.wait}${opts.vubdArgs.length ? ` · vubd ${opts.vubdArgs.join(' ')}` : ''} · ${opts.pin ? 'pinned: backend CPU 1, loadgen CPU 0' : 'not pinned'}`);
   out.push('');
   out.push('Load generator: `scripts/bench/loadgen.c` (vhost-user front-end, split rings or packed rings for "packed" rows, EVENT_IDX, indirect descriptors for >3-descriptor requests, 2 memfd regions). ' +
     'CPU % = backend utime+stime over the measured window (100 % = one core). Ratios: vubd ÷ QSD (IOPS/CPU-s higher is better; p50 lower is better); ' +
@@ -346,6 +351,7 @@ function table(results, opts, extras) {
 // ---------------------------------------------------------------- main
 async function main() {
   const opts = parseArgs(process.argv.slice(2));
+  VUBD_ARGS = opts.vubdArgs;
   ensureLoadgen();
   fs.mkdirSync(LOGS, { recursive: true });
   if (opts.backends.includes('vubd') && !fs.existsSync(path.join(ROOT, 'dist/src/cli/main.js'))) throw new Error('dist/src/cli/main.js missing: run npm run build');

@@ -160,7 +160,9 @@ export class QmpServer {
     try {
       const ret = await handler((m.arguments ?? {}) as Record<string, unknown>);
       send({ return: ret ?? {}, ...id });
-      this.log.info({ command: m.execute }, 'QMP command done');
+      // Monitoring polls query-* all the time: only changes are worth an info line.
+      const level = /^(x-)?query-/.test(m.execute) ? 'debug' : 'info';
+      this.log[level]({ command: m.execute }, 'QMP command done');
     } catch (e) {
       const err = e as Error;
       const cls = e instanceof QmpError ? e.errorClass : 'GenericError';
