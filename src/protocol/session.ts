@@ -326,10 +326,14 @@ export class Session {
         if (m.inflight.mmapSize < numQueues * perQueue || m.inflight.mmapOffset % 4096 !== 0) {
           throw new ProtocolError(`SET_INFLIGHT_FD: region of ${m.inflight.mmapSize} bytes at ${m.inflight.mmapOffset} is too small or misaligned`);
         }
+        checkFileCovers(fds[0]!, m.inflight.mmapOffset, m.inflight.mmapSize, 'inflight region');
         const old = this.inflight;
         this.inflight = { fd: fds[0]!, mmapSize: m.inflight.mmapSize, mmapOffset: m.inflight.mmapOffset, numQueues, queueSize };
-        await b.setInflight(this.inflight);
-        if (old) native.close(old.fd);
+        try {
+          await b.setInflight(this.inflight);
+        } finally {
+          if (old) native.close(old.fd); // workers keep their mappings, not the fd; the old region is no longer ours
+        }
         return true;
       }
     }
@@ -415,17 +419,22 @@ export class Session {
  * kill the daemon with SIGBUS.
  */
 function checkRegionFile(r: RegionWithFd): void {
-  let size: number;
+  checkFileCovers(r.fd, r.mmapOffset, r.size, 'memory region');
+}
+
+/** Refuses an fd that is not a regular file holding [offset, offset + size) (memfd, hugetlbfs, shm, tmpfile). */
+function checkFileCovers(fd: number, offset: number, size: number, what: string): void {
+  let fileSize: number;
   try {
-    const st = fs.fstatSync(r.fd);
-    if (!st.isFile()) throw new ProtocolError(`memory region fd is not a regular file (memfd, hugetlbfs or shm expected)`);
-    size = st.size;
+    const st = fs.fstatSync(fd);
+    if (!st.isFile()) throw new ProtocolError(`${what} fd is not a regular file (memfd, hugetlbfs or shm expected)`);
+    fileSize = st.size;
   } catch (e) {
     if (e instanceof ProtocolError) throw e;
-    throw new ProtocolError(`memory region fd cannot be examined: ${(e as Error).message}`);
+    throw new ProtocolError(`${what} fd cannot be examined: ${(e as Error).message}`);
   }
-  if (r.mmapOffset + r.size > size) {
-    throw new ProtocolError(`memory region [${r.mmapOffset}, ${r.mmapOffset + r.size}) lies beyond the end of its ${size}-byte file`);
+  if (offset + size > fileSize) {
+    throw new ProtocolError(`${what} [${offset}, ${offset + size}) lies beyond the end of its ${fileSize}-byte file`);
   }
 }
 

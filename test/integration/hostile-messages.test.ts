@@ -7,7 +7,8 @@ import path from 'node:path';
 import { Frontend, SplitRing, BLK, REGION_SIZE } from '../helpers/frontend.js';
 import { startDaemon, sleep, type Daemon } from '../helpers/daemon.js';
 import { native } from '../../src/native/index.js';
-import { FLAG_VERSION, HEADER_SIZE, Request, bit } from '../../src/protocol/constants.js';
+import { F, FLAG_VERSION, HEADER_SIZE, PF, Request, bit } from '../../src/protocol/constants.js';
+import { inflightQueueBytes } from '../../src/virtio/inflight.js';
 import {
   configPayload,
   encodeMessage,
@@ -325,6 +326,34 @@ describe('hostile vhost-user messages', () => {
         [native.memfdCreate('inflight', 4096)],
       );
     });
+  });
+
+  test('SET_INFLIGHT_FD whose region reaches past the end of its file, then a ring start (found by protocol-fuzz)', async () => {
+    // Mapping it succeeds; the worker's first touch of the missing page (inflight recovery when
+    // queue 1 starts) would kill the daemon with SIGBUS.
+    const perQueue = inflightQueueBytes(128);
+    const variants = [
+      { name: 'file shorter than mmap_size', fileSize: 4096, mmapOffset: 0 },
+      { name: 'mmap_offset past the end', fileSize: 2 * perQueue, mmapOffset: 4096 },
+    ];
+    for (const v of variants) {
+      await refused(/inflight region.*beyond the end/i, (fe) => {
+        const offered = fe.callU64(Request.GET_FEATURES);
+        const pf = fe.callU64(Request.GET_PROTOCOL_FEATURES);
+        fe.send(Request.SET_PROTOCOL_FEATURES, u64Payload(pf & (bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.INFLIGHT_SHMFD))));
+        fe.features = offered & ~bit(F.RING_PACKED);
+        fe.send(Request.SET_FEATURES, u64Payload(fe.features));
+        assert.equal(fe.ack(Request.SET_MEM_TABLE, memTablePayload(fe.ram.table), fe.ram.regions.map((r) => r.fd)), 0n);
+        const fd = native.memfdCreate('inflight', v.fileSize);
+        const p = inflightPayload({ mmapSize: 2 * perQueue, mmapOffset: v.mmapOffset, numQueues: NUM_QUEUES, queueSize: 128 });
+        sendAndClose(fe, Request.SET_INFLIGHT_FD, p, [fd]);
+        try {
+          fe.setupRing(1, 128); // before the fix: SIGBUS in queue 1's worker
+        } catch {
+          /* the backend closed the connection */
+        }
+      });
+    }
   });
 
   test('ring addresses outside guest memory, then kick: ring not served, daemon alive', async () => {
