@@ -356,6 +356,23 @@ describe('hostile vhost-user messages', () => {
     }
   });
 
+  test('second SET_INFLIGHT_FD that the workers cannot map: the first region\'s fd is closed too', async () => {
+    // A read-only file passes the size check but cannot be mapped writable (EACCES in the worker).
+    // The region it was meant to replace is no longer owned by anyone: it must be closed, not leaked.
+    const ro = path.join(d.dir, 'inflight-ro');
+    fs.writeFileSync(ro, new Uint8Array(2 * inflightQueueBytes(128)));
+    await refused(/mmap|permission|inflight/i, (fe) => {
+      fe.negotiate({ inflight: 'new' });
+      const fd = fs.openSync(ro, 'r');
+      const p = inflightPayload({ mmapSize: 2 * inflightQueueBytes(128), mmapOffset: 0, numQueues: NUM_QUEUES, queueSize: 128 });
+      try {
+        sendAndClose(fe, Request.SET_INFLIGHT_FD, p, [fd]);
+      } finally {
+        native.close(fe.inflight!.fd);
+      }
+    });
+  });
+
   test('ring addresses outside guest memory, then kick: ring not served, daemon alive', async () => {
     // desc table in the unmapped gap after region 0; used ring running off the end of the last region.
     const variants: { name: string; place: (fe: Frontend, ring: SplitRing) => { desc: number; avail: number; used: number } }[] = [
