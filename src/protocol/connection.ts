@@ -5,6 +5,9 @@ import { native, READABLE, type PollHandle } from '../native/index.js';
 import { HEADER_SIZE, MAX_FDS_PER_MESSAGE } from './constants.js';
 import { decodeHeader, ProtocolError, type Header } from './codec.js';
 
+/** how long a reply may wait for room in the socket buffer before the connection is dropped */
+const SEND_STALL_MS = 500;
+
 export interface Frame {
   header: Header;
   payload: Uint8Array;
@@ -57,10 +60,15 @@ export class Connection {
     if (!this.open) throw new Error('connection closed');
     let off = 0;
     let first = true;
+    let deadline = 0;
     while (off < bytes.byteLength) {
       const n = native.sendMsg(this.fd, bytes, off, bytes.byteLength - off, first ? fds : []);
       if (n < 0) {
-        // Replies are tiny; a full socket buffer means the peer is not reading. Wait briefly.
+        // Replies are tiny and a frontend waits for each one: a full socket buffer means the peer
+        // stopped reading. Wait briefly (this blocks the main thread), then give up on it.
+        const now = Date.now();
+        if (deadline === 0) deadline = now + SEND_STALL_MS;
+        else if (now >= deadline) throw new ProtocolError(`frontend is not reading its replies (socket buffer full for ${SEND_STALL_MS} ms)`);
         native.pollWait(Int32Array.of(this.fd), 0, new Int32Array(1), 10);
         continue;
       }

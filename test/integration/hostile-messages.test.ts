@@ -373,6 +373,29 @@ describe('hostile vhost-user messages', () => {
     });
   });
 
+  test('frontend that never reads its replies (socket buffer full): connection closed, SIGTERM still works', async () => {
+    // Before: the reply send spun in the main thread until the peer read, so nothing else ran
+    // (not even the SIGTERM handler) for as long as the frontend kept the connection open.
+    await refused(/not reading|replies|buffer/i, async (fe) => {
+      native.setBlocking(fe.fd, false);
+      const msg = encodeMessage(Request.GET_CONFIG, FLAG_VERSION, configPayload(0, 0, new Uint8Array(256)));
+      const deadline = Date.now() + 3000;
+      let stalled = 0;
+      while (Date.now() < deadline && stalled < 150) {
+        let n: number;
+        try {
+          n = native.sendMsg(fe.fd, msg, 0, msg.byteLength, []);
+        } catch {
+          break; // EPIPE: the backend closed it
+        }
+        if (n < 0) {
+          stalled++;
+          await sleep(10);
+        } else stalled = 0;
+      }
+    });
+  });
+
   test('ring addresses outside guest memory, then kick: ring not served, daemon alive', async () => {
     // desc table in the unmapped gap after region 0; used ring running off the end of the last region.
     const variants: { name: string; place: (fe: Frontend, ring: SplitRing) => { desc: number; avail: number; used: number } }[] = [
