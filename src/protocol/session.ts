@@ -152,6 +152,12 @@ export class Session {
       case Request.SET_FEATURES: {
         const extra = m.value & ~b.features;
         if (extra !== 0n) throw new ProtocolError(`SET_FEATURES acks unoffered bits 0x${extra.toString(16)}`);
+        // QEMU re-sends features on running rings only to toggle dirty logging; a running ring
+        // cannot change its layout (split <-> packed) under the driver.
+        const running = this.vrings.findIndex((v) => v.started);
+        if (running >= 0 && this.featuresSet && ((m.value ^ this.ackedFeatures) & bit(F.RING_PACKED)) !== 0n) {
+          throw new ProtocolError(`SET_FEATURES switches RING_PACKED while ring ${running} is running`);
+        }
         this.ackedFeatures = m.value;
         this.featuresSet = true;
         b.setAckedFeatures(m.value);
@@ -436,6 +442,19 @@ function checkFileCovers(fd: number, offset: number, size: number, what: string)
   if (offset + size > fileSize) {
     throw new ProtocolError(`${what} [${offset}, ${offset + size}) lies beyond the end of its ${fileSize}-byte file`);
   }
+  if (!openReadWrite(fd)) throw new ProtocolError(`${what} fd is not open for reading and writing (a shared writable mapping needs O_RDWR)`);
+}
+
+/** The fd's access mode from /proc/self/fdinfo (true where that cannot be read: the mmap then reports it). */
+function openReadWrite(fd: number): boolean {
+  let info: string;
+  try {
+    info = fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
+  } catch {
+    return true;
+  }
+  const m = /^flags:\s*([0-7]+)/m.exec(info);
+  return m === null || (parseInt(m[1]!, 8) & 3) === 2; // O_ACCMODE == O_RDWR
 }
 
 function hasOwnReply(r: Request): boolean {

@@ -405,6 +405,7 @@ class QueueWorker {
           old !== null &&
           this.queue !== null &&
           old.size === m.setup.size &&
+          old.packed === m.setup.packed &&
           old.descUserAddr === m.setup.descUserAddr &&
           old.availUserAddr === m.setup.availUserAddr &&
           old.usedUserAddr === m.setup.usedUserAddr;

@@ -305,6 +305,15 @@ describe('hostile vhost-user messages', () => {
     });
   });
 
+  test('SET_FEATURES switching RING_PACKED on a running ring', async () => {
+    // Before: accepted, and the worker kept serving the ring as split with the driver now packed.
+    await refused(/RING_PACKED while ring 0 is running/, (fe) => {
+      fe.negotiate({ packed: false });
+      fe.setupRing(0, 128);
+      fe.send(Request.SET_FEATURES, u64Payload(fe.features | bit(F.RING_PACKED)));
+    });
+  });
+
   test('GET_CONFIG with size 0 and size 1000', async () => {
     await refused(/config|size/i, (fe) => fe.send(Request.GET_CONFIG, configPayload(0, 0, new Uint8Array(0))));
     await refused(/config|size/i, (fe) => fe.send(Request.GET_CONFIG, configPayload(0, 0, new Uint8Array(1000))));
@@ -356,12 +365,13 @@ describe('hostile vhost-user messages', () => {
     }
   });
 
-  test('second SET_INFLIGHT_FD that the workers cannot map: the first region\'s fd is closed too', async () => {
-    // A read-only file passes the size check but cannot be mapped writable (EACCES in the worker).
-    // The region it was meant to replace is no longer owned by anyone: it must be closed, not leaked.
+  test('second SET_INFLIGHT_FD on a read-only fd: refused before mapping, and the first region\'s fd is closed too', async () => {
+    // A read-only file passes the size check but cannot be mapped writable (EACCES in the worker):
+    // the session refuses it by its access mode. The region it was meant to replace is no longer
+    // owned by anyone: it must be closed, not leaked.
     const ro = path.join(d.dir, 'inflight-ro');
     fs.writeFileSync(ro, new Uint8Array(2 * inflightQueueBytes(128)));
-    await refused(/mmap|permission|inflight/i, (fe) => {
+    await refused(/inflight region fd is not open for reading and writing/i, (fe) => {
       fe.negotiate({ inflight: 'new' });
       const fd = fs.openSync(ro, 'r');
       const p = inflightPayload({ mmapSize: 2 * inflightQueueBytes(128), mmapOffset: 0, numQueues: NUM_QUEUES, queueSize: 128 });
