@@ -306,6 +306,13 @@ export class Session {
       case Request.SET_BACKEND_REQ_FD: {
         if (this.backendReqFd >= 0) native.close(this.backendReqFd);
         this.backendReqFd = fds[0]!;
+        // Our end only (QEMU keeps the other end of its socketpair): a frontend that stops
+        // reading it must cost a dropped notification, never a blocked main thread.
+        try {
+          native.setBlocking(this.backendReqFd, false);
+        } catch (err) {
+          throw new ProtocolError(`SET_BACKEND_REQ_FD: not a usable fd (${(err as Error).message})`);
+        }
         b.setBackendChannel(this.backendChannel());
         return true;
       }
@@ -352,7 +359,10 @@ export class Session {
         if (fd !== this.backendReqFd || fd < 0) return;
         const msg = encodeMessage(BackendRequest.CONFIG_CHANGE_MSG, FLAG_VERSION, new Uint8Array(0));
         try {
-          native.sendMsg(fd, msg, 0, msg.byteLength, []);
+          const n = native.sendMsg(fd, msg, 0, msg.byteLength, []);
+          if (n !== msg.byteLength) {
+            this.log.warn({ sent: n }, 'CONFIG_CHANGE_MSG dropped: the frontend is not reading its backend channel');
+          }
         } catch (err) {
           this.log.warn({ err }, 'could not send CONFIG_CHANGE_MSG to the frontend');
         }

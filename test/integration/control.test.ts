@@ -9,7 +9,8 @@ import { promisify } from 'node:util';
 import { startDaemon, tempDir, repoRoot, type Daemon } from '../helpers/daemon.js';
 import { QmpClient } from '../../src/control/qmp-client.js';
 import { Frontend, BLK } from '../helpers/frontend.js';
-import { Request } from '../../src/protocol/constants.js';
+import { BackendRequest, FLAG_VERSION, Request } from '../../src/protocol/constants.js';
+import { native } from '../../src/native/index.js';
 
 const run = promisify(execFile);
 const ctlMain = path.join(repoRoot, 'dist/src/cli/ctl.js');
@@ -246,6 +247,42 @@ describe('control socket', () => {
     await qmp.execute('job-cancel', { id: 'slow' });
     await qmp.execute('job-dismiss', { id: 'slow' });
     await qmp.execute('blockdev-del', { 'node-name': 'slow0' });
+    qmp.close();
+  });
+  test('block_resize reaches the frontend as CONFIG_CHANGE_MSG; a frontend that stops reading its backend channel blocks nothing', { timeout: 60000 }, async () => {
+    const fe = Frontend.connect(d.socketPath);
+    fe.negotiate();
+    fe.setupRing(0);
+    const [ours, theirs] = native.socketpair();
+    fe.send(Request.SET_BACKEND_REQ_FD, new Uint8Array(0), [theirs]);
+    native.close(theirs); // QEMU closes its copy too: the backend's end is the backend's alone
+    const qmp = await QmpClient.connect(control);
+    const within = <T>(p: Promise<T>, what: string): Promise<T> =>
+      Promise.race([p, new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`${what}: no answer within 5 s`)), 5000))]);
+    let size = 32 * MiB;
+    await within(qmp.execute('block_resize', { 'node-name': 'file0', size }), 'first block_resize');
+    assert.equal(fe.getConfig().length, 60);
+    const buf = new Uint8Array(64);
+    let got: ReturnType<typeof native.recvMsg> = null;
+    for (let i = 0; i < 100 && got === null; i++) {
+      got = native.recvMsg(ours, buf, 0, buf.length, 0);
+      if (got === null) await new Promise((r) => setTimeout(r, 10));
+    }
+    assert.ok(got !== null, 'a CONFIG_CHANGE_MSG arrived');
+    const dv = new DataView(buf.buffer);
+    assert.deepEqual([dv.getUint32(0, true), dv.getUint32(4, true), dv.getUint32(8, true)], [BackendRequest.CONFIG_CHANGE_MSG, FLAG_VERSION, 0]);
+    // Now never read it again: a socket buffer holds a few hundred such messages, then sends fail.
+    for (let i = 0; i < 1500; i++) {
+      size += 4096;
+      await within(qmp.execute('block_resize', { 'node-name': 'file0', size }), `block_resize ${i}`);
+    }
+    assert.ok(fe.callU64(Request.GET_FEATURES) > 0n, 'the vhost-user channel still answers');
+    await d.waitForLog((r) => r.msg === 'CONFIG_CHANGE_MSG dropped: the frontend is not reading its backend channel');
+    const c = fe.getConfig();
+    const cfg = new DataView(c.buffer, c.byteOffset, c.byteLength);
+    assert.equal(Number(cfg.getBigUint64(0, true)) * 512, size, 'the config space has the last size');
+    native.close(ours);
+    fe.close();
     qmp.close();
   });
 });
