@@ -1,12 +1,94 @@
-/* Shared mappings of guest memory as external ArrayBuffers (unmapped by the GC finalizer). */
+/* Shared mappings of guest memory as external ArrayBuffers (unmapped by the GC finalizer).
+ *
+ * A frontend can truncate the file behind a mapping; touching a page past the new end raises
+ * SIGBUS, which would kill the daemon. Every mapping is registered, and a SIGBUS inside one puts
+ * an anonymous zero page over the faulting page and counts it (sigbusRescues()): the access then
+ * completes, and the worker marks its queue broken. A SIGBUS anywhere else keeps its old effect. */
 #include "util.h"
 
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #define MAX_MAP_LEN (4ULL << 30) /* Node 20 caps external ArrayBuffers at 4 GiB */
+#define MAX_TRACKED 4096
+
+/* Read lock-free by the signal handler: a slot is live while its len is non-zero. */
+static _Atomic uintptr_t tracked_base[MAX_TRACKED];
+static _Atomic size_t tracked_len[MAX_TRACKED];
+static pthread_mutex_t tracked_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_ulong sigbus_rescued;
+static struct sigaction prev_sigbus;
+static uintptr_t page_size = 4096;
+static pthread_once_t sigbus_once = PTHREAD_ONCE_INIT;
+
+static void track(void *p, size_t len) {
+  pthread_mutex_lock(&tracked_lock);
+  for (int i = 0; i < MAX_TRACKED; i++) {
+    if (atomic_load(&tracked_len[i]) == 0) {
+      atomic_store(&tracked_base[i], (uintptr_t)p);
+      atomic_store(&tracked_len[i], len);
+      break;
+    }
+  }
+  pthread_mutex_unlock(&tracked_lock);
+}
+
+static void untrack(void *p) {
+  pthread_mutex_lock(&tracked_lock);
+  for (int i = 0; i < MAX_TRACKED; i++) {
+    if (atomic_load(&tracked_len[i]) != 0 && atomic_load(&tracked_base[i]) == (uintptr_t)p) {
+      atomic_store(&tracked_len[i], 0);
+      atomic_store(&tracked_base[i], 0);
+      break;
+    }
+  }
+  pthread_mutex_unlock(&tracked_lock);
+}
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc) {
+  uintptr_t a = (uintptr_t)si->si_addr;
+  for (int i = 0; i < MAX_TRACKED; i++) {
+    size_t len = atomic_load(&tracked_len[i]);
+    uintptr_t base = atomic_load(&tracked_base[i]);
+    if (len == 0 || a < base || a - base >= len) continue;
+    void *page = (void *)(a & ~(page_size - 1));
+    if (mmap(page, page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED) {
+      atomic_fetch_add(&sigbus_rescued, 1);
+      return;
+    }
+    break;
+  }
+  /* Not ours: whatever was there before (by default the fault repeats and the process dies). */
+  if ((prev_sigbus.sa_flags & SA_SIGINFO) && prev_sigbus.sa_sigaction != NULL) {
+    prev_sigbus.sa_sigaction(sig, si, uc);
+  } else if (prev_sigbus.sa_handler != SIG_DFL && prev_sigbus.sa_handler != SIG_IGN) {
+    prev_sigbus.sa_handler(sig);
+  } else {
+    signal(SIGBUS, SIG_DFL);
+  }
+}
+
+static void install_sigbus(void) {
+  long ps = sysconf(_SC_PAGESIZE);
+  if (ps > 0) page_size = (uintptr_t)ps;
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = on_sigbus;
+  sa.sa_flags = SA_SIGINFO;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGBUS, &sa, &prev_sigbus);
+}
 
 static void unmap_finalizer(napi_env env, void *data, void *hint) {
+  untrack(data);
   munmap(data, (size_t)(uintptr_t)hint);
+}
+
+static napi_value sigbus_rescues(napi_env env, napi_callback_info info) {
+  return vubd_num(env, (double)atomic_load(&sigbus_rescued));
 }
 
 static napi_value do_mmap(napi_env env, napi_callback_info info) {
@@ -27,11 +109,16 @@ static napi_value do_mmap(napi_env env, napi_callback_info info) {
     return vubd_throw_errno(env, "mmap", EINVAL);
   void *p = mmap(NULL, len, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED, fd, (off_t)off_d);
   if (p == MAP_FAILED) return vubd_throw_errno(env, "mmap", errno);
+  track(p, len);
   napi_value ab;
   /* On failure Node has already run the finalizer (munmap) or never took ownership with an
    * exception pending; either way do not unmap here (that could hit a reused range). */
-  if (napi_create_external_arraybuffer(env, p, len, unmap_finalizer, (void *)(uintptr_t)len, &ab) != napi_ok)
+  if (napi_create_external_arraybuffer(env, p, len, unmap_finalizer, (void *)(uintptr_t)len, &ab) != napi_ok) {
+    /* Node ran the finalizer (untracked and unmapped) or never took ownership: drop the record
+     * either way so that a later mapping at this address is not mistaken for it. */
+    untrack(p);
     return NULL;
+  }
   return ab;
 }
 
@@ -53,6 +140,8 @@ static napi_value address_of(napi_env env, napi_callback_info info) {
 }
 
 napi_status vubd_init_memory(napi_env env, napi_value exports) {
-  napi_property_descriptor props[] = {VUBD_FN("mmap", do_mmap), VUBD_FN("addressOf", address_of)};
-  return napi_define_properties(env, exports, 2, props);
+  pthread_once(&sigbus_once, install_sigbus);
+  napi_property_descriptor props[] = {VUBD_FN("mmap", do_mmap), VUBD_FN("addressOf", address_of),
+                                      VUBD_FN("sigbusRescues", sigbus_rescues)};
+  return napi_define_properties(env, exports, 3, props);
 }

@@ -79,6 +79,8 @@ export interface Native {
   mmap(fd: number, length: number, offset: number, writable: boolean): ArrayBuffer;
   /** host virtual address of an ArrayBuffer's first byte (for iovecs) */
   addressOf(buf: ArrayBuffer): number;
+  /** SIGBUS faults inside our mappings (a frontend truncated a mapped file) patched with a zero page, process-wide */
+  sigbusRescues(): number;
 
   eventfd(nonblock: boolean): number;
   /** counter value; 0 means nothing pending (EAGAIN on a non-blocking eventfd) */

@@ -65,6 +65,8 @@ class QueueWorker {
   /** adaptive busy-poll window before sleeping, in ms (0 = off); at most init.pollUs */
   private readonly pollMaxMs: number;
   private pollMs: number;
+  /** native.sigbusRescues() when last looked at */
+  private sigbusSeen = native.sigbusRescues();
 
   constructor(init: WorkerInit) {
     this.init = init;
@@ -104,6 +106,7 @@ class QueueWorker {
       if (this.exiting) break;
       let progressed = this.ctx.runDueTimers();
       progressed = this.serviceRound() || progressed;
+      this.checkSigbus();
       this.finishStopOrDrain();
       if (progressed) continue;
       if (this.pollMs > 0 && this.busyPoll()) continue;
@@ -164,6 +167,20 @@ class QueueWorker {
       }
     }
     return true;
+  }
+
+  /**
+   * A frontend truncated a file we map (the addon patched the faulting page with zeroes): this
+   * queue's guest memory is no longer what the driver shares with us, so stop serving it.
+   */
+  private checkSigbus(): void {
+    const n = native.sigbusRescues();
+    if (n === this.sigbusSeen) return;
+    this.sigbusSeen = n;
+    if (this.queue === null) return; // not serving: nothing of ours was touched
+    const why = 'guest memory shrank under vubd (the frontend truncated its memory file; SIGBUS caught)';
+    if (!this.broken) this.markBroken(new BrokenQueueError(why));
+    else this.log('error', why);
   }
 
   private canPop(): boolean {

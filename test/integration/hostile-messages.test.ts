@@ -468,6 +468,28 @@ describe('hostile vhost-user messages', () => {
     }
   });
 
+  test('the frontend truncates its guest memory under a running ring: queue broken, daemon alive (SIGBUS caught)', async () => {
+    const fdsBefore = d.fdCount();
+    const { fe, conn } = await openSession(d);
+    try {
+      fe.negotiate();
+      const ring = fe.setupRing(0, 128);
+      assert.equal(fe.statusOf(fe.run(ring, BLK.OUT, 8, pattern(3, 512))), 0, 'served before the truncation');
+      fe.blk(ring, BLK.OUT, 16, pattern(4, 4096)); // on the ring, not kicked yet
+      for (const r of fe.ram.regions) fs.ftruncateSync(r.fd, 0);
+      ring.kick(); // before the fix: the worker's next ring read killed the daemon with SIGBUS
+      await d.waitForLog((r) => typeof r.msg === 'string' && r.msg.includes('guest memory shrank under vubd'));
+      assert.equal(d.proc.exitCode, null, 'daemon alive');
+      assert.equal(d.proc.signalCode, null, 'daemon not killed by a signal');
+      assert.ok(fe.callU64(Request.GET_FEATURES) > 0n, 'the vhost-user channel still answers');
+    } finally {
+      dispose(fe);
+    }
+    await sessionEnded(d, conn);
+    assert.equal(await fdsSettle(d, fdsBefore), fdsBefore, 'fds released');
+    await worksEndToEnd(d, seed++);
+  });
+
   test('after all of that: same fd count as at start, no worker died', async () => {
     const n = await fdsSettle(d, fdsAtStart);
     assert.equal(fdsAfterWarmup, fdsAtStart, 'a served session leaves no fd behind');

@@ -52,8 +52,8 @@ test('export list matches the Native interface', () => {
   const expected = [
     'Ring', 'accept', 'addressOf', 'blockDeviceSize', 'close', 'connectUnix', 'dup', 'eventfd',
     'eventfdRead', 'eventfdWrite', 'fallocate', 'fsync', 'listenUnix', 'memfdCreate', 'mmap',
-    'poll', 'pollWait', 'preadv', 'pwritev', 'recvMsg', 'sendMsg', 'setBlocking', 'socketpair',
-    'threadCpuMicros',
+    'poll', 'pollWait', 'preadv', 'pwritev', 'recvMsg', 'sendMsg', 'setBlocking', 'sigbusRescues',
+    'socketpair', 'threadCpuMicros',
   ];
   assert.deepEqual(Object.keys(native).sort(), expected);
 });
