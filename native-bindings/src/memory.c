@@ -9,31 +9,51 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <linux/magic.h>
+#include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #define MAX_MAP_LEN (4ULL << 30) /* Node 20 caps external ArrayBuffers at 4 GiB */
 #define MAX_TRACKED 4096
 
+/* One per mapping; owned by the ArrayBuffer's finalizer. `done` says the range is unmapped already
+ * (by unmap() or the finalizer, whichever runs first). */
+typedef struct {
+  void *p;
+  size_t len;
+  atomic_int done;
+} mapping_rec;
+
 /* Read lock-free by the signal handler: a slot is live while its len is non-zero. */
 static _Atomic uintptr_t tracked_base[MAX_TRACKED];
 static _Atomic size_t tracked_len[MAX_TRACKED];
+/* page size of the mapping (huge pages for hugetlbfs): the unit a zero page must replace */
+static _Atomic size_t tracked_granule[MAX_TRACKED];
+/* under tracked_lock only */
+static mapping_rec *tracked_rec[MAX_TRACKED];
 static pthread_mutex_t tracked_lock = PTHREAD_MUTEX_INITIALIZER;
 static atomic_ulong sigbus_rescued;
 static struct sigaction prev_sigbus;
-static uintptr_t page_size = 4096;
+static size_t page_size = 4096;
 static pthread_once_t sigbus_once = PTHREAD_ONCE_INIT;
 
-static void track(void *p, size_t len) {
+static bool track(void *p, size_t len, size_t granule, mapping_rec *rec) {
+  bool ok = false;
   pthread_mutex_lock(&tracked_lock);
   for (int i = 0; i < MAX_TRACKED; i++) {
     if (atomic_load(&tracked_len[i]) == 0) {
+      atomic_store(&tracked_granule[i], granule);
+      tracked_rec[i] = rec;
       atomic_store(&tracked_base[i], (uintptr_t)p);
       atomic_store(&tracked_len[i], len);
+      ok = true;
       break;
     }
   }
   pthread_mutex_unlock(&tracked_lock);
+  return ok;
 }
 
 static void untrack(void *p) {
@@ -49,31 +69,39 @@ static void untrack(void *p) {
 }
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc) {
-  uintptr_t a = (uintptr_t)si->si_addr;
-  for (int i = 0; i < MAX_TRACKED; i++) {
-    size_t len = atomic_load(&tracked_len[i]);
-    uintptr_t base = atomic_load(&tracked_base[i]);
-    if (len == 0 || a < base || a - base >= len) continue;
-    void *page = (void *)(a & ~(page_size - 1));
-    if (mmap(page, page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED) {
-      atomic_fetch_add(&sigbus_rescued, 1);
-      return;
+  int saved_errno = errno;
+  /* Only a real access past the end of a mapped file (BUS_ADRERR) is cured by a zero page. */
+  if (si->si_code == BUS_ADRERR) {
+    uintptr_t a = (uintptr_t)si->si_addr;
+    for (int i = 0; i < MAX_TRACKED; i++) {
+      size_t len = atomic_load(&tracked_len[i]);
+      uintptr_t base = atomic_load(&tracked_base[i]);
+      if (len == 0 || a < base || a - base >= len) continue;
+      size_t g = atomic_load(&tracked_granule[i]);
+      void *page = (void *)(a & ~(uintptr_t)(g - 1));
+      if (mmap(page, g, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED) {
+        atomic_fetch_add(&sigbus_rescued, 1);
+        errno = saved_errno;
+        return;
+      }
+      break;
     }
-    break;
   }
-  /* Not ours: whatever was there before (by default the fault repeats and the process dies). */
+  /* Not ours: whatever was there before; by default the process dies of SIGBUS as it would have. */
+  errno = saved_errno;
   if ((prev_sigbus.sa_flags & SA_SIGINFO) && prev_sigbus.sa_sigaction != NULL) {
     prev_sigbus.sa_sigaction(sig, si, uc);
   } else if (prev_sigbus.sa_handler != SIG_DFL && prev_sigbus.sa_handler != SIG_IGN) {
     prev_sigbus.sa_handler(sig);
   } else {
     signal(SIGBUS, SIG_DFL);
+    raise(SIGBUS); /* pending until we return (SIGBUS is blocked in here): a sent signal is not lost */
   }
 }
 
 static void install_sigbus(void) {
   long ps = sysconf(_SC_PAGESIZE);
-  if (ps > 0) page_size = (uintptr_t)ps;
+  if (ps > 0) page_size = (size_t)ps;
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_sigaction = on_sigbus;
@@ -83,8 +111,45 @@ static void install_sigbus(void) {
 }
 
 static void unmap_finalizer(napi_env env, void *data, void *hint) {
-  untrack(data);
-  munmap(data, (size_t)(uintptr_t)hint);
+  mapping_rec *rec = hint;
+  if (atomic_exchange(&rec->done, 1) == 0) {
+    untrack(rec->p);
+    munmap(rec->p, rec->len);
+  }
+  free(rec);
+}
+
+/* Unmaps a buffer from mmap() now and detaches it (views see length 0). Workers never return to
+ * their event loop, so they cannot wait for the GC finalizer. Returns false if it was not ours. */
+static napi_value do_unmap(napi_env env, napi_callback_info info) {
+  VUBD_ARGS(1);
+  void *data = NULL;
+  size_t len = 0;
+  bool is = false;
+  if (napi_is_arraybuffer(env, argv[0], &is) != napi_ok || !is) return vubd_type_error(env, "buf", "an ArrayBuffer"), NULL;
+  napi_get_arraybuffer_info(env, argv[0], &data, &len);
+  mapping_rec *rec = NULL;
+  pthread_mutex_lock(&tracked_lock);
+  for (int i = 0; i < MAX_TRACKED && data != NULL; i++) {
+    if (atomic_load(&tracked_len[i]) == len && atomic_load(&tracked_base[i]) == (uintptr_t)data) {
+      atomic_store(&tracked_len[i], 0);
+      atomic_store(&tracked_base[i], 0);
+      rec = tracked_rec[i];
+      tracked_rec[i] = NULL;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&tracked_lock);
+  napi_value result;
+  /* The record stays alive until the finalizer frees it; `done` keeps that one from unmapping again. */
+  if (rec == NULL || atomic_exchange(&rec->done, 1) != 0) {
+    napi_get_boolean(env, false, &result);
+    return result;
+  }
+  napi_detach_arraybuffer(env, argv[0]); /* no JS access after this (views see length 0) */
+  munmap(data, len);
+  napi_get_boolean(env, true, &result);
+  return result;
 }
 
 static napi_value sigbus_rescues(napi_env env, napi_callback_info info) {
@@ -107,16 +172,29 @@ static napi_value do_mmap(napi_env env, napi_callback_info info) {
   /* Negative, fractional or unaligned offsets: EINVAL, as the kernel would report. */
   if (!(off_d >= 0 && off_d <= VUBD_MAX_SAFE) || (double)(int64_t)off_d != off_d)
     return vubd_throw_errno(env, "mmap", EINVAL);
+  struct statfs sfs;
+  size_t granule = page_size;
+  if (fstatfs(fd, &sfs) == 0 && sfs.f_type == HUGETLBFS_MAGIC && sfs.f_bsize > 0) granule = (size_t)sfs.f_bsize;
+  mapping_rec *rec = calloc(1, sizeof *rec);
+  if (rec == NULL) return vubd_throw_errno(env, "mmap", ENOMEM);
   void *p = mmap(NULL, len, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED, fd, (off_t)off_d);
-  if (p == MAP_FAILED) return vubd_throw_errno(env, "mmap", errno);
-  track(p, len);
+  if (p == MAP_FAILED) {
+    int err = errno;
+    free(rec);
+    return vubd_throw_errno(env, "mmap", err);
+  }
+  rec->p = p;
+  rec->len = len;
+  if (!track(p, len, granule, rec)) {
+    munmap(p, len);
+    free(rec);
+    return vubd_throw_errno_msg(env, ENOMEM, "mmap: too many guest memory mappings (4096)");
+  }
   napi_value ab;
   /* On failure Node has already run the finalizer (munmap) or never took ownership with an
    * exception pending; either way do not unmap here (that could hit a reused range). */
-  if (napi_create_external_arraybuffer(env, p, len, unmap_finalizer, (void *)(uintptr_t)len, &ab) != napi_ok) {
-    /* Node ran the finalizer (untracked and unmapped) or never took ownership: drop the record
-     * either way so that a later mapping at this address is not mistaken for it. */
-    untrack(p);
+  if (napi_create_external_arraybuffer(env, p, len, unmap_finalizer, rec, &ab) != napi_ok) {
+    /* Node may have run the finalizer already (untracked, unmapped, freed); do not touch rec. */
     return NULL;
   }
   return ab;
@@ -142,6 +220,6 @@ static napi_value address_of(napi_env env, napi_callback_info info) {
 napi_status vubd_init_memory(napi_env env, napi_value exports) {
   pthread_once(&sigbus_once, install_sigbus);
   napi_property_descriptor props[] = {VUBD_FN("mmap", do_mmap), VUBD_FN("addressOf", address_of),
-                                      VUBD_FN("sigbusRescues", sigbus_rescues)};
-  return napi_define_properties(env, exports, 3, props);
+                                      VUBD_FN("sigbusRescues", sigbus_rescues), VUBD_FN("unmap", do_unmap)};
+  return napi_define_properties(env, exports, 4, props);
 }

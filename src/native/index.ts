@@ -79,6 +79,8 @@ export interface Native {
   mmap(fd: number, length: number, offset: number, writable: boolean): ArrayBuffer;
   /** host virtual address of an ArrayBuffer's first byte (for iovecs) */
   addressOf(buf: ArrayBuffer): number;
+  /** unmaps a buffer from mmap() now and detaches it (its views see length 0); false if not ours or already unmapped */
+  unmap(buf: ArrayBuffer): boolean;
   /** SIGBUS faults inside our mappings (a frontend truncated a mapped file) patched with a zero page, process-wide */
   sigbusRescues(): number;
 

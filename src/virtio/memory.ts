@@ -53,6 +53,11 @@ export class GuestMemory {
     for (const s of specs) for (let off = 0; off < s.size; off += CHUNK_SIZE) this.regions.push(new MappedRegion(s, off));
   }
 
+  /** Unmaps every chunk now (worker threads never run GC finalizers); no access afterwards. */
+  close(): void {
+    for (const r of this.regions) native.unmap(r.buffer);
+  }
+
   /** Index of the chunk holding [gpa, gpa+len), or -1. len must be > 0. */
   findGpa(gpa: number, len: number): number {
     const rs = this.regions;

@@ -67,6 +67,10 @@ class QueueWorker {
   private pollMs: number;
   /** native.sigbusRescues() when last looked at */
   private sigbusSeen = native.sigbusRescues();
+  /** a SIGBUS was caught while this queue served: completions may describe data that never landed */
+  private memoryLost = false;
+  /** replaced guest memory still used by requests in flight */
+  private retired: GuestMemory[] = [];
 
   constructor(init: WorkerInit) {
     this.init = init;
@@ -106,7 +110,6 @@ class QueueWorker {
       if (this.exiting) break;
       let progressed = this.ctx.runDueTimers();
       progressed = this.serviceRound() || progressed;
-      this.checkSigbus();
       this.finishStopOrDrain();
       if (progressed) continue;
       if (this.pollMs > 0 && this.busyPoll()) continue;
@@ -178,6 +181,7 @@ class QueueWorker {
     if (n === this.sigbusSeen) return;
     this.sigbusSeen = n;
     if (this.queue === null) return; // not serving: nothing of ours was touched
+    this.memoryLost = true;
     const why = 'guest memory shrank under vubd (the frontend truncated its memory file; SIGBUS caught)';
     if (!this.broken) this.markBroken(new BrokenQueueError(why));
     else this.log('error', why);
@@ -357,7 +361,10 @@ class QueueWorker {
   private publish(): void {
     // Stats first: whoever sees a completion also sees it counted.
     this.flushStats();
-    if (!this.needNotify || this.queue === null) return;
+    if (this.queue === null) return;
+    // Never report success for data that went to a zero page patched over truncated memory.
+    this.checkSigbus();
+    if (!this.needNotify || this.memoryLost) return;
     this.needNotify = false;
     Atomics.store(this.stats, StatIndex.IN_FLIGHT, this.inFlight);
     const notify = this.queue.publish();
@@ -368,8 +375,21 @@ class QueueWorker {
     }
   }
 
+  /** Unmaps guest memory the driver replaced, now or once the requests still using it are done. */
+  private retire(m: GuestMemory | null): void {
+    if (m === null) return;
+    this.retired.push(m);
+    if (this.inFlight === 0) this.releaseRetired();
+  }
+
+  private releaseRetired(): void {
+    for (const m of this.retired) m.close();
+    this.retired = [];
+  }
+
   private finishStopOrDrain(): void {
     if (this.inFlight > 0) return;
+    if (this.retired.length > 0) this.releaseRetired();
     if (this.stopSeq >= 0) {
       const seq = this.stopSeq;
       const q = this.queue;
@@ -409,8 +429,11 @@ class QueueWorker {
         return;
       case 'memtable': {
         this.publish();
+        const old = this.memory;
         this.memory = m.regions.length > 0 ? new GuestMemory(m.regions) : null;
+        this.memoryLost = false;
         if (this.setup !== null) this.bindQueue(this.setup);
+        this.retire(old);
         this.post({ type: 'ack', seq: m.seq });
         return;
       }
@@ -435,8 +458,12 @@ class QueueWorker {
       case 'inflight':
         if (this.inFlight > 0) throw new Error('inflight region change with requests in flight');
         this.tracker = null;
-        this.inflightRegion =
-          m.region === null ? null : { spec: m.region, buffer: native.mmap(m.region.fd, m.region.mmapOffset + m.region.mmapSize, 0, true) };
+        {
+          const old = this.inflightRegion;
+          this.inflightRegion =
+            m.region === null ? null : { spec: m.region, buffer: native.mmap(m.region.fd, m.region.mmapOffset + m.region.mmapSize, 0, true) };
+          if (old !== null) native.unmap(old.buffer);
+        }
         this.post({ type: 'ack', seq: m.seq });
         return;
       case 'stop':
@@ -446,9 +473,13 @@ class QueueWorker {
         if (this.inFlight > 0) throw new Error('reset with requests in flight');
         this.queue = null;
         this.setup = null;
+        this.retire(this.memory);
+        this.releaseRetired();
         this.memory = null;
+        this.memoryLost = false;
         this.broken = false;
         this.tracker = null;
+        if (this.inflightRegion !== null) native.unmap(this.inflightRegion.buffer);
         this.inflightRegion = null;
         this.resubmit = [];
         this.post({ type: 'ack', seq: m.seq });

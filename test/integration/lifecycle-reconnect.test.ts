@@ -86,6 +86,10 @@ describe('reconnects and ring lifecycle', () => {
       await closeSession(d, fe, conn);
     }
     assert.equal(d.fdCount(), fds0, 'fd count after 20 sessions');
+    // Workers never run GC finalizers: guest memory must be unmapped explicitly, or every restart
+    // of a VM would keep its whole RAM alive in vubd.
+    const guestMappings = fs.readFileSync(`/proc/${d.proc.pid}/maps`, 'utf8').split('\n').filter((l) => l.includes('guest-ram'));
+    assert.deepEqual(guestMappings, [], 'no guest memory mapped after the sessions ended');
     assert.deepEqual(errorsLogged(d), []);
   });
 

@@ -53,7 +53,7 @@ test('export list matches the Native interface', () => {
     'Ring', 'accept', 'addressOf', 'blockDeviceSize', 'close', 'connectUnix', 'dup', 'eventfd',
     'eventfdRead', 'eventfdWrite', 'fallocate', 'fsync', 'listenUnix', 'memfdCreate', 'mmap',
     'poll', 'pollWait', 'preadv', 'pwritev', 'recvMsg', 'sendMsg', 'setBlocking', 'sigbusRescues',
-    'socketpair', 'threadCpuMicros',
+    'socketpair', 'threadCpuMicros', 'unmap',
   ];
   assert.deepEqual(Object.keys(native).sort(), expected);
 });
@@ -156,6 +156,27 @@ test('listenUnix / accept / connectUnix / dup', () => {
   } finally {
     native.close(l);
     fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('unmap: unmaps now and detaches; twice or a foreign buffer is false; SIGBUS past a truncated end is patched', () => {
+  const fd = native.memfdCreate('vubd-unmap', 8192);
+  try {
+    const buf = native.mmap(fd, 8192, 0, true);
+    const view = new Uint8Array(buf);
+    view[0] = 7;
+    const before = native.sigbusRescues();
+    fs.ftruncateSync(fd, 4096); // the second page is now past the end of the file
+    assert.equal(view[4096], 0, 'the faulting read sees a zero page instead of killing the process');
+    assert.equal(native.sigbusRescues(), before + 1);
+    assert.equal(view[0], 7, 'the first page is still the shared one');
+    assert.equal(native.unmap(buf), true);
+    assert.equal(buf.byteLength, 0, 'detached');
+    assert.equal(view[0], undefined, 'views of it see nothing');
+    assert.equal(native.unmap(buf), false, 'already unmapped');
+    assert.equal(native.unmap(new ArrayBuffer(16)), false, 'not ours');
+  } finally {
+    native.close(fd);
   }
 });
 
