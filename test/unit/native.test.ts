@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Worker } from 'node:worker_threads';
+import { spawnSync } from 'node:child_process';
 import { createRequire } from 'node:module';
 import {
   native,
@@ -178,6 +179,13 @@ test('unmap: unmaps now and detaches; twice or a foreign buffer is false; SIGBUS
   } finally {
     native.close(fd);
   }
+});
+
+test('a SIGBUS that is not a fault in our mappings still kills the process', () => {
+  const addon = createRequire(import.meta.url).resolve('../../../native-bindings/build/Release/vubd_native.node');
+  // The addon installs its handler on load; a sent SIGBUS must not be swallowed by it.
+  const r = spawnSync(process.execPath, ['-e', `require(${JSON.stringify(addon)}); process.kill(process.pid, 'SIGBUS'); setTimeout(() => {}, 2000)`], { timeout: 10000 });
+  assert.equal(r.signal, 'SIGBUS', `exit ${r.status} ${r.signal}: ${r.stderr}`);
 });
 
 test('memfd: two shared mappings see each other; offsets map the right page', () => {
