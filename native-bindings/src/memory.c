@@ -56,16 +56,21 @@ static bool track(void *p, size_t len, size_t granule, mapping_rec *rec) {
   return ok;
 }
 
-static void untrack(void *p) {
+/* Drops the slot of the mapping at p; returns its record (NULL if p is not tracked). */
+static mapping_rec *untrack(void *p) {
+  mapping_rec *rec = NULL;
   pthread_mutex_lock(&tracked_lock);
   for (int i = 0; i < MAX_TRACKED; i++) {
     if (atomic_load(&tracked_len[i]) != 0 && atomic_load(&tracked_base[i]) == (uintptr_t)p) {
       atomic_store(&tracked_len[i], 0);
       atomic_store(&tracked_base[i], 0);
+      rec = tracked_rec[i];
+      tracked_rec[i] = NULL;
       break;
     }
   }
   pthread_mutex_unlock(&tracked_lock);
+  return rec;
 }
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc) {
@@ -128,18 +133,7 @@ static napi_value do_unmap(napi_env env, napi_callback_info info) {
   bool is = false;
   if (napi_is_arraybuffer(env, argv[0], &is) != napi_ok || !is) return vubd_type_error(env, "buf", "an ArrayBuffer"), NULL;
   napi_get_arraybuffer_info(env, argv[0], &data, &len);
-  mapping_rec *rec = NULL;
-  pthread_mutex_lock(&tracked_lock);
-  for (int i = 0; i < MAX_TRACKED && data != NULL; i++) {
-    if (atomic_load(&tracked_len[i]) == len && atomic_load(&tracked_base[i]) == (uintptr_t)data) {
-      atomic_store(&tracked_len[i], 0);
-      atomic_store(&tracked_base[i], 0);
-      rec = tracked_rec[i];
-      tracked_rec[i] = NULL;
-      break;
-    }
-  }
-  pthread_mutex_unlock(&tracked_lock);
+  mapping_rec *rec = data != NULL ? untrack(data) : NULL;
   napi_value result;
   /* The record stays alive until the finalizer frees it; `done` keeps that one from unmapping again. */
   if (rec == NULL || atomic_exchange(&rec->done, 1) != 0) {
@@ -191,12 +185,9 @@ static napi_value do_mmap(napi_env env, napi_callback_info info) {
     return vubd_throw_errno_msg(env, ENOMEM, "mmap: too many guest memory mappings (4096)");
   }
   napi_value ab;
-  /* On failure Node has already run the finalizer (munmap) or never took ownership with an
-   * exception pending; either way do not unmap here (that could hit a reused range). */
-  if (napi_create_external_arraybuffer(env, p, len, unmap_finalizer, rec, &ab) != napi_ok) {
-    /* Node may have run the finalizer already (untracked, unmapped, freed); do not touch rec. */
-    return NULL;
-  }
+  /* On failure Node has already run the finalizer (untrack, munmap, free) or never took ownership
+   * with an exception pending; either way touch neither p nor rec (the range could be reused). */
+  if (napi_create_external_arraybuffer(env, p, len, unmap_finalizer, rec, &ab) != napi_ok) return NULL;
   return ab;
 }
 

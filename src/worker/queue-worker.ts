@@ -382,6 +382,13 @@ class QueueWorker {
     if (this.inFlight === 0) this.releaseRetired();
   }
 
+  /** Installs a new inflight region mapping (or none) and unmaps the old one; nothing is in flight. */
+  private replaceInflightRegion(next: { spec: InflightRegion; buffer: ArrayBuffer } | null): void {
+    const old = this.inflightRegion;
+    this.inflightRegion = next;
+    if (old !== null) native.unmap(old.buffer);
+  }
+
   private releaseRetired(): void {
     for (const m of this.retired) m.close();
     this.retired = [];
@@ -458,12 +465,9 @@ class QueueWorker {
       case 'inflight':
         if (this.inFlight > 0) throw new Error('inflight region change with requests in flight');
         this.tracker = null;
-        {
-          const old = this.inflightRegion;
-          this.inflightRegion =
-            m.region === null ? null : { spec: m.region, buffer: native.mmap(m.region.fd, m.region.mmapOffset + m.region.mmapSize, 0, true) };
-          if (old !== null) native.unmap(old.buffer);
-        }
+        this.replaceInflightRegion(
+          m.region === null ? null : { spec: m.region, buffer: native.mmap(m.region.fd, m.region.mmapOffset + m.region.mmapSize, 0, true) },
+        );
         this.post({ type: 'ack', seq: m.seq });
         return;
       case 'stop':
@@ -473,14 +477,12 @@ class QueueWorker {
         if (this.inFlight > 0) throw new Error('reset with requests in flight');
         this.queue = null;
         this.setup = null;
-        this.retire(this.memory);
-        this.releaseRetired();
+        this.retire(this.memory); // nothing in flight: unmapped at once
         this.memory = null;
         this.memoryLost = false;
         this.broken = false;
         this.tracker = null;
-        if (this.inflightRegion !== null) native.unmap(this.inflightRegion.buffer);
-        this.inflightRegion = null;
+        this.replaceInflightRegion(null);
         this.resubmit = [];
         this.post({ type: 'ack', seq: m.seq });
         return;

@@ -43,3 +43,14 @@ export async function closeSession(d: Daemon, fe: Frontend, conn: unknown): Prom
   fe.ram.close();
   await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend' && r.conn === conn);
 }
+
+/** Waits until the daemon's fd count settles at `want` (closing is asynchronous); returns the last count. */
+export async function fdsSettle(d: Daemon, want: number, timeoutMs = 2000): Promise<number> {
+  const deadline = Date.now() + timeoutMs;
+  let n = d.fdCount();
+  while (n !== want && Date.now() < deadline) {
+    await sleep(10);
+    n = d.fdCount();
+  }
+  return n;
+}

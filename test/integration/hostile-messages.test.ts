@@ -19,25 +19,13 @@ import {
   vringStatePayload,
   type MemoryRegion,
 } from '../../src/protocol/codec.js';
-import { pattern, openSession } from '../helpers/sessions.js';
+import { fdsSettle, pattern, openSession } from '../helpers/sessions.js';
 
 const MiB = 2 ** 20;
 const NUM_QUEUES = 2;
 
-
 async function sessionEnded(d: Daemon, conn: unknown): Promise<void> {
   await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend' && r.conn === conn);
-}
-
-/** Waits until the daemon's fd count settles at `want` (closing is asynchronous). */
-async function fdsSettle(d: Daemon, want: number, timeoutMs = 2000): Promise<number> {
-  const deadline = Date.now() + timeoutMs;
-  let n = d.fdCount();
-  while (n !== want && Date.now() < deadline) {
-    await sleep(20);
-    n = d.fdCount();
-  }
-  return n;
 }
 
 function dispose(fe: Frontend): void {

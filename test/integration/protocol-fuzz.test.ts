@@ -9,7 +9,7 @@ import path from 'node:path';
 import fc from 'fast-check';
 import { Frontend, GuestRam, SplitRing, BLK } from '../helpers/frontend.js';
 import { startDaemon, sleep, type Daemon } from '../helpers/daemon.js';
-import { pattern } from '../helpers/sessions.js';
+import { fdsSettle, pattern } from '../helpers/sessions.js';
 import { native, POLLIN } from '../../src/native/index.js';
 import { HEADER_SIZE, Request } from '../../src/protocol/constants.js';
 import { INFLIGHT_QUEUE_BYTES, encodeOp, negotiateWires, repliesTo, sequence, startRingWires, type Op, type RunContext, type StepFd, type Wire } from '../helpers/fuzz-grammar.js';
@@ -55,16 +55,6 @@ class LogIndex {
       await sleep(5);
     }
   }
-}
-
-async function fdsSettle(d: Daemon, want: number, timeoutMs = 2000): Promise<number> {
-  const deadline = Date.now() + timeoutMs;
-  let n = d.fdCount();
-  while (n !== want && Date.now() < deadline) {
-    await sleep(10);
-    n = d.fdCount();
-  }
-  return n;
 }
 
 /** The frontend side of one fuzz run: its connection, guest RAM, rings and a reply reader. */
