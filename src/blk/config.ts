@@ -3,6 +3,13 @@ import { F, PF, bit } from '../protocol/constants.js';
 
 export const SECTOR_SIZE = 512;
 export const SEG_MAX = 126;
+/**
+ * Descriptors the walk follows per request before it gives up and marks the queue broken. A
+ * request needs SEG_MAX + 2 (header and status); twice that leaves room for drivers that count
+ * segments their own way (Windows viostor can take its limit from the registry). Without a bound a
+ * guest makes the worker read up to 1 GiB of indirect table per request.
+ */
+export const MAX_CHAIN_DESCRIPTORS = 2 * (SEG_MAX + 2);
 export const MAX_DISCARD_SECTORS = 32768 * 64; // 32 MiB per segment
 export const MAX_DISCARD_SEG = 16;
 export const MAX_WRITE_ZEROES_SECTORS = 32768 * 64;

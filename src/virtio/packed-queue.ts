@@ -48,16 +48,21 @@ export class PackedQueue {
   /** descriptors the last popped chain occupied in the ring */
   lastChainDescs = 0;
 
+  /** descriptors a chain may have, indirect ones included: the queue size or the device's tighter limit */
+  readonly maxChain: number;
+
   constructor(
     readonly memory: GuestMemory,
     layout: PackedLayout,
     base: number,
     readonly eventIdx: boolean,
     readonly indirect: boolean,
+    maxChain = layout.size,
   ) {
     const q = layout.size;
     if (q === 0 || q > 0x8000) throw new RangeError(`packed queue size ${q} out of range`);
     this.size = q;
+    this.maxChain = Math.min(q, maxChain);
     const r = memory.locateUva(layout.descAddr, 16 * q, 16);
     this.ring32 = new Uint32Array(r.buffer, r.byteOffset, 4 * q);
     this.flags16 = new Uint16Array(r.buffer, r.byteOffset, 8 * q);
@@ -106,7 +111,7 @@ export class PackedQueue {
     let id = 0;
     chain.reset(0, this.memory);
     for (;;) {
-      if (descs >= q) throw new BrokenQueueError('packed descriptor chain longer than the ring');
+      if (descs >= this.maxChain) throw new BrokenQueueError(`packed descriptor chain longer than ${this.maxChain} descriptors`);
       if (descs > 0 && !this.isAvailAt(i, wrap)) throw new BrokenQueueError('packed chain continues into a descriptor that is not available');
       const w = 4 * i;
       const lo = this.ring32[w]!;
@@ -142,12 +147,16 @@ export class PackedQueue {
     return ((f & PACKED_DESC_F_AVAIL) !== 0) === wrap && ((f & PACKED_DESC_F_USED) !== 0) !== wrap;
   }
 
+  /** Refuses a table longer than the queue or the chain limit before reading any of it (no gigabyte walks). */
   private walkIndirect(addr: number, len: number, chain: DescriptorChain): void {
+    const n = len / 16;
+    if (n > this.size) throw new BrokenQueueError(`indirect table of ${n} descriptors is longer than the queue (${this.size})`);
+    if (n > this.maxChain) throw new BrokenQueueError(`indirect table of ${n} descriptors is longer than ${this.maxChain} descriptors`);
     const ri = this.memory.findGpa(addr, len);
     if (ri < 0) throw new BrokenQueueError(`indirect table 0x${addr.toString(16)}+${len} is outside guest memory`);
     const r = this.memory.regions[ri]!;
     const t = new DataView(r.buffer, r.base + (addr - r.gpa), len);
-    for (let k = 0; k < len / 16; k++) {
+    for (let k = 0; k < n; k++) {
       const o = 16 * k;
       const flags = t.getUint16(o + 14, true);
       if (flags & PACKED_DESC_F_INDIRECT) throw new BrokenQueueError('nested indirect descriptor');

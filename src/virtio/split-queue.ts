@@ -37,16 +37,21 @@ export class SplitQueue {
   /** used->idx at the time of the last notification decision */
   private signalledUsed: number;
 
+  /** descriptors a chain may have, indirect ones included: the queue size or the device's tighter limit */
+  readonly maxChain: number;
+
   constructor(
     readonly memory: GuestMemory,
     layout: SplitLayout,
     base: number,
     readonly eventIdx: boolean,
     readonly indirect: boolean,
+    maxChain = layout.size,
   ) {
     const q = layout.size;
     this.size = q;
     this.mask = q - 1;
+    this.maxChain = Math.min(q, maxChain);
     const d = memory.locateUva(layout.descAddr, 16 * q, 16);
     this.desc32 = new Uint32Array(d.buffer, d.byteOffset, 4 * q);
     this.desc16 = new Uint16Array(d.buffer, d.byteOffset, 8 * q);
@@ -87,18 +92,19 @@ export class SplitQueue {
     const d32 = this.desc32;
     const d16 = this.desc16;
     const size = this.size;
+    const max = this.maxChain;
     let i = head;
     let seen = 0;
     for (;;) {
       if (i >= size) throw new BrokenQueueError(`descriptor index ${i} out of range ${size}`);
-      if (++seen > size) throw new BrokenQueueError('descriptor chain loops or is longer than its table');
+      if (++seen > max) throw new BrokenQueueError(`descriptor chain loops or is longer than ${max} descriptors`);
       const lo = d32[4 * i]!;
       const hi = d32[4 * i + 1]!;
       const len = d32[4 * i + 2]!;
       const flags = d16[8 * i + 6]!;
       const next = d16[8 * i + 7]!;
       if (flags & VIRTQ_DESC_F_INDIRECT) {
-        this.walkIndirect(chain, lo, hi, len, flags);
+        this.walkIndirect(chain, lo, hi, len, flags, seen - 1);
         return;
       }
       // An address past 2^53 is imprecise as a number but lies outside every region all the same.
@@ -108,11 +114,18 @@ export class SplitQueue {
     }
   }
 
-  /** Walks the indirect table an INDIRECT descriptor names; the chain ends with it. */
-  private walkIndirect(chain: DescriptorChain, lo: number, hi: number, len: number, flags: number): void {
+  /**
+   * Walks the indirect table an INDIRECT descriptor names (after `before` direct descriptors);
+   * the chain ends with it. A table longer than the queue is refused unread (the spec bounds a
+   * chain by the queue size), and the walk stops at the chain limit: a guest cannot make the
+   * worker read a gigabyte of table per request.
+   */
+  private walkIndirect(chain: DescriptorChain, lo: number, hi: number, len: number, flags: number, before: number): void {
     if (!this.indirect || flags & VIRTQ_DESC_F_NEXT || len === 0 || len % 16 !== 0) {
       throw new BrokenQueueError(`invalid indirect descriptor (flags ${flags}, len ${len})`);
     }
+    if (len / 16 > this.size) throw new BrokenQueueError(`indirect table of ${len / 16} descriptors is longer than the queue (${this.size})`);
+    const max = this.maxChain - before;
     const addr = hi * 0x100000000 + lo;
     const ri = hi >= 0x200000 ? -1 : this.memory.findGpa(addr, len);
     if (ri < 0) throw new BrokenQueueError(`indirect table 0x${addr.toString(16)}+${len} is outside guest memory`);
@@ -129,6 +142,7 @@ export class SplitQueue {
     for (;;) {
       if (i >= tableSize) throw new BrokenQueueError(`descriptor index ${i} out of range ${tableSize}`);
       if (++seen > tableSize) throw new BrokenQueueError('descriptor chain loops or is longer than its table');
+      if (seen > max) throw new BrokenQueueError(`descriptor chain is longer than ${this.maxChain} descriptors`);
       let dlo: number, dhi: number, dlen: number, dflags: number, next: number;
       if (views !== null) {
         const w = b32 + 4 * i;

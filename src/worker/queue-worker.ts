@@ -10,6 +10,7 @@ import { BrokenQueueError, SplitQueue } from '../virtio/split-queue.js';
 import { PackedQueue } from '../virtio/packed-queue.js';
 import { SplitInflight, inflightQueueBytes } from '../virtio/inflight.js';
 import { BlkRequestHandler, BlkSlot, BlkType } from '../blk/request.js';
+import { MAX_CHAIN_DESCRIPTORS } from '../blk/config.js';
 import { buildNode, flushNodeStats, PENDING, type BlockNode } from '../graph/nodes.js';
 import { createEngine, type IoEngine } from '../graph/io-engine.js';
 import { WorkerIoContext } from './io-context.js';
@@ -523,12 +524,12 @@ class QueueWorker {
         // A rebind (new memory table) keeps the indices; a fresh start takes them from the base.
         const base = prev instanceof PackedQueue ? prev.base : s.base;
         this.tracker = null;
-        this.queue = new PackedQueue(this.memory, { size: s.size, descAddr: s.descUserAddr, driverAddr: s.availUserAddr, deviceAddr: s.usedUserAddr }, base, s.eventIdx, s.indirect);
+        this.queue = new PackedQueue(this.memory, { size: s.size, descAddr: s.descUserAddr, driverAddr: s.availUserAddr, deviceAddr: s.usedUserAddr }, base, s.eventIdx, s.indirect, MAX_CHAIN_DESCRIPTORS);
         this.broken = false;
         return;
       }
       const base = prev instanceof SplitQueue ? prev.lastAvail : s.base;
-      const q = new SplitQueue(this.memory, { size: s.size, descAddr: s.descUserAddr, availAddr: s.availUserAddr, usedAddr: s.usedUserAddr }, base, s.eventIdx, s.indirect);
+      const q = new SplitQueue(this.memory, { size: s.size, descAddr: s.descUserAddr, availAddr: s.availUserAddr, usedAddr: s.usedUserAddr }, base, s.eventIdx, s.indirect, MAX_CHAIN_DESCRIPTORS);
       if (prev instanceof SplitQueue) q.usedIdx = prev.usedIdx;
       else this.recoverInflight(q, s);
       this.queue = q;

@@ -289,6 +289,33 @@ export class PackedRing {
     return id;
   }
 
+  /**
+   * Raw descriptors for hostile chains: written at the driver's position with this wrap's
+   * AVAIL/USED bits (flags given are the rest), the first one's flags last. `id` goes in every
+   * descriptor; the chain is remembered as `descs` long for collect().
+   */
+  addRaw(id: number, descs: { gpa: number; len: number; flags: number; id?: number }[]): void {
+    const slots: { i: number; flags: number }[] = [];
+    for (const d of descs) {
+      const dv = this.ram.view(this.desc + 16 * this.next, 16);
+      dv.setBigUint64(0, BigInt(d.gpa), true);
+      dv.setUint32(8, d.len, true);
+      dv.setUint16(12, d.id ?? id, true);
+      slots.push({ i: this.next, flags: d.flags | (this.wrap ? 1 << 7 : 1 << 15) });
+      if (++this.next === this.size) {
+        this.next = 0;
+        this.wrap = !this.wrap;
+      }
+    }
+    for (let k = slots.length - 1; k >= 0; k--) {
+      const b = this.ram.bytes(this.desc + 16 * slots[k]!.i + 14, 2);
+      Atomics.store(new Uint16Array(b.buffer, b.byteOffset, 1), 0, slots[k]!.flags);
+    }
+    this.freeIds = this.freeIds.filter((f) => f !== id);
+    this.descsOf.set(id, descs.length);
+    this.inRing += descs.length;
+  }
+
   kick(): void {
     native.eventfdWrite(this.kickFd, 1);
   }

@@ -2,7 +2,7 @@
 // daemon to log their start and end (a new session is only accepted after the last one ended).
 import fs from 'node:fs';
 import path from 'node:path';
-import { Frontend } from './frontend.js';
+import { Frontend, type GuestRam } from './frontend.js';
 import { sleep, type Daemon } from './daemon.js';
 
 /** Deterministic pseudo-random bytes for a seed. */
@@ -25,9 +25,9 @@ export function makeImage(dir: string, size = 16 * 2 ** 20): string {
 }
 
 /** Connects and waits until the daemon logged the connection; returns its conn id. */
-export async function openSession(d: Daemon): Promise<{ fe: Frontend; conn: unknown }> {
+export async function openSession(d: Daemon, ram?: GuestRam): Promise<{ fe: Frontend; conn: unknown }> {
   const before = d.logRecords().filter((r) => r.msg === 'frontend connected').length;
-  const fe = Frontend.connect(d.socketPath);
+  const fe = Frontend.connect(d.socketPath, ram);
   const deadline = Date.now() + 5000;
   for (;;) {
     const recs = d.logRecords().filter((r) => r.msg === 'frontend connected');

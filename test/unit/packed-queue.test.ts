@@ -25,13 +25,13 @@ const DRIVER = 0x2000;
 const DEVICE = 0x3000;
 const DATA = 0x10000;
 
-function setup(q: number, opts: { eventIdx?: boolean; indirect?: boolean } = {}) {
+function setup(q: number, opts: { eventIdx?: boolean; indirect?: boolean; maxChain?: number } = {}) {
   const fd = native.memfdCreate('packed-test', SIZE);
   const bytes = new Uint8Array(native.mmap(fd, SIZE, 0, true));
   const dv = new DataView(bytes.buffer);
   const mem = new GuestMemory([{ guestPhysAddr: 0, size: SIZE, userAddr: UVA, mmapOffset: 0, fd }]);
   native.close(fd);
-  const queue = new PackedQueue(mem, { size: q, descAddr: UVA + RING, driverAddr: UVA + DRIVER, deviceAddr: UVA + DEVICE }, encodePackedBase(0, true, 0, true), opts.eventIdx ?? true, opts.indirect ?? true);
+  const queue = new PackedQueue(mem, { size: q, descAddr: UVA + RING, driverAddr: UVA + DRIVER, deviceAddr: UVA + DEVICE }, encodePackedBase(0, true, 0, true), opts.eventIdx ?? true, opts.indirect ?? true, opts.maxChain);
   // Driver state: next slot and wrap counter.
   const drv = { next: 0, wrap: true };
   const put = (i: number, addr: number, len: number, id: number, flags: number): void => {
@@ -161,6 +161,42 @@ describe('packed virtqueue', () => {
       // The next slot is not available: a NEXT into it is ring damage.
       dv.setUint16(RING + 14, NEXT | AVAIL, true);
       assert.throws(() => queue.pop(chain), BrokenQueueError);
+    }
+  });
+
+  test('indirect tables longer than the queue or the chain limit are refused; so are direct chains past the limit', () => {
+    const chain = new DescriptorChain(16);
+    const table = 0x8000;
+    {
+      const { queue, add } = setup(8);
+      add(1, [{ addr: table, len: 16 * 9, flags: INDIRECT }]);
+      assert.throws(() => queue.pop(chain), /indirect table of 9 descriptors is longer than the queue \(8\)/);
+    }
+    {
+      const { queue, add } = setup(8);
+      add(1, [{ addr: table, len: 0x4000_0000, flags: INDIRECT }]); // 1 GiB, never read
+      assert.throws(() => queue.pop(chain), /longer than the queue/);
+    }
+    {
+      const { queue, add } = setup(8, { maxChain: 4 });
+      add(1, [{ addr: table, len: 16 * 5, flags: INDIRECT }]);
+      assert.throws(() => queue.pop(chain), /longer than 4 descriptors/);
+    }
+    {
+      const { queue, add } = setup(8, { maxChain: 4 });
+      add(1, [{ addr: table, len: 16 * 4, flags: INDIRECT }]);
+      assert.equal(queue.pop(chain), 1);
+    }
+    {
+      const { queue, add } = setup(8, { maxChain: 4 });
+      add(1, Array.from({ length: 5 }, (_, k) => ({ addr: DATA + 64 * k, len: 64 })));
+      assert.throws(() => queue.pop(chain), /longer than 4 descriptors/);
+    }
+    {
+      const { queue, add } = setup(8, { maxChain: 4 });
+      add(1, Array.from({ length: 4 }, (_, k) => ({ addr: DATA + 64 * k, len: 64 })));
+      assert.equal(queue.pop(chain), 1);
+      assert.equal(queue.lastChainDescs, 4);
     }
   });
 

@@ -139,8 +139,8 @@ class TestRing {
 const ram = new TestRam([R0, R1]);
 after(() => ram.close());
 
-function queue(ring: TestRing, opts: { eventIdx?: boolean; indirect?: boolean; base?: number } = {}): SplitQueue {
-  return new SplitQueue(ram.mem, ring.layout, opts.base ?? 0, opts.eventIdx ?? false, opts.indirect ?? true);
+function queue(ring: TestRing, opts: { eventIdx?: boolean; indirect?: boolean; base?: number; maxChain?: number } = {}): SplitQueue {
+  return new SplitQueue(ram.mem, ring.layout, opts.base ?? 0, opts.eventIdx ?? false, opts.indirect ?? true, opts.maxChain);
 }
 
 /** Expected host address of guest-physical address gpa, computed independently of MappedRegion. */
@@ -470,8 +470,8 @@ describe('notifications', () => {
 });
 
 describe('hostile rings', () => {
-  function walkHead(ring: TestRing, head: number, opts: { indirect?: boolean; maxSegs?: number } = {}): DescriptorChain {
-    const q = queue(ring, { indirect: opts.indirect ?? true });
+  function walkHead(ring: TestRing, head: number, opts: { indirect?: boolean; maxSegs?: number; maxChain?: number } = {}): DescriptorChain {
+    const q = queue(ring, { indirect: opts.indirect ?? true, maxChain: opts.maxChain });
     const c = new DescriptorChain(opts.maxSegs ?? 16);
     q.walk(head, c);
     return c;
@@ -533,6 +533,37 @@ describe('hostile rings', () => {
     // next beyond the indirect table's length
     ring.setDesc(1, 0x70100, 64, NEXT | WRITE, 2, table);
     assert.throws(() => walkHead(ring, 0), BrokenQueueError);
+  });
+
+  test('an indirect table longer than the queue is refused, even if its chain is short', () => {
+    const ring = new TestRing(ram, 8, 0x1000);
+    const table = R1.gpa + 0x8000;
+    ring.setDesc(0, 0x70000, 16, NEXT, 1, table);
+    ring.setDesc(1, 0x70100, 1, WRITE, 0, table);
+    ring.setDesc(0, table, 16 * 8, INDIRECT);
+    assert.equal(walkHead(ring, 0).count, 2);
+    ring.setDesc(0, table, 16 * 9, INDIRECT);
+    assert.throws(() => walkHead(ring, 0), /indirect table of 9 descriptors is longer than the queue \(8\)/);
+    ring.setDesc(0, table, 0x4000_0000, INDIRECT); // 1 GiB: refused before any of it is read
+    assert.throws(() => walkHead(ring, 0), /longer than the queue/);
+  });
+
+  test('the walk stops at the device chain limit: direct, indirect, and direct followed by indirect', () => {
+    const ring = new TestRing(ram, 8, 0x1000);
+    const table = R1.gpa + 0x8000;
+    for (let i = 0; i < 5; i++) ring.setDesc(i, 0x70000 + 64 * i, 64, i < 4 ? NEXT : 0, i + 1);
+    assert.equal(walkHead(ring, 0, { maxChain: 5 }).count, 5);
+    assert.throws(() => walkHead(ring, 0, { maxChain: 4 }), /longer than 4 descriptors/);
+    for (let i = 0; i < 5; i++) ring.setDesc(i, 0x70000 + 64 * i, 64, i < 4 ? NEXT : 0, i + 1, table);
+    ring.setDesc(0, table, 16 * 8, INDIRECT);
+    assert.equal(walkHead(ring, 0, { maxChain: 5 }).count, 5);
+    assert.throws(() => walkHead(ring, 0, { maxChain: 4 }), /longer than 4 descriptors/);
+    ring.setDesc(6, 0x70400, 64, NEXT, 7);
+    ring.setDesc(7, table, 16 * 8, INDIRECT);
+    assert.equal(walkHead(ring, 6, { maxChain: 6 }).count, 6);
+    assert.throws(() => walkHead(ring, 6, { maxChain: 5 }), /longer than 5 descriptors/);
+    // the queue size stays the bound when the device limit is larger
+    assert.equal(queue(ring, { maxChain: 1000 }).maxChain, 8);
   });
 
   test('bad buffer addresses are a chain error, not a throw', () => {
