@@ -4,6 +4,7 @@ import path from 'node:path';
 import { native } from '../native/index.js';
 import { newNodeStats } from './nodes.js';
 import { GraphError, type NodeDef } from './snapshot.js';
+import { releaseFd, retainFd } from './fd-refs.js';
 
 export function openFileNode(name: string, filename: string, readOnly: boolean): Extract<NodeDef, { driver: 'file' }> {
   const file = path.resolve(filename);
@@ -20,6 +21,7 @@ export function openFileNode(name: string, filename: string, readOnly: boolean):
     else if (st.isFile()) size = st.size;
     else throw new GraphError(`'${file}' is neither a regular file nor a block device`);
     if (size < 512) throw new GraphError(`'${file}' is ${size} bytes; a disk needs at least one 512-byte sector`);
+    retainFd(fd); // the graph's reference
     return { driver: 'file', name, filename: file, fd, size: size - (size % 512), readOnly, stats: newNodeStats() };
   } catch (e) {
     fs.closeSync(fd);
@@ -32,7 +34,7 @@ export function nullNode(name: string, size: number, readOnly: boolean): Extract
   return { driver: 'null', name, size, readOnly, stats: newNodeStats() };
 }
 
-/** Closes what a node owns once it left the graph. */
+/** Drops the graph's hold on what a node owns once it left the graph (workers may still hold theirs). */
 export function closeNode(def: NodeDef): void {
-  if (def.driver === 'file') fs.closeSync(def.fd);
+  if (def.driver === 'file') releaseFd(def.fd);
 }

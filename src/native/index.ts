@@ -9,6 +9,7 @@ export const POLLIN = 0x001;
 export const POLLOUT = 0x004;
 export const POLLERR = 0x008;
 export const POLLHUP = 0x010;
+export const POLLNVAL = 0x020;
 
 /** uv_poll readiness flags (for PollHandle). */
 export const READABLE = 1;

@@ -47,6 +47,13 @@ export interface VhostBackend {
   setInflight(region: InflightRegion | null): Promise<void>;
   /** the channel for backend-initiated messages, or null when it goes away */
   setBackendChannel(channel: BackendChannel | null): void;
+  /**
+   * Called with a reason when the device lost part of itself (a queue worker died) and the
+   * session must end; null to stop listening.
+   */
+  onLost(listener: ((reason: Error) => void) | null): void;
+  /** resolves once the device is whole again (dead workers replaced); the next session waits for it */
+  recover(): Promise<void>;
 }
 
 export interface InflightRegion {

@@ -72,6 +72,7 @@ export class Session {
       frame: (f) => this.enqueue(f),
       closed: (reason) => this.onClosed(reason),
     });
+    backend.onLost((reason) => this.conn.close(reason));
   }
 
   /** Close the connection (daemon shutdown). */
@@ -257,16 +258,23 @@ export class Session {
       case Request.SET_VRING_ERR: {
         const v = this.vring(m.index, requestName(m.request));
         const fd = m.noFd ? -1 : fds[0]!;
+        if (fd >= 0) checkEventFd(fd, requestName(m.request));
         const key = m.request === Request.SET_VRING_KICK ? 'kickFd' : m.request === Request.SET_VRING_CALL ? 'callFd' : 'errFd';
         const old = v[key];
+        const wasStarted = v.started;
         v[key] = fd;
         // A kick fd starts the ring (spec: rings are started by a kick).
         if (m.request === Request.SET_VRING_KICK && v.size > 0 && v.addr !== null) v.started = true;
         try {
           if (v.started) await this.configure(m.index);
-        } finally {
-          if (old >= 0) native.close(old);
+        } catch (e) {
+          // The worker kept its old setup: the old fd stays ours (it may still be in use), the new one is dropped.
+          v[key] = old;
+          v.started = wasStarted;
+          throw e;
         }
+        // Only now does no thread use the old fd any more.
+        if (old >= 0) native.close(old);
         return true;
       }
       case Request.SET_VRING_ENABLE: {
@@ -425,6 +433,12 @@ export class Session {
       this.inflight = null;
       if (this.backendReqFd >= 0) native.close(this.backendReqFd);
       this.backendReqFd = -1;
+      this.backend.onLost(null);
+      try {
+        await this.backend.recover();
+      } catch (err) {
+        this.log.error({ err }, 'the device could not be restored for the next frontend');
+      }
       this.closedResolve();
     });
   }
@@ -453,6 +467,26 @@ function checkFileCovers(fd: number, offset: number, size: number, what: string)
     throw new ProtocolError(`${what} [${offset}, ${offset + size}) lies beyond the end of its ${fileSize}-byte file`);
   }
   if (!openReadWrite(fd)) throw new ProtocolError(`${what} fd is not open for reading and writing (a shared writable mapping needs O_RDWR)`);
+}
+
+/**
+ * Kick, call and err fds must be eventfds: a worker reads and writes them as 8-byte counters,
+ * and a pipe or file there would make it fail or block. They are made non-blocking, so a
+ * saturated counter (a frontend can write 2^64-2 into it) never blocks a worker in write(2).
+ */
+function checkEventFd(fd: number, what: string): void {
+  let info: string;
+  try {
+    info = fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
+  } catch (e) {
+    throw new ProtocolError(`${what}: fd cannot be examined: ${(e as Error).message}`);
+  }
+  if (!/^eventfd-count:/m.test(info)) throw new ProtocolError(`${what}: fd is not an eventfd`);
+  try {
+    native.setBlocking(fd, false);
+  } catch (e) {
+    throw new ProtocolError(`${what}: cannot make the eventfd non-blocking: ${(e as Error).message}`);
+  }
 }
 
 /** The fd's access mode from /proc/self/fdinfo (true where that cannot be read: the mmap then reports it). */

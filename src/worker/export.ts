@@ -8,6 +8,7 @@ import { DrainBarrier, type Drainable } from '../graph/drain.js';
 import type { GraphConsumer } from '../graph/graph.js';
 import { QueueWorkerHandle } from './handle.js';
 import { StatIndex } from './messages.js';
+import { releaseSpec, retainSpec } from '../graph/fd-refs.js';
 
 export interface ExportOptions {
   id: string;
@@ -33,6 +34,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
   readonly protocolFeatures: bigint;
   readonly workers: QueueWorkerHandle[];
   private node: NodeSpec;
+  private generation: number;
   private writeback = true;
   private started = new Set<number>();
   private channel: BackendChannel | null = null;
@@ -47,28 +49,72 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     this.readOnly = opts.readOnly;
     this.maxQueueSize = opts.maxQueueSize;
     this.node = opts.node;
+    this.generation = opts.generation;
     this.features = blkFeatures(opts.readOnly);
     this.protocolFeatures = blkProtocolFeatures();
-    const serial = new TextEncoder().encode(opts.serial).subarray(0, 20);
-    this.workers = Array.from(
-      { length: opts.numQueues },
-      (_, i) =>
-        new QueueWorkerHandle(
-          {
-            queueIndex: i,
-            aio: opts.aio,
-            maxQueueSize: opts.maxQueueSize,
-            node: opts.node,
-            generation: opts.generation,
-            serial,
-            writeback: true,
-            readOnly: opts.readOnly,
-            logLevel: opts.logLevel,
-            pollUs: opts.pollUs,
-          },
-          log,
-        ),
+    this.serial = new TextEncoder().encode(opts.serial).subarray(0, 20);
+    this.workers = Array.from({ length: opts.numQueues }, (_, i) => this.spawn(i));
+  }
+
+  private readonly serial: Uint8Array;
+  /** per queue: the node tree its worker runs (the worker holds references on its fds) */
+  private readonly held: NodeSpec[] = [];
+  private lostListener: ((reason: Error) => void) | null = null;
+
+  /** A queue worker serving the current node tree; `stats` keeps a dead predecessor's counters. */
+  private spawn(i: number, stats?: SharedArrayBuffer): QueueWorkerHandle {
+    retainSpec(this.node);
+    this.held[i] = this.node;
+    return new QueueWorkerHandle(
+      {
+        queueIndex: i,
+        aio: this.opts.aio,
+        maxQueueSize: this.opts.maxQueueSize,
+        node: this.node,
+        generation: this.generation,
+        serial: this.serial,
+        writeback: true,
+        readOnly: this.opts.readOnly,
+        logLevel: this.opts.logLevel,
+        pollUs: this.opts.pollUs,
+      },
+      this.log,
+      stats,
+      (err) => this.workerDied(i, err),
     );
+  }
+
+  /**
+   * A worker thread ended unasked. Its queue's requests cannot be answered from here, but they are
+   * recorded in the inflight region: the session ends (QEMU reconnects), the worker is replaced
+   * before the next session, and that session resubmits them.
+   */
+  private workerDied(i: number, err: Error): void {
+    this.log.error({ queue: i, err: err.message }, 'queue worker died; ending the session and replacing the worker before the next one');
+    this.started.delete(i);
+    const held = this.held[i];
+    delete this.held[i];
+    if (held !== undefined) releaseSpec(held); // the thread is gone: nothing uses these fds through it any more
+    const listener = this.lostListener;
+    this.lostListener = null;
+    listener?.(new Error(`queue worker ${i} died (${err.message})`));
+  }
+
+  onLost(listener: ((reason: Error) => void) | null): void {
+    this.lostListener = listener;
+  }
+
+  async recover(): Promise<void> {
+    for (let i = 0; i < this.workers.length; i++) {
+      const old = this.workers[i]!;
+      if (!old.isDead) continue;
+      Atomics.store(old.stats, StatIndex.STATE, 0);
+      Atomics.store(old.stats, StatIndex.IN_FLIGHT, 0);
+      const w = this.spawn(i, old.stats.buffer as SharedArrayBuffer);
+      this.workers[i] = w;
+      await w.request({ type: 'ready' });
+      this.log.info({ queue: i }, 'queue worker replaced');
+    }
   }
 
   /**
@@ -141,9 +187,22 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     return ack.lastAvail ?? 0;
   }
 
+  /** Stops and resets every live worker, even when one of them fails (it is reported afterwards). */
   async reset(): Promise<void> {
-    for (const i of [...this.started]) await this.stopQueue(i);
-    await Promise.all(this.workers.map((w) => w.request({ type: 'reset' })));
+    const failures: unknown[] = [];
+    for (const i of [...this.started]) {
+      try {
+        await this.stopQueue(i);
+      } catch (e) {
+        this.started.delete(i);
+        failures.push(e);
+      }
+    }
+    const live = this.workers.filter((w) => !w.isDead);
+    for (const r of await Promise.allSettled(live.map((w) => w.request({ type: 'reset' })))) {
+      if (r.status === 'rejected') failures.push(r.reason);
+    }
+    if (failures.length > 0) throw failures[0];
   }
 
   async setInflight(region: InflightRegion | null): Promise<void> {
@@ -164,13 +223,48 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
 
   /** Runs a new node tree on every queue. The graph calls this only while drained. */
   async apply(spec: NodeSpec, generation: number): Promise<void> {
-    await Promise.all(this.workers.map((w) => w.request({ type: 'set-node', node: spec, generation })));
+    await this.applyAll(spec, generation);
     const resized = spec.size !== this.node.size;
     this.node = spec;
+    this.generation = generation;
     if (resized) {
       this.log.info({ sizeBytes: spec.size }, 'capacity changed; telling the frontend');
       this.channel?.configChanged();
     }
+  }
+
+  /**
+   * All or nothing: if any worker refuses the new tree, the ones that took it go back to the old
+   * one, so no worker is left using a node the graph no longer holds.
+   */
+  private async applyAll(spec: NodeSpec, generation: number): Promise<void> {
+    const all = this.workers.map((_, i) => i);
+    const failed = await this.setNode(all, spec, generation);
+    if (failed.length === 0) return;
+    const took = all.filter((i) => !failed.some((f) => f.queue === i));
+    for (const f of await this.setNode(took, this.node, this.generation)) {
+      this.log.error({ queue: f.queue, err: f.error }, 'a queue could not return to the previous node tree');
+    }
+    throw failed[0]!.error;
+  }
+
+  /** Sends a tree to some workers; each holds references on the fds of the tree it acked. */
+  private async setNode(queues: number[], spec: NodeSpec, generation: number): Promise<{ queue: number; error: unknown }[]> {
+    const results = await Promise.allSettled(
+      queues.map(async (i) => {
+        retainSpec(spec);
+        try {
+          await this.workers[i]!.request({ type: 'set-node', node: spec, generation });
+        } catch (e) {
+          releaseSpec(spec);
+          throw e;
+        }
+        const old = this.held[i];
+        this.held[i] = spec;
+        if (old !== undefined) releaseSpec(old);
+      }),
+    );
+    return results.flatMap((r, k) => (r.status === 'rejected' ? [{ queue: queues[k]!, error: r.reason }] : []));
   }
 
   stats(): Record<string, number | string | Record<string, number>>[] {
@@ -194,6 +288,11 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
 
   async close(): Promise<void> {
     await Promise.all(this.workers.map((w) => w.terminate()));
+    this.workers.forEach((w, i) => {
+      if (!w.isDead || this.held[i] === undefined) return;
+      releaseSpec(this.held[i]!);
+      delete this.held[i];
+    });
   }
 }
 

@@ -18,10 +18,18 @@ export class QueueWorkerHandle {
   private dead: Error | null = null;
   readonly exited: Promise<void>;
 
-  constructor(init: Omit<WorkerInit, 'ctrlFd' | 'stats'>, private readonly log: Logger) {
+  /**
+   * `stats` carries the counters over from a worker this one replaces; `onDeath` runs once if the
+   * thread ends without being asked to.
+   */
+  constructor(
+    init: Omit<WorkerInit, 'ctrlFd' | 'stats'>,
+    private readonly log: Logger,
+    stats: SharedArrayBuffer = new SharedArrayBuffer(4 * StatIndex.COUNT),
+    private readonly onDeath: (err: Error) => void = () => {},
+  ) {
     this.index = init.queueIndex;
     this.ctrlFd = native.eventfd(true);
-    const stats = new SharedArrayBuffer(4 * StatIndex.COUNT);
     this.stats = new Int32Array(stats);
     const workerInit: WorkerInit = { ...init, ctrlFd: this.ctrlFd, stats };
     this.worker = new Worker(new URL('./queue-worker.js', import.meta.url), {
@@ -36,11 +44,19 @@ export class QueueWorkerHandle {
     this.exited = new Promise((resolve) => {
       this.worker.on('exit', (code) => {
         if (code !== 0) this.log.error({ queue: this.index, code }, 'queue worker exited');
+        const asked = this.exitRequested;
         this.fail(new Error(`queue worker ${this.index} exited with code ${code}`));
         native.close(this.ctrlFd);
         resolve();
+        if (!asked) this.onDeath(this.dead!);
       });
     });
+  }
+
+  private exitRequested = false;
+
+  get isDead(): boolean {
+    return this.dead !== null;
   }
 
   private fail(err: Error): void {
@@ -73,6 +89,7 @@ export class QueueWorkerHandle {
   }
 
   async terminate(): Promise<void> {
+    this.exitRequested = true;
     if (!this.dead) {
       await Promise.race([this.request({ type: 'exit' }).catch(() => undefined), new Promise((r) => setTimeout(r, 500))]);
     }

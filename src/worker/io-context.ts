@@ -38,6 +38,12 @@ export class WorkerIoContext implements IoContext {
     return res;
   }
 
+  /** Forgets every deferred start and continuation (the requests they belong to were abandoned). */
+  reset(): void {
+    this.timers.length = 0;
+    this.conts.length = 0;
+  }
+
   /** Runs deferred starts that are due; returns true if any ran. */
   runDueTimers(): boolean {
     if (this.timers.length === 0) return false;

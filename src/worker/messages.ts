@@ -54,6 +54,8 @@ export const enum StatIndex {
   /** requests that completed under a newer graph generation than they started with (must stay 0) */
   STALE = 11,
   DRAINS = 12,
+  /** test-only: VUBD_TEST_FAULT already fired for this queue */
+  FAULT_FIRED = 13,
   /** latency histogram: bucket b counts requests that took [2^(b-1), 2^b) microseconds */
   HIST_BASE = 16,
   HIST_BUCKETS = 24,

@@ -3,7 +3,7 @@
 // Control messages arrive on parentPort and are read synchronously after the control eventfd wakes us.
 import { parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
 import { performance } from 'node:perf_hooks';
-import { native, POLLIN } from '../native/index.js';
+import { native, POLLERR, POLLIN, POLLNVAL } from '../native/index.js';
 import { GuestMemory } from '../virtio/memory.js';
 import { DescriptorChain } from '../virtio/chain.js';
 import { BrokenQueueError, SplitQueue } from '../virtio/split-queue.js';
@@ -16,6 +16,7 @@ import { createEngine, type IoEngine } from '../graph/io-engine.js';
 import { WorkerIoContext } from './io-context.js';
 import type { InflightRegion, VringSetup } from '../protocol/backend.js';
 import { QueueState, StatIndex, type FromWorker, type ToWorker, type WorkerInit } from './messages.js';
+import { faultInjection } from './fault-injection.js';
 
 const MAX_SEGS = 256;
 /** completions handled per reap call */
@@ -96,6 +97,7 @@ class QueueWorker {
     if (this.engine && this.slots.length >= queueSize) return this.engine;
     if (this.inFlight > 0) throw new Error('cannot grow the request table with requests in flight');
     this.engine?.close();
+    this.engine = null;
     this.engine = createEngine(this.init.aio, Math.min(queueSize, 1024), queueSize, MAX_SEGS, (m) => this.log('warn', m));
     this.ctx.engine = this.engine;
     this.slots = [];
@@ -109,21 +111,68 @@ class QueueWorker {
     for (;;) {
       this.handleControl();
       if (this.exiting) break;
-      let progressed = this.ctx.runDueTimers();
-      progressed = this.serviceRound() || progressed;
-      this.finishStopOrDrain();
-      if (progressed) continue;
-      if (this.pollMs > 0 && this.busyPoll()) continue;
-      if (this.canPop()) {
-        try {
-          if (this.queue!.armKick()) continue;
-        } catch (e) {
-          this.markBroken(e);
-        }
+      faultInjection.maybeDie(this.init.queueIndex, this.stats);
+      try {
+        if (this.step()) continue;
+        this.sleep();
+      } catch (e) {
+        // Whatever went wrong stays with this queue: the thread lives on and keeps answering control messages.
+        this.fault(e);
       }
-      this.sleep();
     }
     this.engine?.close();
+  }
+
+  /** One pass of the loop; returns true to go round again without sleeping. */
+  private step(): boolean {
+    faultInjection.maybeThrow(this.init.queueIndex, this.stats);
+    let progressed = this.ctx.runDueTimers();
+    progressed = this.serviceRound() || progressed;
+    this.finishStopOrDrain();
+    if (progressed) return true;
+    if (this.pollMs > 0 && this.busyPoll()) return true;
+    if (this.canPop()) {
+      try {
+        if (this.queue!.armKick()) return true;
+      } catch (e) {
+        this.markBroken(e);
+      }
+    }
+    return false;
+  }
+
+  /**
+   * An unexpected exception in the I/O path. The first one marks the queue broken; requests in
+   * flight are still answered as they complete. Another one while broken means the queue cannot
+   * even finish those: they are abandoned (still recorded in the inflight region, so a later
+   * session or a restarted vubd resubmits them) and the queue is left empty, so stop and drain complete.
+   */
+  private fault(e: unknown): void {
+    const err = e instanceof Error ? e : new Error(String(e));
+    if (!this.broken) {
+      this.markBroken(err, true);
+      return;
+    }
+    this.log('error', `queue worker fault while broken; abandoning ${this.inFlight} requests in flight: ${err.message}`, { stack: err.stack });
+    this.abandonInFlight();
+  }
+
+  private abandonInFlight(): void {
+    const engine = this.engine;
+    this.engine = null;
+    this.ctx.engine = null!;
+    try {
+      engine?.close(); // the kernel finishes or cancels what it holds; nothing of it is published
+    } catch {
+      /* already unusable */
+    }
+    this.slots = [];
+    this.freeTags = [];
+    this.inFlight = 0;
+    this.needNotify = false;
+    this.resubmit = [];
+    this.ctx.reset();
+    Atomics.store(this.stats, StatIndex.IN_FLIGHT, 0);
   }
 
   /**
@@ -190,7 +239,7 @@ class QueueWorker {
 
   private canPop(): boolean {
     return (
-      this.queue !== null && this.setup !== null && this.setup.enabled && this.stopSeq < 0 && !this.drained && !this.broken
+      this.queue !== null && this.setup !== null && this.setup.enabled && this.stopSeq < 0 && !this.drained && !this.broken && this.engine !== null
     );
   }
 
@@ -211,7 +260,10 @@ class QueueWorker {
       native.pollWait(fds, n, this.revents, this.ctx.msToNextTimer());
     }
     for (let i = 0; i < n; i++) {
-      if ((this.revents[i]! & POLLIN) === 0) continue;
+      const ev = this.revents[i]!;
+      // A kick fd that poll cannot wait on would turn this sleep into a spin.
+      if (fds[i] === kick && (ev & (POLLNVAL | POLLERR)) !== 0) throw new BrokenQueueError(`kick fd ${kick} cannot be polled (revents 0x${ev.toString(16)})`);
+      if ((ev & POLLIN) === 0) continue;
       if (fds[i] === this.init.ctrlFd) native.eventfdRead(fds[i]!);
       else if (fds[i] === kick) {
         native.eventfdRead(kick);
@@ -274,12 +326,20 @@ class QueueWorker {
     this.handler.start(slot, this.node, this.ctx);
   }
 
-  private markBroken(e: unknown): void {
-    if (!(e instanceof BrokenQueueError) && !(e instanceof RangeError)) throw e;
+  /** `internal`: not a guest error but an unexpected exception (logged with its stack). */
+  private markBroken(e: unknown, internal = false): void {
+    if (!internal && !(e instanceof BrokenQueueError) && !(e instanceof RangeError)) throw e;
     this.broken = true;
     Atomics.store(this.stats, StatIndex.STATE, QueueState.BROKEN);
-    this.log('error', `queue marked broken: ${(e as Error).message}`);
-    if (this.setup && this.setup.errFd >= 0) native.eventfdWrite(this.setup.errFd, 1);
+    const err = e as Error;
+    this.log('error', `queue marked broken: ${internal ? 'internal error: ' : ''}${err.message}`, internal ? { stack: err.stack } : undefined);
+    if (this.setup && this.setup.errFd >= 0) {
+      try {
+        native.eventfdWrite(this.setup.errFd, 1);
+      } catch (werr) {
+        this.log('warn', `could not signal the err fd: ${(werr as Error).message}`);
+      }
+    }
   }
 
   private reap(): boolean {

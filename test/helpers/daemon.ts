@@ -24,11 +24,12 @@ export function tempDir(prefix = 'vubd-test-'): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
 }
 
-export async function startDaemon(args: string[], opts: { dir?: string; waitSocket?: boolean } = {}): Promise<Daemon> {
+export async function startDaemon(args: string[], opts: { dir?: string; waitSocket?: boolean; env?: Record<string, string> } = {}): Promise<Daemon> {
   const dir = opts.dir ?? tempDir();
   const socketPath = path.join(dir, 'vubd.sock');
   const proc = spawn(process.execPath, [vubdMain, `--socket-path=${socketPath}`, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
+    env: opts.env ? { ...process.env, ...opts.env } : process.env,
   });
   const logs: string[] = [];
   let partial = '';

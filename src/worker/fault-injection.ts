@@ -1,0 +1,31 @@
+// Test-only fault injection, read once from VUBD_TEST_FAULT ("throw:Q" or "die:Q"): after queue Q
+// saw its first kick, its worker throws a plain Error inside the I/O loop ("throw": must mark only
+// that queue broken) or outside it ("die": the thread really ends, as an uncaught bug would end
+// it). Every exception the worker can foresee is caught, so a real thread death cannot be
+// provoked from outside; this is how the tests reach the daemon's answer to one.
+import { StatIndex } from './messages.js';
+
+type Kind = 'throw' | 'die';
+
+function parse(spec: string | undefined): { kind: Kind; queue: number } | null {
+  const m = /^(throw|die):(\d+)$/.exec(spec ?? '');
+  return m === null ? null : { kind: m[1] as Kind, queue: Number(m[2]) };
+}
+
+const planned = parse(process.env.VUBD_TEST_FAULT);
+
+/** Fires once per queue, across the workers that replace one another (the flag lives in the shared stats block). */
+function due(kind: Kind, queue: number, stats: Int32Array): boolean {
+  if (planned === null || planned.kind !== kind || planned.queue !== queue) return false;
+  if (Atomics.load(stats, StatIndex.KICKS) === 0) return false;
+  return Atomics.compareExchange(stats, StatIndex.FAULT_FIRED, 0, 1) === 0;
+}
+
+export const faultInjection = {
+  maybeThrow(queue: number, stats: Int32Array): void {
+    if (planned !== null && due('throw', queue, stats)) throw new Error('injected fault (VUBD_TEST_FAULT)');
+  },
+  maybeDie(queue: number, stats: Int32Array): void {
+    if (planned !== null && due('die', queue, stats)) throw new Error('injected worker death (VUBD_TEST_FAULT)');
+  },
+};
