@@ -282,6 +282,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
       readKiB: Atomics.load(w.stats, StatIndex.READ_KIB),
       writeKiB: Atomics.load(w.stats, StatIndex.WRITE_KIB),
       state: ['idle', 'running', 'drained', 'broken'][Atomics.load(w.stats, StatIndex.STATE)] ?? 'unknown',
+      engine: ['none', 'sync', 'io_uring'][Atomics.load(w.stats, StatIndex.ENGINE)] ?? 'unknown',
       latencyHistogramUs: histogram(w.stats),
     }));
   }

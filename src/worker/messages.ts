@@ -56,6 +56,8 @@ export const enum StatIndex {
   DRAINS = 12,
   /** test-only: VUBD_TEST_FAULT already fired for this queue */
   FAULT_FIRED = 13,
+  /** the I/O engine serving the queue: 0 none yet, 1 sync, 2 io_uring */
+  ENGINE = 14,
   /** latency histogram: bucket b counts requests that took [2^(b-1), 2^b) microseconds */
   HIST_BASE = 16,
   HIST_BUCKETS = 24,

@@ -100,6 +100,7 @@ class QueueWorker {
     this.engine = null;
     this.engine = createEngine(this.init.aio, Math.min(queueSize, 1024), queueSize, MAX_SEGS, (m) => this.log('warn', m));
     this.ctx.engine = this.engine;
+    Atomics.store(this.stats, StatIndex.ENGINE, this.engine.kind === 'io_uring' ? 2 : 1);
     this.slots = [];
     for (let t = 0; t < queueSize; t++) this.slots.push(new BlkSlot(t, new DescriptorChain(MAX_SEGS), MAX_SEGS));
     this.freeTags = [];

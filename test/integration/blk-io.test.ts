@@ -7,6 +7,7 @@ import { Frontend, BLK } from '../helpers/frontend.js';
 import { startDaemon, type Daemon } from '../helpers/daemon.js';
 import { Request } from '../../src/protocol/constants.js';
 import { pattern } from '../helpers/sessions.js';
+import { QmpClient } from '../../src/control/qmp-client.js';
 
 const MiB = 2 ** 20;
 const OK = 0;
@@ -25,7 +26,7 @@ for (const aio of ['io_uring', 'sync'] as const) {
       image = path.join(dir, 'disk.img');
       fs.writeFileSync(image, '');
       fs.truncateSync(image, 16 * MiB);
-      d = await startDaemon([`--blk-file=${image}`, '--num-queues=2', `--aio=${aio}`, '--serial=test-serial-0123456789abc'], { dir });
+      d = await startDaemon([`--blk-file=${image}`, '--num-queues=2', `--aio=${aio}`, '--serial=test-serial-0123456789abc', `--control=${path.join(dir, 'qmp.sock')}`], { dir });
       fe = Frontend.connect(d.socketPath);
       fe.negotiate();
     });
@@ -119,6 +120,21 @@ for (const aio of ['io_uring', 'sync'] as const) {
       const q1 = fe.rings[1]!;
       assert.equal(fe.getVringBase(1), q1.availIdx);
       assert.ok(fe.callU64(Request.GET_FEATURES) > 0n, 'connection still serves messages');
+    });
+
+    test(`the queues that served the I/O above ran on ${aio}, not a silent fallback`, async () => {
+      const qmp = await QmpClient.connect(path.join(d.dir, 'qmp.sock'));
+      try {
+        const stats = (await qmp.execute('query-stats')) as { exports: { queues: { queue: number; engine: string; writeOps: number }[] }[] };
+        const queues = stats.exports[0]!.queues;
+        assert.equal(queues.length, 2);
+        for (const q of queues) {
+          assert.ok(q.writeOps > 0, `queue ${q.queue} served writes`);
+          assert.equal(q.engine, aio, `queue ${q.queue} engine`);
+        }
+      } finally {
+        qmp.close();
+      }
     });
   });
 }

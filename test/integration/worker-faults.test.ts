@@ -10,6 +10,7 @@ import { fdsSettle, makeImage, openSession, pattern } from '../helpers/sessions.
 import { native } from '../../src/native/index.js';
 import { Request } from '../../src/protocol/constants.js';
 import { u64Payload, vringAddrPayload, vringStatePayload } from '../../src/protocol/codec.js';
+import { QmpClient } from '../../src/control/qmp-client.js';
 
 async function sessionEnded(d: Daemon, conn: unknown): Promise<void> {
   await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend' && r.conn === conn);
@@ -229,3 +230,65 @@ describe('a queue worker thread that dies', () => {
     }
   });
 });
+
+/** eventfd-id of every eventfd the process holds (Linux shows it in fdinfo). */
+function eventfdIds(pid: number): Set<number> {
+  const ids = new Set<number>();
+  for (const fd of fs.readdirSync(`/proc/${pid}/fdinfo`)) {
+    try {
+      const m = /^eventfd-id:\s*(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
+      if (m) ids.add(Number(m[1]));
+    } catch {
+      /* closed meanwhile */
+    }
+  }
+  return ids;
+}
+
+describe('fd ownership across threads', () => {
+  test('a SET_VRING_KICK the worker refuses leaves the old kick fd open while the worker still uses it', async () => {
+    const dir = fs.mkdtempSync('/tmp/vubd-faults-');
+    const control = path.join(dir, 'qmp.sock');
+    const d = await startDaemon([`--blk-file=${makeImage(dir)}`, '--num-queues=1', '--aio=sync', `--control=${control}`], { dir });
+    const qmp = await QmpClient.connect(control);
+    try {
+      // Requests stay in flight for seconds behind a slow throttle.
+      await qmp.execute('block_set_io_throttle', { device: 'export0', iops: 10, iops_max: 1 });
+      const { fe, conn } = await openSession(d);
+      try {
+        fe.negotiate();
+        const ring = fe.setupRing(0, 128);
+        const oldKickId = idOf(ring.kickFd);
+        for (let k = 0; k < 12; k++) fe.blk(ring, BLK.OUT, 8 * k, pattern(k, 512));
+        ring.kick();
+        await sleep(200);
+        assert.ok(eventfdIds(d.proc.pid!).has(oldKickId), 'vubd holds the kick eventfd');
+        // A bigger ring while requests are in flight: the worker cannot rebuild its request table and refuses.
+        const newKick = native.eventfd(true);
+        try {
+          fe.send(Request.SET_VRING_NUM, vringStatePayload(0, 256));
+          fe.send(Request.SET_VRING_KICK, u64Payload(0), [newKick]);
+        } finally {
+          native.close(newKick);
+        }
+        assert.ok(fe.isClosedByPeer(3000), 'the refusal closes the connection');
+        // The worker still polls the old kick fd until its requests are done: it must still be open.
+        assert.ok(eventfdIds(d.proc.pid!).has(oldKickId), 'the old kick fd stays open while the worker may still use it');
+      } finally {
+        dispose(fe);
+      }
+      await sessionEnded(d, conn);
+      await qmp.execute('block_set_io_throttle', { device: 'export0', iops: 0 });
+      await servesAllQueues(d, 1, 80);
+    } finally {
+      qmp.close();
+      assert.equal((await d.stop()).code, 0);
+    }
+  });
+});
+
+function idOf(fd: number): number {
+  const m = /^eventfd-id:\s*(\d+)/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'));
+  if (!m) throw new Error(`fd ${fd} is not an eventfd`);
+  return Number(m[1]);
+}
