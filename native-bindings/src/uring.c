@@ -26,6 +26,7 @@ typedef struct {
   struct io_uring_cqe *cqes;
   unsigned tail; /* our copy of *sq_tail */
   uint32_t max_tags, max_segs;
+  uint8_t sqe_flags;  /* IOSQE_ASYNC for a ring that must never block its submitter */
   struct iovec *iovs; /* max_tags * max_segs */
 } ring_t;
 
@@ -91,12 +92,18 @@ static int ring_map(ring_t *r, struct io_uring_params *p) {
   return 0;
 }
 
+/*
+ * new Ring(entries, maxTags, maxSegs, alwaysAsync = false). alwaysAsync sets IOSQE_ASYNC on every
+ * SQE: the kernel never runs an operation inline in io_uring_enter (a FUSE read would block there).
+ */
 static napi_value ring_ctor(napi_env env, napi_callback_info info) {
-  VUBD_ARGS(3);
+  VUBD_ARGS(4);
   uint32_t entries, max_tags, max_segs;
+  bool always_async = false;
   if (!vubd_arg_u32(env, argv[0], "entries", &entries) || !vubd_arg_u32(env, argv[1], "maxTags", &max_tags) ||
       !vubd_arg_u32(env, argv[2], "maxSegs", &max_segs))
     return NULL;
+  if (argc >= 4 && !vubd_arg_bool(env, argv[3], &always_async)) return NULL;
   if (max_tags == 0 || max_tags > (1u << 20)) return vubd_range_error(env, "maxTags", "must be in [1, 2^20]"), NULL;
   if (max_segs == 0 || max_segs > MAX_SEGS) return vubd_range_error(env, "maxSegs", "must be in [1, 1024]"), NULL;
 
@@ -104,6 +111,7 @@ static napi_value ring_ctor(napi_env env, napi_callback_info info) {
   if (r == NULL) return vubd_throw_errno(env, "Ring", ENOMEM);
   r->max_tags = max_tags;
   r->max_segs = max_segs;
+  r->sqe_flags = always_async ? IOSQE_ASYNC : 0;
   r->iovs = calloc((size_t)max_tags * max_segs, sizeof(struct iovec));
   if (r->iovs == NULL) {
     free(r);
@@ -165,6 +173,7 @@ static struct io_uring_sqe *sqe_get(ring_t *r) {
 }
 
 static void sqe_commit(ring_t *r) {
+  r->sqes[r->tail & r->sq_mask].flags |= r->sqe_flags;
   __atomic_store_n(r->sq_tail, ++r->tail, __ATOMIC_RELEASE);
 }
 

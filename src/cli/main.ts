@@ -13,6 +13,7 @@ import type { NodeDef } from '../graph/snapshot.js';
 import { BlockGraph } from '../graph/graph.js';
 import { QmpServer } from '../control/qmp-server.js';
 import { buildCommands } from '../control/commands.js';
+import { createBackgroundIo, type BackgroundIo } from '../graph/background-io.js';
 
 const DEFAULT_IMAGE_SIZE = 2 ** 30;
 
@@ -134,9 +135,12 @@ async function main(): Promise<number> {
 
   let qmp: QmpServer | null = null;
   let stop: (signal: string) => void = () => {};
+  let io: BackgroundIo | null = null;
   if (opts.control !== null) {
+    io = createBackgroundIo(opts.aio, (m) => log.warn(m));
     const commands = buildCommands({
       graph,
+      io,
       exports: new Map([[exp.id, exp]]),
       emit: (event, data) => qmp?.emit(event, data),
       quit: () => stop('quit'),

@@ -1,6 +1,7 @@
 // QMP commands. Where QEMU has the same command, its name and argument names are used.
 import fs from 'node:fs';
 import type { BlockGraph } from '../graph/graph.js';
+import type { BackgroundIo } from '../graph/background-io.js';
 import { MirrorJob, type JobEvents } from '../graph/mirror-job.js';
 import { closeNode, nullNode, openFileNode } from '../graph/open.js';
 import { GraphError, type NodeDef } from '../graph/snapshot.js';
@@ -11,6 +12,8 @@ import { QmpError, type CommandHandler } from './qmp-server.js';
 
 export interface ControlContext {
   graph: BlockGraph;
+  /** storage I/O of jobs (mirror copy and flush), off the main thread's synchronous path */
+  io: BackgroundIo;
   exports: ReadonlyMap<string, BlkExport>;
   emit(event: string, data: Record<string, unknown>): void;
   quit(): void;
@@ -236,7 +239,7 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
           const source = resolveDevice(str(a, 'device'));
           const target = str(a, 'target');
           const speed = a['speed'] === undefined ? 0 : num(a, 'speed');
-          const j = new MirrorJob(id, source, target, graph, events);
+          const j = new MirrorJob(id, source, target, graph, events, ctx.io);
           j.speed = speed;
           jobs.set(id, j);
           try {

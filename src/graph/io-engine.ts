@@ -142,6 +142,20 @@ export class UringEngine implements IoEngine {
   }
 }
 
+/** Why io_uring_setup failed and how to fix it, in one line. */
+export function uringUnavailable(e: unknown): string {
+  const code = (e as { code?: string }).code ?? String(e);
+  const hint =
+    code === 'EPERM'
+      ? 'io_uring is disabled (check sysctl kernel.io_uring_disabled or the seccomp profile)'
+      : code === 'ENOMEM'
+        ? 'not enough locked memory (raise RLIMIT_MEMLOCK, e.g. ulimit -l)'
+        : code === 'ENOSYS'
+          ? 'the kernel has no io_uring (needs Linux 5.6+)'
+          : 'io_uring setup failed';
+  return `io_uring unavailable (${code}): ${hint}`;
+}
+
 /** io_uring when the kernel allows it, else synchronous I/O with a one-line reason. */
 export function createEngine(
   want: 'io_uring' | 'sync',
@@ -154,16 +168,7 @@ export function createEngine(
     try {
       return new UringEngine(entries, maxTags, maxSegs);
     } catch (e) {
-      const code = (e as { code?: string }).code ?? String(e);
-      const hint =
-        code === 'EPERM'
-          ? 'io_uring is disabled (check sysctl kernel.io_uring_disabled or the seccomp profile)'
-          : code === 'ENOMEM'
-            ? 'not enough locked memory (raise RLIMIT_MEMLOCK, e.g. ulimit -l)'
-            : code === 'ENOSYS'
-              ? 'the kernel has no io_uring (needs Linux 5.6+)'
-              : 'io_uring setup failed';
-      warn(`io_uring unavailable (${code}): ${hint}; falling back to synchronous I/O (--aio=sync silences this)`);
+      warn(`${uringUnavailable(e)}; falling back to synchronous I/O (--aio=sync silences this)`);
     }
   }
   return new SyncEngine(maxTags);

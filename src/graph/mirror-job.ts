@@ -1,7 +1,9 @@
 // blockdev-mirror: puts a mirror filter above the source (guest writes then go to both), copies
 // the source to the target chunk by chunk in the background, reports ready after one full pass,
 // and on complete pivots every user of the filter to the target, behind the drained barrier.
-import { native } from '../native/index.js';
+// The copy and the target's flush run through BackgroundIo: the main thread never waits on them.
+import { getSystemErrorName } from 'node:util';
+import type { BackgroundIo } from './background-io.js';
 import type { BlockGraph } from './graph.js';
 import { GraphError, type NodeDef, type Snapshot } from './snapshot.js';
 import { newNodeStats } from './nodes.js';
@@ -31,6 +33,15 @@ function leafFile(s: Snapshot, name: string): Extract<NodeDef, { driver: 'file' 
   }
 }
 
+/** "EIO (errno 5)" for a -errno result */
+function errnoText(res: number): string {
+  try {
+    return `${getSystemErrorName(res)} (errno ${-res})`;
+  } catch {
+    return `errno ${-res}`;
+  }
+}
+
 export class MirrorJob {
   status: JobStatus = 'created';
   offset = 0;
@@ -42,7 +53,8 @@ export class MirrorJob {
   private cancelled = false;
   private chunks: Int32Array | null = null;
   private readonly buf = new ArrayBuffer(CHUNK);
-  private readonly iov = new Float64Array(2);
+  /** settles once the background copy has stopped: no I/O of this job is left in the kernel */
+  private copying: Promise<void> = Promise.resolve();
 
   constructor(
     readonly id: string,
@@ -50,6 +62,7 @@ export class MirrorJob {
     readonly target: string,
     private readonly graph: BlockGraph,
     private readonly events: JobEvents,
+    private readonly io: BackgroundIo,
   ) {
     this.filterName = `${id}-mirror`;
   }
@@ -87,7 +100,7 @@ export class MirrorJob {
     };
     await this.graph.change((s) => s.addNode(filter).replaceUses(this.source, this.filterName));
     this.setStatus('running');
-    void this.copyAll().catch((e: Error) => this.fail(e.message));
+    this.copying = this.copyAll().catch((e: Error) => (this.cancelled ? undefined : this.fail(e.message)));
   }
 
   private async copyAll(): Promise<void> {
@@ -104,13 +117,15 @@ export class MirrorJob {
       const off = c * CHUNK;
       const len = Math.min(CHUNK, this.total - off);
       for (let attempt = 0; ; attempt++) {
-        const before = Atomics.load(chunks, c);
-        if (before % 2 === 1) {
-          // A guest write to this chunk is in progress; let it finish.
-          await new Promise((r) => setImmediate(r));
-          continue;
+        // A guest write to this chunk is in progress (odd count); let it finish.
+        let before = Atomics.load(chunks, c);
+        for (let spins = 0; before % 2 === 1; spins++) {
+          await new Promise((r) => (spins < 64 ? setImmediate(r) : setTimeout(r, 1)));
+          if (this.cancelled) return;
+          before = Atomics.load(chunks, c);
         }
-        this.copyChunk(src?.fd ?? -1, dst.fd, off, len);
+        await this.copyChunk(src?.fd ?? -1, dst.fd, off, len);
+        if (this.cancelled) return;
         if (Atomics.load(chunks, c) === before) break;
         if (attempt > 1000) throw new Error(`chunk ${c} keeps changing under the copy`);
       }
@@ -130,35 +145,39 @@ export class MirrorJob {
         await new Promise((r) => setTimeout(r, Math.min(aheadMs, 200)));
         waited = true;
       }
-      if (!waited && c % 8 === 7) await new Promise((r) => setImmediate(r)); // keep the main loop responsive
+      // The synchronous fallback never yields by itself: keep the main loop responsive.
+      if (!waited && c % 8 === 7) await new Promise((r) => setImmediate(r));
     }
     if (this.cancelled) return;
-    native.fsync(dst.fd, true);
+    // Ready promises that the target holds the data: a flush that fails ends the job instead.
+    const r = await this.io.fsync(dst.fd, true);
+    if (this.cancelled) return;
+    if (r < 0) throw new Error(`flushing the mirror target '${this.target}' failed: ${errnoText(r)}`);
     this.setStatus('ready');
     this.events.ready(this);
   }
 
-  private copyChunk(srcFd: number, dstFd: number, off: number, len: number): void {
-    const iov = this.iov;
-    iov[0] = native.addressOf(this.buf);
-    iov[1] = len;
+  private async copyChunk(srcFd: number, dstFd: number, off: number, len: number): Promise<void> {
     if (srcFd < 0) new Uint8Array(this.buf, 0, len).fill(0);
     else {
-      const r = native.preadv(srcFd, iov, 1, off);
-      if (r < 0) throw new Error(`mirror read at ${off} failed: errno ${-r}`);
+      const r = await this.io.read(srcFd, this.buf, len, off);
+      if (r < 0) throw new Error(`mirror read at ${off} failed: ${errnoText(r)}`);
       if (r < len) new Uint8Array(this.buf, r, len - r).fill(0);
     }
-    const w = native.pwritev(dstFd, iov, 1, off);
-    if (w !== len) throw new Error(`mirror write at ${off} failed: ${w < 0 ? `errno ${-w}` : `short write ${w}`}`);
+    const w = await this.io.write(dstFd, this.buf, len, off);
+    if (w !== len) throw new Error(`mirror write at ${off} failed: ${w < 0 ? errnoText(w) : `short write ${w}`}`);
   }
 
-  private fail(message: string): void {
+  private async fail(message: string): Promise<void> {
     this.error = message;
     this.cancelled = true;
-    void this.removeFilter(this.source).finally(() => {
-      this.setStatus('concluded');
-      this.events.completed(this, message);
-    });
+    try {
+      await this.removeFilter(this.source);
+    } catch (e) {
+      this.error = `${message}; removing the mirror filter failed too: ${(e as Error).message}`;
+    }
+    this.setStatus('concluded');
+    this.events.completed(this, this.error);
   }
 
   private async removeFilter(replacement: string): Promise<void> {
@@ -175,12 +194,14 @@ export class MirrorJob {
     this.events.completed(this);
   }
 
-  /** job-cancel: drop the filter and keep the source. */
+  /** job-cancel: drop the filter and keep the source; concluded once no copy I/O is left in flight. */
   async cancel(): Promise<void> {
     if (this.status === 'concluded') throw new GraphError(`Job '${this.id}' is already concluded`);
+    if (this.status === 'aborting') throw new GraphError(`Job '${this.id}' is already being cancelled`);
     this.cancelled = true;
     this.setStatus('aborting');
     await this.removeFilter(this.source);
+    await this.copying;
     this.setStatus('concluded');
     this.events.completed(this, 'cancelled');
   }

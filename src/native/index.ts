@@ -101,7 +101,8 @@ export interface Native {
   /** CPU time of the calling thread in microseconds (CLOCK_THREAD_CPUTIME_ID) */
   threadCpuMicros(): number;
 
-  Ring: new (entries: number, maxTags: number, maxSegs: number) => Ring;
+  /** alwaysAsync: every operation goes to the kernel's async workers, never runs inline in submit() (which would block on e.g. FUSE) */
+  Ring: new (entries: number, maxTags: number, maxSegs: number, alwaysAsync?: boolean) => Ring;
 }
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
