@@ -7,6 +7,7 @@ import type { BackgroundIo } from './background-io.js';
 import type { BlockGraph } from './graph.js';
 import { GraphError, type NodeDef, type Snapshot } from './snapshot.js';
 import { newNodeStats } from './nodes.js';
+import { releaseFd, retainFd } from './fd-refs.js';
 
 export type JobStatus = 'created' | 'running' | 'ready' | 'waiting' | 'pending' | 'aborting' | 'concluded';
 
@@ -18,8 +19,10 @@ export interface JobEvents {
 
 const CHUNK = 1 << 20;
 
+type FileDef = Extract<NodeDef, { driver: 'file' }>;
+
 /** The file a node's data lives in (through filters), or null for a data-less node. */
-function leafFile(s: Snapshot, name: string): Extract<NodeDef, { driver: 'file' }> | null {
+function leafFile(s: Snapshot, name: string): FileDef | null {
   const n = s.node(name);
   switch (n.driver) {
     case 'file':
@@ -103,10 +106,21 @@ export class MirrorJob {
     this.copying = this.copyAll().catch((e: Error) => (this.cancelled ? undefined : this.fail(e.message)));
   }
 
+  /** The copy holds its own references on both fds: an operation the kernel runs later must not meet a closed or reused number. */
   private async copyAll(): Promise<void> {
     const snap = this.graph.snapshot;
     const src = leafFile(snap, this.source);
     const dst = leafFile(snap, this.target)!;
+    const fds = src ? [src.fd, dst.fd] : [dst.fd];
+    fds.forEach(retainFd);
+    try {
+      await this.copyFrom(src, dst);
+    } finally {
+      fds.forEach(releaseFd);
+    }
+  }
+
+  private async copyFrom(src: FileDef | null, dst: FileDef): Promise<void> {
     const chunks = this.chunks!;
     // Rate limiting: bytes copied since the window began; the window restarts when the speed changes.
     let windowStart = Date.now();
