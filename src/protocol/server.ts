@@ -1,14 +1,35 @@
-// Listens on the vhost-user socket and runs one Session at a time. After a frontend disconnects
-// (QEMU restarts or reconnects), the same socket accepts the next one.
+// Listens on the vhost-user socket and runs one Session at a time. A frontend that connects while
+// a session is still open or closing waits in line (its bytes stay unread in its socket) and is
+// served as soon as that session has ended, like qemu-storage-daemon, which stops accepting while
+// a client is connected. After a frontend disconnects the same socket serves the next one.
 import fs from 'node:fs';
-import { native, isErrno, READABLE, type PollHandle } from '../native/index.js';
+import { native, isErrno, READABLE, DISCONNECT, type PollHandle } from '../native/index.js';
 import type { Logger } from '../log.js';
 import type { VhostBackend } from './backend.js';
 import { Session } from './session.js';
 
+/** connections the kernel holds before accept(); beyond MAX_WAITING the kernel's queue is the line */
+export const LISTEN_BACKLOG = 64;
+/** accepted connections kept waiting for their turn; while full we stop accepting */
+export const MAX_WAITING = 16;
+/** pause before accepting again after accept() failed (EMFILE and the like): never a busy loop */
+const ACCEPT_RETRY_MS = 100;
+
+interface WaitingPeer {
+  fd: number;
+  id: number;
+  log: Logger;
+  since: number;
+  /** watches only for the peer hanging up, so its unread messages do not wake us */
+  poll: PollHandle;
+}
+
 export class VhostUserServer {
   private poll: PollHandle | null = null;
+  private accepting = false;
+  private retryTimer: NodeJS.Timeout | null = null;
   private session: Session | null = null;
+  private readonly waiting: WaitingPeer[] = [];
   private closing = false;
   private connections = 0;
 
@@ -34,7 +55,7 @@ export class VhostUserServer {
       if (live) throw new Error(`${socketPath} is in use by another process`);
       fs.unlinkSync(socketPath);
     }
-    const fd = native.listenUnix(socketPath, 4);
+    const fd = native.listenUnix(socketPath, LISTEN_BACKLOG);
     return new VhostUserServer(fd, socketPath, backend, log);
   }
 
@@ -46,45 +67,106 @@ export class VhostUserServer {
 
   start(): void {
     this.poll = native.poll(this.listenFd, READABLE, () => this.onAcceptable());
+    this.accepting = true;
   }
 
   get activeSession(): Session | null {
     return this.session;
   }
 
+  /** frontends accepted and waiting for the current session to end */
+  get waitingCount(): number {
+    return this.waiting.length;
+  }
+
+  private setAccepting(on: boolean): void {
+    if (this.closing || this.poll === null || on === this.accepting) return;
+    this.accepting = on;
+    if (on) this.poll.start(READABLE);
+    else this.poll.stop();
+  }
+
   private onAcceptable(): void {
-    for (;;) {
+    while (this.accepting && !this.closing) {
       let fd: number;
       try {
         fd = native.accept(this.listenFd);
       } catch (err) {
-        this.log.error({ err }, 'accept failed');
+        this.log.error({ err }, `accept failed; retrying in ${ACCEPT_RETRY_MS} ms`);
+        this.setAccepting(false);
+        this.retryTimer = setTimeout(() => {
+          this.retryTimer = null;
+          if (this.waiting.length < MAX_WAITING) this.setAccepting(true);
+        }, ACCEPT_RETRY_MS);
         return;
       }
       if (fd < 0) return;
-      if (this.session !== null || this.closing) {
-        this.log.warn('refusing a second vhost-user connection: only one frontend at a time is served');
-        native.close(fd);
-        continue;
-      }
       const id = ++this.connections;
       const log = this.log.child({ conn: id });
-      log.info('frontend connected');
-      const s = new Session(fd, this.backend, log);
-      this.session = s;
-      void s.closed.then(() => {
-        if (this.session === s) this.session = null;
-        log.info('session ended; waiting for the next frontend');
-      });
+      if (this.session === null) this.serve(fd, log);
+      else this.wait(fd, id, log);
     }
+  }
+
+  private wait(fd: number, id: number, log: Logger): void {
+    let poll: PollHandle;
+    try {
+      poll = native.poll(fd, DISCONNECT, () => this.onWaitingHangup(id));
+    } catch (err) {
+      log.error({ err }, 'cannot watch a waiting frontend; closing it');
+      native.close(fd);
+      return;
+    }
+    this.waiting.push({ fd, id, log, since: Date.now(), poll });
+    log.info({ waiting: this.waiting.length }, 'frontend waiting: another frontend is being served');
+    // A full line stops accept(): further frontends wait in the kernel's listen queue.
+    if (this.waiting.length >= MAX_WAITING) this.setAccepting(false);
+  }
+
+  private onWaitingHangup(id: number): void {
+    const i = this.waiting.findIndex((w) => w.id === id);
+    if (i < 0) return;
+    const [w] = this.waiting.splice(i, 1);
+    w!.poll.close();
+    native.close(w!.fd);
+    w!.log.info({ waitedMs: Date.now() - w!.since }, 'waiting frontend disconnected before its turn');
+    this.setAccepting(true);
+  }
+
+  private serve(fd: number, log: Logger, waitedMs?: number): void {
+    log.info(waitedMs === undefined ? {} : { waitedMs }, 'frontend connected');
+    const s = new Session(fd, this.backend, log);
+    this.session = s;
+    void s.closed.then(() => {
+      if (this.session === s) this.session = null;
+      log.info('session ended; waiting for the next frontend');
+      if (!this.closing) this.serveNext();
+    });
+  }
+
+  /** Serves the longest-waiting frontend, then lets the kernel's queue in again. */
+  private serveNext(): void {
+    const w = this.waiting.shift();
+    if (w !== undefined) {
+      w.poll.close(); // before the Session polls the same fd: one uv_poll per fd
+      this.serve(w.fd, w.log, Date.now() - w.since);
+    }
+    if (this.retryTimer === null) this.setAccepting(true);
+    // A frontend still in the kernel's queue is picked up by the listen poll (level-triggered).
   }
 
   async close(): Promise<void> {
     this.closing = true;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.retryTimer = null;
     this.poll?.close();
     this.poll = null;
     native.close(this.listenFd);
     if (this.socketPath) fs.rmSync(this.socketPath, { force: true });
+    for (const w of this.waiting.splice(0)) {
+      w.poll.close();
+      native.close(w.fd);
+    }
     const s = this.session;
     if (s) {
       s.close();
