@@ -1,7 +1,7 @@
 // virtio-blk request execution: parses the request header and segments from a walked chain,
 // checks everything against the node, and starts the I/O. Completion writes the status byte.
 import { ChainError, type DescriptorChain } from '../virtio/chain.js';
-import type { BlockNode, DataIo, IoContext } from '../graph/nodes.js';
+import { PENDING, type BlockNode, type DataIo, type IoContext } from '../graph/nodes.js';
 import { MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, SECTOR_SIZE } from './config.js';
 
 export const enum BlkType {
@@ -49,6 +49,9 @@ export class BlkSlot implements DataIo {
   ringDescs = 1;
   /** graph generation the request started under */
   generation = 0;
+  /** DISCARD / WRITE_ZEROES: the checked segments as [offset, length, unmap] triples, copied out of guest memory */
+  ranges: Float64Array | null = null;
+  rangeCount = 0;
 
   constructor(
     tag: number,
@@ -134,7 +137,8 @@ export class BlkRequestHandler {
       case BlkType.DISCARD:
       case BlkType.WRITE_ZEROES:
         if (this.opts.readOnly || node.readOnly) return this.fail(slot, engine, BlkStatus.IOERR);
-        engine.done(slot.tag, this.rangeOps(slot, node, type, dataOut));
+        if (!this.checkRanges(slot, node, type, dataOut)) return this.fail(slot, engine, slot.fixedStatus);
+        this.startRange(slot, node, ctx, 0);
         return;
       default:
         return this.fail(slot, engine, BlkStatus.UNSUPP);
@@ -171,44 +175,53 @@ export class BlkRequestHandler {
     return sectorHi < 0x200000 && sector * SECTOR_SIZE + len <= node.size;
   }
 
-  /** discard / write zeroes: every segment is checked before any is executed. */
-  private rangeOps(slot: BlkSlot, node: BlockNode, type: number, dataOut: number): number {
+  /**
+   * DISCARD / WRITE_ZEROES: every segment is checked before any runs, and copied out of guest
+   * memory so the guest cannot change it afterwards. False with slot.fixedStatus set when refused.
+   */
+  private checkRanges(slot: BlkSlot, node: BlockNode, type: number, dataOut: number): boolean {
     const c = slot.chain;
     const discard = type === BlkType.DISCARD;
     const maxSeg = discard ? MAX_DISCARD_SEG : MAX_WRITE_ZEROES_SEG;
     const maxSectors = discard ? MAX_DISCARD_SECTORS : MAX_WRITE_ZEROES_SECTORS;
     const nseg = dataOut / 16;
-    if (dataOut === 0 || dataOut % 16 !== 0 || nseg > maxSeg) {
-      slot.fixedStatus = BlkStatus.IOERR;
-      return -EIO;
-    }
+    slot.fixedStatus = BlkStatus.IOERR;
+    if (dataOut === 0 || dataOut % 16 !== 0 || nseg > maxSeg) return false;
+    const ranges = (slot.ranges ??= new Float64Array(3 * Math.max(MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SEG)));
     const seg = this.hdr;
     const dv = this.hdrView;
-    for (let pass = 0; pass < 2; pass++) {
-      for (let i = 0; i < nseg; i++) {
-        c.readInto(seg, 16 + 16 * i, 16);
-        const hi = dv.getUint32(4, true);
-        const sector = hi * 0x100000000 + dv.getUint32(0, true);
-        const num = dv.getUint32(8, true);
-        const flags = dv.getUint32(12, true);
-        if (pass === 0) {
-          const allowed = discard ? 0 : WRITE_ZEROES_FLAG_UNMAP;
-          if ((flags & ~allowed) !== 0) {
-            slot.fixedStatus = BlkStatus.UNSUPP;
-            return -EIO;
-          }
-          if (num > maxSectors || !this.inRange(node, hi, sector, num * SECTOR_SIZE)) {
-            slot.fixedStatus = BlkStatus.IOERR;
-            return -EIO;
-          }
-          continue;
-        }
-        const off = sector * SECTOR_SIZE;
-        const len = num * SECTOR_SIZE;
-        const r = discard ? node.discard(off, len) : node.writeZeroes(off, len, (flags & WRITE_ZEROES_FLAG_UNMAP) !== 0);
-        if (r < 0) return r;
+    for (let i = 0; i < nseg; i++) {
+      c.readInto(seg, 16 + 16 * i, 16);
+      const hi = dv.getUint32(4, true);
+      const sector = hi * 0x100000000 + dv.getUint32(0, true);
+      const num = dv.getUint32(8, true);
+      const flags = dv.getUint32(12, true);
+      const allowed = discard ? 0 : WRITE_ZEROES_FLAG_UNMAP;
+      if ((flags & ~allowed) !== 0) {
+        slot.fixedStatus = BlkStatus.UNSUPP;
+        return false;
       }
+      if (num > maxSectors || !this.inRange(node, hi, sector, num * SECTOR_SIZE)) return false;
+      ranges[3 * i] = sector * SECTOR_SIZE;
+      ranges[3 * i + 1] = num * SECTOR_SIZE;
+      ranges[3 * i + 2] = flags & WRITE_ZEROES_FLAG_UNMAP;
     }
-    return 0;
+    slot.rangeCount = nseg;
+    slot.fixedStatus = -1;
+    return true;
+  }
+
+  /** Runs segment i, then (through a continuation) the ones after it; the first error ends the request. */
+  private startRange(slot: BlkSlot, node: BlockNode, ctx: IoContext, i: number): void {
+    if (i + 1 < slot.rangeCount) {
+      ctx.then(slot.tag, (res) => {
+        if (res < 0) return res;
+        this.startRange(slot, node, ctx, i + 1);
+        return PENDING;
+      });
+    }
+    const r = slot.ranges!;
+    if (slot.type === BlkType.DISCARD) node.discard(ctx, slot.tag, r[3 * i]!, r[3 * i + 1]!);
+    else node.writeZeroes(ctx, slot.tag, r[3 * i]!, r[3 * i + 1]!, r[3 * i + 2] !== 0);
   }
 }

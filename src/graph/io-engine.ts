@@ -10,6 +10,7 @@ export interface IoEngine {
   readv(fd: number, iov: Float64Array, iovCount: number, offset: number, tag: number): void;
   writev(fd: number, iov: Float64Array, iovCount: number, offset: number, tag: number): void;
   fsync(fd: number, tag: number): void;
+  fallocate(fd: number, mode: number, offset: number, length: number, tag: number): void;
   /** completes tag without I/O (result already known) */
   done(tag: number, res: number): void;
   /** pushes queued operations to the kernel */
@@ -70,6 +71,9 @@ export class SyncEngine implements IoEngine {
   fsync(fd: number, tag: number): void {
     this.ready.push(tag, native.fsync(fd, true));
   }
+  fallocate(fd: number, mode: number, offset: number, length: number, tag: number): void {
+    this.ready.push(tag, native.fallocate(fd, mode, offset, length));
+  }
   done(tag: number, res: number): void {
     this.ready.push(tag, res);
   }
@@ -116,6 +120,14 @@ export class UringEngine implements IoEngine {
     if (!this.ring.prepFsync(fd, tag, true)) {
       this.submit();
       if (!this.ring.prepFsync(fd, tag, true)) throw new Error('io_uring submission queue stays full');
+    }
+    this.queued++;
+    this.inRing++;
+  }
+  fallocate(fd: number, mode: number, offset: number, length: number, tag: number): void {
+    if (!this.ring.prepFallocate(fd, mode, offset, length, tag)) {
+      this.submit();
+      if (!this.ring.prepFallocate(fd, mode, offset, length, tag)) throw new Error('io_uring submission queue stays full');
     }
     this.queued++;
     this.inRing++;

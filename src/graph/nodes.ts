@@ -1,8 +1,8 @@
 // Block nodes as a worker runs them. A node is built from a plain NodeSpec (sent from the main
 // thread); files are opened by the main thread and used here by fd number.
-import { native, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../native/index.js';
 import type { IoEngine } from './io-engine.js';
 import { reserve } from './throttle-state.js';
+import { discardFile, writeZeroesFile } from './range-ops.js';
 
 export type NodeSpec =
   | { driver: 'file'; name: string; fd: number; path: string; size: number; readOnly: boolean; stats: SharedArrayBuffer }
@@ -68,10 +68,10 @@ export interface BlockNode {
   read(ctx: IoContext, io: DataIo): void;
   write(ctx: IoContext, io: DataIo): void;
   flush(ctx: IoContext, tag: number): void;
-  /** synchronous: 0 or -errno */
-  discard(offset: number, length: number): number;
-  /** synchronous: 0 or -errno */
-  writeZeroes(offset: number, length: number, unmap: boolean): number;
+  /** completes tag with 0 or -errno; may take several service rounds (never the whole range at once) */
+  discard(ctx: IoContext, tag: number, offset: number, length: number): void;
+  /** completes tag with 0 or -errno; may take several service rounds (never the whole range at once) */
+  writeZeroes(ctx: IoContext, tag: number, offset: number, length: number, unmap: boolean): void;
 }
 
 /** Nodes of this thread with counts not yet in their shared stats block. */
@@ -122,13 +122,8 @@ abstract class CountingNode {
   }
 }
 
-const ENOTSUP = 95;
-const EOPNOTSUPP = 95;
-
 export class FileNode extends CountingNode implements BlockNode {
   private readonly fd: number;
-  private zeroes: Float64Array | null = null;
-  private zeroBuf: ArrayBuffer | null = null;
 
   constructor(spec: Extract<NodeSpec, { driver: 'file' }>) {
     super(spec);
@@ -146,36 +141,13 @@ export class FileNode extends CountingNode implements BlockNode {
     this.count(NodeStat.FLUSH_OPS, -1, 0);
     ctx.engine.fsync(this.fd, tag);
   }
-  discard(offset: number, length: number): number {
+  discard(ctx: IoContext, tag: number, offset: number, length: number): void {
     this.count(NodeStat.OTHER_OPS, -1, 0);
-    const r = native.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
-    // Discard is a hint: a file system that cannot punch holes still succeeds.
-    return r === -EOPNOTSUPP ? 0 : r;
+    discardFile(ctx, this.fd, tag, offset, length);
   }
-  writeZeroes(offset: number, length: number, unmap: boolean): number {
+  writeZeroes(ctx: IoContext, tag: number, offset: number, length: number, unmap: boolean): void {
     this.count(NodeStat.OTHER_OPS, -1, 0);
-    const mode = unmap ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE;
-    const r = native.fallocate(this.fd, mode, offset, length);
-    if (r !== -ENOTSUP) return r;
-    return this.writeZeroBuffers(offset, length);
-  }
-  private writeZeroBuffers(offset: number, length: number): number {
-    const chunk = 1 << 20;
-    if (this.zeroBuf === null) {
-      this.zeroBuf = new ArrayBuffer(chunk);
-      this.zeroes = new Float64Array(2);
-    }
-    // A JS-owned zero buffer is fine here: this path is rare and synchronous.
-    const iov = this.zeroes!;
-    iov[0] = native.addressOf(this.zeroBuf);
-    for (let done = 0; done < length; ) {
-      const n = Math.min(chunk, length - done);
-      iov[1] = n;
-      const r = native.pwritev(this.fd, iov, 1, offset + done);
-      if (r < 0) return r;
-      done += r;
-    }
-    return 0;
+    writeZeroesFile(ctx, this.fd, tag, offset, length, unmap);
   }
 }
 
@@ -193,13 +165,13 @@ export class NullNode extends CountingNode implements BlockNode {
     this.count(NodeStat.FLUSH_OPS, -1, 0);
     ctx.engine.done(tag, 0);
   }
-  discard(): number {
+  discard(ctx: IoContext, tag: number): void {
     this.count(NodeStat.OTHER_OPS, -1, 0);
-    return 0;
+    ctx.engine.done(tag, 0);
   }
-  writeZeroes(): number {
+  writeZeroes(ctx: IoContext, tag: number): void {
     this.count(NodeStat.OTHER_OPS, -1, 0);
-    return 0;
+    ctx.engine.done(tag, 0);
   }
 }
 
@@ -228,13 +200,13 @@ export class ThrottleNode extends CountingNode implements BlockNode {
     this.count(NodeStat.FLUSH_OPS, -1, 0);
     this.child.flush(ctx, tag);
   }
-  discard(offset: number, length: number): number {
+  discard(ctx: IoContext, tag: number, offset: number, length: number): void {
     this.count(NodeStat.OTHER_OPS, -1, 0);
-    return this.child.discard(offset, length);
+    this.child.discard(ctx, tag, offset, length);
   }
-  writeZeroes(offset: number, length: number, unmap: boolean): number {
+  writeZeroes(ctx: IoContext, tag: number, offset: number, length: number, unmap: boolean): void {
     this.count(NodeStat.OTHER_OPS, -1, 0);
-    return this.child.writeZeroes(offset, length, unmap);
+    this.child.writeZeroes(ctx, tag, offset, length, unmap);
   }
 }
 
@@ -266,20 +238,24 @@ export class MirrorNode extends CountingNode implements BlockNode {
   }
   write(ctx: IoContext, io: DataIo): void {
     this.count(NodeStat.WRITE_OPS, NodeStat.WRITE_KIB, io.length);
-    this.bracket(io.offset, io.length); // odd: write in progress
-    ctx.then(io.tag, (res) => {
+    this.onBoth(ctx, io.tag, io.offset, io.length, (n) => n.write(ctx, io));
+  }
+  /** Runs op on the source, then on the target; the chunks it covers stay odd until both are done. */
+  private onBoth(ctx: IoContext, tag: number, offset: number, length: number, op: (n: BlockNode) => void): void {
+    this.bracket(offset, length); // odd: write in progress
+    ctx.then(tag, (res) => {
       if (res < 0) {
-        this.bracket(io.offset, io.length);
+        this.bracket(offset, length);
         return res;
       }
-      ctx.then(io.tag, (res2) => {
-        this.bracket(io.offset, io.length); // even again: both copies written
+      ctx.then(tag, (res2) => {
+        this.bracket(offset, length); // even again: both copies written
         return res2 < 0 ? res2 : res;
       });
-      this.target.write(ctx, io);
+      op(this.target);
       return PENDING;
     });
-    this.source.write(ctx, io);
+    op(this.source);
   }
   flush(ctx: IoContext, tag: number): void {
     this.count(NodeStat.FLUSH_OPS, -1, 0);
@@ -290,21 +266,13 @@ export class MirrorNode extends CountingNode implements BlockNode {
     });
     this.source.flush(ctx, tag);
   }
-  discard(offset: number, length: number): number {
+  discard(ctx: IoContext, tag: number, offset: number, length: number): void {
     this.count(NodeStat.OTHER_OPS, -1, 0);
-    this.bracket(offset, length);
-    const r = this.source.discard(offset, length);
-    const r2 = r < 0 ? r : this.target.discard(offset, length);
-    this.bracket(offset, length);
-    return r2;
+    this.onBoth(ctx, tag, offset, length, (n) => n.discard(ctx, tag, offset, length));
   }
-  writeZeroes(offset: number, length: number, unmap: boolean): number {
+  writeZeroes(ctx: IoContext, tag: number, offset: number, length: number, unmap: boolean): void {
     this.count(NodeStat.OTHER_OPS, -1, 0);
-    this.bracket(offset, length);
-    const r = this.source.writeZeroes(offset, length, unmap);
-    const r2 = r < 0 ? r : this.target.writeZeroes(offset, length, unmap);
-    this.bracket(offset, length);
-    return r2;
+    this.onBoth(ctx, tag, offset, length, (n) => n.writeZeroes(ctx, tag, offset, length, unmap));
   }
 }
 

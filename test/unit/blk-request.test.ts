@@ -10,17 +10,10 @@ import { native } from '../../src/native/index.js';
 import { GuestMemory, type RegionSpec } from '../../src/virtio/memory.js';
 import { ChainError, DescriptorChain } from '../../src/virtio/chain.js';
 import { SplitQueue, VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_WRITE as WRITE } from '../../src/virtio/split-queue.js';
-import { SyncEngine, type IoEngine } from '../../src/graph/io-engine.js';
-import { FileNode, NullNode, newNodeStats, type BlockNode, type IoContext } from '../../src/graph/nodes.js';
+import { SyncEngine, UringEngine, type IoEngine } from '../../src/graph/io-engine.js';
+import { FileNode, NullNode, PENDING, newNodeStats, type BlockNode } from '../../src/graph/nodes.js';
+import { WorkerIoContext } from '../../src/worker/io-context.js';
 import { BlkRequestHandler, BlkSlot, type BlkOptions } from '../../src/blk/request.js';
-
-function ctxOf(engine: IoEngine): IoContext {
-  return {
-    engine,
-    defer: () => assert.fail('no node here defers'),
-    then: () => assert.fail('no node here chains operations'),
-  };
-}
 
 const T_IN = 0;
 const T_OUT = 1;
@@ -144,13 +137,17 @@ const TAG = 5;
 
 interface Result {
   usedLen: number;
-  /** completions handled (2 when a flush phase followed) */
+  /** completions that reached the request (2 when a flush phase followed) */
   phases: number;
+  /** operations the engine completed for it (a long range op takes one per step) */
+  completions: number;
+  /** service rounds that started a deferred step */
+  deferredSteps: number;
   slot: BlkSlot;
 }
 
 /** Puts bufs on the ring as one chain, pops and walks it, runs the request to completion. */
-function run(bufs: Buf[], opts: { node?: BlockNode; handler?: Partial<BlkOptions> } = {}): Result {
+function run(bufs: Buf[], opts: { node?: BlockNode; handler?: Partial<BlkOptions>; engine?: IoEngine } = {}): Result {
   for (let i = 0; i < bufs.length; i++) {
     const b = bufs[i]!;
     const dv = new DataView(gbytes(DESC + 16 * i, 16).buffer, gbytes(DESC + 16 * i, 16).byteOffset, 16);
@@ -169,20 +166,39 @@ function run(bufs: Buf[], opts: { node?: BlockNode; handler?: Partial<BlkOptions
   q.walk(q.popHead(), chain);
   const slot = new BlkSlot(TAG, chain, 16);
   const handler = new BlkRequestHandler({ ...defaults, ...opts.handler });
-  handler.start(slot, opts.node ?? fileNode, ctxOf(engine));
+  const ctx = new WorkerIoContext();
+  ctx.engine = opts.engine ?? engine;
+  handler.start(slot, opts.node ?? fileNode, ctx);
   const out = new Float64Array(8);
-  for (let phases = 1; phases <= 3; phases++) {
-    engine.submit();
-    const n = engine.reap(out);
-    assert.equal(n, 1, 'exactly one completion per phase');
+  // As the queue worker does: due deferred steps, then completions through the nodes' continuations.
+  let phases = 0;
+  let completions = 0;
+  let deferredSteps = 0;
+  const pollFd = Int32Array.of(ctx.engine.pollFd);
+  const revents = new Int32Array(1);
+  for (let rounds = 1; rounds <= 1000; rounds++) {
+    if (ctx.runDueTimers()) deferredSteps++;
+    ctx.engine.submit();
+    const n = ctx.engine.reap(out);
+    if (n === 0) {
+      // io_uring: sleep until the kernel completes what it holds (unless a step is due)
+      if (pollFd[0]! >= 0 && ctx.msToNextTimer() !== 0) native.pollWait(pollFd, 1, revents, 1000);
+      continue;
+    }
+    assert.equal(n, 1, 'one request, one operation at a time');
     assert.equal(out[0], TAG);
-    const usedLen = handler.complete(slot, out[1]!, ctxOf(engine));
+    completions++;
+    const res = ctx.runContinuations(TAG, out[1]!);
+    if (res === PENDING) continue;
+    phases++;
+    const usedLen = handler.complete(slot, res, ctx);
     if (usedLen >= 0) {
-      assert.equal(engine.reap(out), 0, 'no stray completions');
-      return { usedLen, phases, slot };
+      assert.equal(ctx.engine.reap(out), 0, 'no stray completions');
+      assert.equal(ctx.msToNextTimer(), -1, 'no stray deferred step');
+      return { usedLen, phases, completions, deferredSteps, slot };
     }
   }
-  throw new Error('request did not finish in 3 phases');
+  throw new Error('request did not finish in 1000 service rounds');
 }
 
 beforeEach(() => resetDisk());
@@ -405,6 +421,59 @@ describe('DISCARD and WRITE_ZEROES', () => {
     run([header(T_WRITE_ZEROES, 0), segsPayload(D0, many), status()]);
     assert.equal(statusByte(), S_IOERR, '17 segments');
     assert.deepEqual(disk(0, 17 * 512), DISK_PATTERN.subarray(0, 17 * 512));
+  });
+});
+
+describe('long DISCARD and WRITE_ZEROES run in bounded steps, one per service round', () => {
+  // tmpfs has no FALLOC_FL_ZERO_RANGE: write zeroes falls back to writing zero buffers.
+  const shmDir = fs.mkdtempSync('/dev/shm/vubd-blk-');
+  const SIZE = 8 * MiB;
+  const shmImage = path.join(shmDir, 'disk.img');
+  fs.writeFileSync(shmImage, new Uint8Array(SIZE).fill(0x5a));
+  const shmFd = fs.openSync(shmImage, 'r+');
+  const shmNode = new FileNode({ driver: 'file', name: 'shm', fd: shmFd, path: shmImage, size: SIZE, readOnly: false, stats: newNodeStats() });
+  const sparseImage = path.join(dir, 'sparse.img');
+  fs.writeFileSync(sparseImage, '');
+  fs.truncateSync(sparseImage, 256 * MiB);
+  const sparseFd = fs.openSync(sparseImage, 'r+');
+  const sparseNode = new FileNode({ driver: 'file', name: 'sparse', fd: sparseFd, path: sparseImage, size: 256 * MiB, readOnly: false, stats: newNodeStats() });
+  const uring = new UringEngine(8, 8, 16);
+  after(() => {
+    uring.close();
+    fs.closeSync(shmFd);
+    fs.closeSync(sparseFd);
+    fs.rmSync(shmDir, { recursive: true, force: true });
+  });
+  const shmBytes = (off: number, len: number): Uint8Array => {
+    const b = new Uint8Array(len);
+    assert.equal(fs.readSync(shmFd, b, 0, len, off), len);
+    return b;
+  };
+
+  for (const [name, eng] of [['sync', engine], ['io_uring', uring]] as const) {
+    test(`${name}: 3.5 MiB of zeroes without fallocate: one 1 MiB write per round, exactly the range`, () => {
+      fs.writeSync(shmFd, new Uint8Array(SIZE).fill(0x5a), 0, SIZE, 0);
+      const start = 1024; // sector 1024 = 512 KiB
+      const sectors = 7 * 1024; // 3.5 MiB
+      const r = run([header(T_WRITE_ZEROES, 0), segsPayload(D0, [[start, sectors, 0]]), status()], { node: shmNode, engine: eng });
+      assert.equal(statusByte(), S_OK);
+      assert.equal(r.completions, 5, 'a refused fallocate, then four zero writes');
+      assert.equal(r.deferredSteps, 3, 'each write after the first waited for the next service round');
+      assert.ok(shmBytes(start * 512, sectors * 512).every((b) => b === 0), 'the range is zero');
+      assert.ok(shmBytes(0, start * 512).every((b) => b === 0x5a), 'before it untouched');
+      assert.ok(shmBytes((start + sectors) * 512, SIZE - (start + sectors) * 512).every((b) => b === 0x5a), 'after it untouched');
+    });
+  }
+
+  test('sync: a 200 MiB DISCARD is several bounded fallocate steps; io_uring hands the kernel one', () => {
+    const seg = (): Buf => segsPayload(D0, [[0, (200 * MiB) / 512, 0]]);
+    const sync = run([header(T_DISCARD, 0), seg(), status()], { node: sparseNode });
+    assert.equal(statusByte(), S_OK);
+    assert.equal(sync.completions, 4, 'four fallocate steps of at most 64 MiB');
+    assert.equal(sync.deferredSteps, 3);
+    const ring = run([header(T_DISCARD, 0), seg(), status()], { node: sparseNode, engine: uring });
+    assert.equal(statusByte(), S_OK);
+    assert.equal(ring.completions, 1, 'one fallocate in the kernel\'s workers');
   });
 });
 
