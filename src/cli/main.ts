@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';
 import { parseOptions, UsageError, USAGE, type Options } from './args.js';
-import { logger, setLogLevel } from '../log.js';
+import { flushLogs, logger, setLogLevel } from '../log.js';
 import { BlkExport } from '../worker/export.js';
 import { VhostUserServer } from '../protocol/server.js';
 import { openFileNode, nullNode, closeNode } from '../graph/open.js';
@@ -207,9 +207,14 @@ async function main(): Promise<number> {
   });
 }
 
+// Log lines are written asynchronously: every exit waits (briefly) until they are out.
 main().then(
-  (code) => process.exit(code),
-  (err) => {
+  async (code) => {
+    await flushLogs();
+    process.exit(code);
+  },
+  async (err) => {
+    await flushLogs();
     console.error(`vubd: fatal: ${err instanceof Error ? err.stack : String(err)}`);
     process.exit(1);
   },
