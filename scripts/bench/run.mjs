@@ -204,7 +204,9 @@ function runLoadgen(sock, lg, opts, seconds) {
 async function runRow(row, backend, opts, tmp) {
   const sock = path.join(tmp, `${backend}.sock`);
   fs.rmSync(sock, { force: true });
-  const be = new Backend(backend, backendArgv(backend, row.disk, sock, opts.img), opts, `${row.id}-${backend}`);
+  const argv = backendArgv(backend, row.disk, sock, opts.img);
+  if (row.lg?.packed && backend === 'vubd') argv.push('--ring-packed'); // vubd offers packed rings only when asked
+  const be = new Backend(backend, argv, opts, `${row.id}-${backend}`);
   const res = { row, backend };
   try {
     await be.waitSocket(sock);

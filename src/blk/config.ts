@@ -26,7 +26,14 @@ export interface BlkConfigInput {
   readOnly: boolean;
 }
 
-export function blkFeatures(readOnly: boolean): bigint {
+/**
+ * Packed rings and crash recovery exclude each other: QEMU cannot restore a packed ring after a
+ * backend crash (it has no avail index to replay from) and vubd keeps no packed inflight state,
+ * so RING_PACKED is offered only when asked for, and then INFLIGHT_SHMFD is not. GET_FEATURES
+ * comes before the frontend acks protocol features, so the choice is made at start-up. A
+ * `packed=on` QEMU facing a backend without RING_PACKED negotiates a split ring.
+ */
+export function blkFeatures(readOnly: boolean, ringPacked = false): bigint {
   let f =
     bit(F.VERSION_1) |
     bit(F.RING_INDIRECT_DESC) |
@@ -39,14 +46,15 @@ export function blkFeatures(readOnly: boolean): bigint {
     bit(F.BLK_FLUSH) |
     bit(F.BLK_CONFIG_WCE) |
     bit(F.BLK_DISCARD) |
-    bit(F.BLK_WRITE_ZEROES) |
-    bit(F.RING_PACKED);
+    bit(F.BLK_WRITE_ZEROES);
+  if (ringPacked) f |= bit(F.RING_PACKED);
   if (readOnly) f |= bit(F.BLK_RO);
   return f;
 }
 
-export function blkProtocolFeatures(): bigint {
-  return bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.BACKEND_REQ) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE) | bit(PF.INFLIGHT_SHMFD);
+export function blkProtocolFeatures(ringPacked = false): bigint {
+  const f = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.BACKEND_REQ) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE);
+  return ringPacked ? f : f | bit(PF.INFLIGHT_SHMFD);
 }
 
 export function blkConfigSpace(c: BlkConfigInput): Uint8Array {

@@ -14,6 +14,7 @@ export interface Options {
   queueSize: number;
   aio: 'io_uring' | 'sync';
   pollUs: number;
+  ringPacked: boolean;
   serial: string | null;
   control: string | null;
   logLevel: string;
@@ -43,6 +44,9 @@ vubd options:
       --queue-size=N       largest virtqueue size accepted, power of two (default 1024)
       --aio=MODE           io_uring (default; falls back to sync with a warning) or sync
       --poll-us=N          busy-poll this long before sleeping (default 0)
+      --ring-packed        offer packed virtqueues (QEMU packed=on); turns crash recovery off:
+                           INFLIGHT_SHMFD is not offered then. Without it a packed=on guest
+                           gets split rings, which survive a vubd restart
       --serial=ID          serial reported by GET_ID (default: image file name, max 20 bytes)
       --control=PATH       QMP-compatible management socket
       --log-level=LEVEL    trace, debug, info (default), warn, error, fatal
@@ -88,6 +92,7 @@ export function parseOptions(argv: string[]): Options {
         'queue-size': { type: 'string' },
         aio: { type: 'string' },
         'poll-us': { type: 'string' },
+        'ring-packed': { type: 'boolean' },
         serial: { type: 'string' },
         control: { type: 'string' },
         'log-level': { type: 'string' },
@@ -121,6 +126,7 @@ export function parseOptions(argv: string[]): Options {
     queueSize,
     aio,
     pollUs: int('poll-us', v['poll-us'], 0, 0, 1_000_000),
+    ringPacked: v['ring-packed'] ?? false,
     serial: v.serial ?? null,
     control: v.control ?? null,
     logLevel,

@@ -121,6 +121,7 @@ async function main(): Promise<number> {
       blockSize: 512,
       pollUs: opts.pollUs,
       logLevel: opts.logLevel,
+      ringPacked: opts.ringPacked,
     },
     logger('export'),
   );
@@ -178,6 +179,7 @@ async function main(): Promise<number> {
     },
     'vubd listening',
   );
+  if (opts.ringPacked) log.info('--ring-packed: packed rings offered, INFLIGHT_SHMFD not: crash recovery is off (a vubd restart hangs a packed-ring guest)');
   if (opts.defaults && opts.socketPath) {
     const sock = path.resolve(opts.socketPath);
     console.log(`vubd is serving ${root.driver === 'file' ? root.filename : 'a null disk'} on ${sock}\nAttach a QEMU guest with:\n\n${qemuCommand(sock, opts)}\n`);

@@ -22,6 +22,8 @@ export interface ExportOptions {
   blockSize: number;
   pollUs: number;
   logLevel: string;
+  /** offer RING_PACKED, and so not INFLIGHT_SHMFD (see blkFeatures) */
+  ringPacked?: boolean;
 }
 
 export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
@@ -50,8 +52,8 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     this.maxQueueSize = opts.maxQueueSize;
     this.node = opts.node;
     this.generation = opts.generation;
-    this.features = blkFeatures(opts.readOnly);
-    this.protocolFeatures = blkProtocolFeatures();
+    this.features = blkFeatures(opts.readOnly, opts.ringPacked ?? false);
+    this.protocolFeatures = blkProtocolFeatures(opts.ringPacked ?? false);
     this.serial = new TextEncoder().encode(opts.serial).subarray(0, 20);
     this.workers = Array.from({ length: opts.numQueues }, (_, i) => this.spawn(i));
   }

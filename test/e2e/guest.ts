@@ -167,6 +167,8 @@ export interface BootGuestOptions {
   numQueues: number;
   /** vhost-user only: ask QEMU for packed virtqueues (VIRTIO_F_RING_PACKED) */
   packed?: boolean;
+  /** vhost-user only: QEMU reconnects to a restarted backend after this many seconds (chardev reconnect=) */
+  reconnectS?: number;
   /** Guest test to run: /tests/<testName>.sh; undefined = interactive shell (never resolves before timeout). */
   testName?: string;
   memMiB?: number;
@@ -232,7 +234,7 @@ export function guestQemuArgs(opts: BootGuestOptions, image: GuestImage): string
     args.push(
       "-object", `memory-backend-memfd,id=mem,size=${memMiB}M,share=on`,
       "-numa", "node,memdev=mem",
-      "-chardev", `socket,id=vub0,path=${opts.socketPath}`,
+      "-chardev", `socket,id=vub0,path=${opts.socketPath}${opts.reconnectS ? `,reconnect=${opts.reconnectS}` : ""}`,
       "-device", `vhost-user-blk-pci,chardev=vub0,num-queues=${opts.numQueues}${opts.packed ? ",packed=on" : ""}`,
     );
   } else if (opts.disk !== undefined) {
@@ -335,6 +337,8 @@ export interface DaemonSpec {
   socketPath: string;
   imagePath: string;
   numQueues: number;
+  /** more vubd options (ignored for qemu-storage-daemon) */
+  extraArgs?: readonly string[];
 }
 
 /** `node dist/src/cli/main.js --socket-path=… --blk-file=… --num-queues=N --log-level=info` */
@@ -346,6 +350,7 @@ export function vubdDaemonCommand(spec: DaemonSpec & { logLevel?: string }): str
     `--blk-file=${spec.imagePath}`,
     `--num-queues=${spec.numQueues}`,
     `--log-level=${spec.logLevel ?? "info"}`,
+    ...(spec.extraArgs ?? []),
   ];
 }
 

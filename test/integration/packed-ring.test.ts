@@ -1,12 +1,12 @@
-// Packed rings (VIRTIO_F_RING_PACKED) end to end through a vubd process.
+// Packed rings (VIRTIO_F_RING_PACKED) end to end through a vubd process. vubd offers them only
+// with --ring-packed, and then not INFLIGHT_SHMFD (QEMU cannot restore a packed ring after a crash).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
-import path from 'node:path';
 import { Frontend, BLK } from '../helpers/frontend.js';
 import { startDaemon, tempDir } from '../helpers/daemon.js';
-
-const MiB = 2 ** 20;
+import { makeImage, openSession } from '../helpers/sessions.js';
+import { F, PF, Request, bit, hasBit } from '../../src/protocol/constants.js';
+import { u64Payload } from '../../src/protocol/codec.js';
 
 function pattern(seed: number, len: number): Uint8Array {
   const b = new Uint8Array(len);
@@ -14,12 +14,30 @@ function pattern(seed: number, len: number): Uint8Array {
   return b;
 }
 
+test('default vubd offers INFLIGHT_SHMFD and not RING_PACKED; --ring-packed the reverse, and says so at start-up', async () => {
+  for (const packed of [false, true]) {
+    const dir = tempDir();
+    const d = await startDaemon([`--blk-file=${makeImage(dir)}`, '--num-queues=1', ...(packed ? ['--ring-packed'] : [])], { dir });
+    try {
+      const fe = Frontend.connect(d.socketPath);
+      const features = fe.callU64(Request.GET_FEATURES);
+      const protocol = fe.callU64(Request.GET_PROTOCOL_FEATURES);
+      fe.close();
+      fe.ram.close();
+      assert.equal(hasBit(features, F.RING_PACKED), packed, `RING_PACKED offered with packed=${packed}`);
+      assert.equal(hasBit(protocol, PF.INFLIGHT_SHMFD), !packed, `INFLIGHT_SHMFD offered with packed=${packed}`);
+      const notes = d.logRecords().filter((r) => typeof r.msg === 'string' && /crash recovery is off/.test(r.msg));
+      assert.equal(notes.length, packed ? 1 : 0, 'one start-up line says crash recovery is off for packed rings');
+      if (packed) assert.equal(notes[0]!.level, 30, 'at info level');
+    } finally {
+      assert.equal((await d.stop()).code, 0);
+    }
+  }
+});
+
 test('packed rings: wrap-around, indirect and direct chains, two queues, GET/SET_VRING_BASE', async () => {
   const dir = tempDir();
-  const image = path.join(dir, 'disk.img');
-  fs.writeFileSync(image, '');
-  fs.truncateSync(image, 16 * MiB);
-  const d = await startDaemon([`--blk-file=${image}`, '--num-queues=2'], { dir });
+  const d = await startDaemon([`--blk-file=${makeImage(dir)}`, '--num-queues=2', '--ring-packed'], { dir });
   const fe = Frontend.connect(d.socketPath);
   fe.negotiate({ packed: true });
   // 100 is not a power of two: packed rings allow it.
@@ -63,4 +81,26 @@ test('packed rings: wrap-around, indirect and direct chains, two queues, GET/SET
   assert.deepEqual(fe.dataOf(r), pattern(7, 512));
   fe.close();
   assert.equal((await d.stop()).code, 0);
+});
+
+test('SET_FEATURES switching RING_PACKED on a running ring is refused', async () => {
+  // Before: accepted, and the worker kept serving the ring as split with the driver now packed.
+  const dir = tempDir();
+  const d = await startDaemon([`--blk-file=${makeImage(dir)}`, '--num-queues=1', '--ring-packed'], { dir });
+  try {
+    const { fe, conn } = await openSession(d);
+    try {
+      fe.negotiate({ packed: false });
+      fe.setupRing(0, 128);
+      fe.send(Request.SET_FEATURES, u64Payload(fe.features | bit(F.RING_PACKED)));
+      assert.ok(fe.isClosedByPeer(3000), 'backend closed the connection');
+    } finally {
+      fe.close();
+      fe.ram.close();
+    }
+    const rec = await d.waitForLog((r) => r.msg === 'vhost-user connection closed' && r.conn === conn);
+    assert.match(rec.reason as string, /RING_PACKED while ring 0 is running/);
+  } finally {
+    assert.equal((await d.stop()).code, 0);
+  }
 });
