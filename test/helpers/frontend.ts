@@ -294,7 +294,7 @@ export class PackedRing {
    * AVAIL/USED bits (flags given are the rest), the first one's flags last. `id` goes in every
    * descriptor; the chain is remembered as `descs` long for collect().
    */
-  addRaw(id: number, descs: { gpa: number; len: number; flags: number; id?: number }[]): void {
+  addRaw(id: number, descs: { gpa: number | bigint; len: number; flags: number; id?: number }[]): void {
     const slots: { i: number; flags: number }[] = [];
     for (const d of descs) {
       const dv = this.ram.view(this.desc + 16 * this.next, 16);
