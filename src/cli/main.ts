@@ -146,6 +146,7 @@ async function main(): Promise<number> {
       emit: (event, data) => qmp?.emit(event, data),
       quit: () => stop('quit'),
       version: version(),
+      log: logger('control'),
     });
     qmp = new QmpServer(opts.control, commands, version(), logger('qmp'));
     try {

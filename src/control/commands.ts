@@ -5,7 +5,8 @@ import type { BackgroundIo } from '../graph/background-io.js';
 import { MirrorJob, type JobEvents } from '../graph/mirror-job.js';
 import { closeNode, nullNode, openFileNode } from '../graph/open.js';
 import { GraphError, type NodeDef } from '../graph/snapshot.js';
-import { NodeStat, newNodeStats } from '../graph/nodes.js';
+import { errnoName, flushErrno, NodeStat, newNodeStats } from '../graph/nodes.js';
+import type { Logger } from '../log.js';
 import { getLimits, newThrottleState, setLimits, type ThrottleLimits } from '../graph/throttle-state.js';
 import type { BlkExport } from '../worker/export.js';
 import { QmpError, type CommandHandler } from './qmp-server.js';
@@ -18,6 +19,7 @@ export interface ControlContext {
   emit(event: string, data: Record<string, unknown>): void;
   quit(): void;
   version: string;
+  log?: Logger;
 }
 
 type Args = Record<string, unknown>;
@@ -105,6 +107,24 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
       if (error === 'cancelled') ctx.emit('BLOCK_JOB_CANCELLED', data);
       else ctx.emit('BLOCK_JOB_COMPLETED', error ? { ...data, error } : data);
     },
+    flushFailed: (node, errno) =>
+      ctx.log?.error({ node, errno }, `flush failed on node '${node}': ${errnoName(errno)}; every later flush of this node fails until it is reopened`),
+  };
+
+  /** errno of a node's sticky flush error; a filter reports the first one below it (its flushes fail with it). */
+  const flushErrorOf = (name: string): number => {
+    const s = graph.snapshot;
+    const n = s.node(name);
+    if (n.driver === 'file') return flushErrno(n.stats);
+    for (const c of s.children(n)) {
+      const e = flushErrorOf(c);
+      if (e !== 0) return e;
+    }
+    return 0;
+  };
+  const flushErrorFields = (name: string): Record<string, boolean | number> => {
+    const e = flushErrorOf(name);
+    return e === 0 ? { 'flush-error': false } : { 'flush-error': true, 'flush-errno': e };
   };
 
   /** The node a 'device' argument names: a node-name, or an export id meaning its root. */
@@ -123,7 +143,7 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
     return j;
   };
 
-  const nodeStats = (def: NodeDef): Record<string, number | string> => {
+  const nodeStats = (def: NodeDef): Record<string, number | string | boolean> => {
     const s = new Int32Array(def.stats);
     return {
       'node-name': def.name,
@@ -134,6 +154,7 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
       'other-ops': Atomics.load(s, NodeStat.OTHER_OPS),
       'read-kib': Atomics.load(s, NodeStat.READ_KIB),
       'write-kib': Atomics.load(s, NodeStat.WRITE_KIB),
+      ...flushErrorFields(def.name),
     };
   };
 
@@ -294,6 +315,7 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
           file: n.driver === 'file' ? n.filename : s.children(n)[0] ?? '',
           image: { filename: n.driver === 'file' ? n.filename : n.name, format: n.driver === 'null' ? 'null-co' : n.driver, 'virtual-size': s.size(n.name) },
           ...(n.driver === 'throttle' ? { limits: getLimits(n.state) } : {}),
+          ...flushErrorFields(n.name),
         }));
       },
     ],

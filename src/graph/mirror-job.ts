@@ -6,7 +6,7 @@ import { getSystemErrorName } from 'node:util';
 import type { BackgroundIo } from './background-io.js';
 import type { BlockGraph } from './graph.js';
 import { GraphError, type NodeDef, type Snapshot } from './snapshot.js';
-import { newNodeStats } from './nodes.js';
+import { flushErrno, newNodeStats, recordFlushError } from './nodes.js';
 import { releaseFd, retainFd } from './fd-refs.js';
 
 export type JobStatus = 'created' | 'running' | 'ready' | 'waiting' | 'pending' | 'aborting' | 'concluded';
@@ -15,6 +15,8 @@ export interface JobEvents {
   statusChanged(job: MirrorJob): void;
   ready(job: MirrorJob): void;
   completed(job: MirrorJob, error?: string): void;
+  /** the job's flush of a node failed first: the node's sticky flush error is now set */
+  flushFailed(node: string, errno: number): void;
 }
 
 const CHUNK = 1 << 20;
@@ -164,7 +166,11 @@ export class MirrorJob {
     }
     if (this.cancelled) return;
     // Ready promises that the target holds the data: a flush that fails ends the job instead.
-    const r = await this.io.fsync(dst.fd, true);
+    // A target whose flush failed before (sticky, see NodeStat.FLUSH_ERRNO) cannot promise it either.
+    const before = flushErrno(dst.stats);
+    let r = before !== 0 ? -before : await this.io.fsync(dst.fd, true);
+    if (r < 0 && before === 0 && recordFlushError(dst.stats, -r)) this.events.flushFailed(dst.name, -r);
+    if (r >= 0 && flushErrno(dst.stats) !== 0) r = -flushErrno(dst.stats); // a guest flush of the target failed meanwhile
     if (this.cancelled) return;
     if (r < 0) throw new Error(`flushing the mirror target '${this.target}' failed: ${errnoText(r)}`);
     this.setStatus('ready');

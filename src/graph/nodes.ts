@@ -3,6 +3,7 @@
 import type { IoEngine } from './io-engine.js';
 import { reserve } from './throttle-state.js';
 import { discardFile, writeZeroesFile } from './range-ops.js';
+import { getSystemErrorName } from 'node:util';
 
 export type NodeSpec =
   | { driver: 'file'; name: string; fd: number; path: string; size: number; readOnly: boolean; stats: SharedArrayBuffer }
@@ -29,7 +30,34 @@ export const enum NodeStat {
   OTHER_OPS = 3,
   READ_KIB = 4,
   WRITE_KIB = 5,
+  /**
+   * errno of the first failed flush, 0 while none failed. Sticky until the node is reopened (a new
+   * block): Linux reports a writeback error once per open file, and the pages it dropped are clean
+   * now, so a later flush that succeeds would lie (QEMU file-posix's page_cache_inconsistent).
+   * Shared by every queue's copy of the node.
+   */
+  FLUSH_ERRNO = 6,
   COUNT = 8,
+}
+
+/** The errno of the node's sticky flush error, or 0. */
+export function flushErrno(stats: SharedArrayBuffer | Int32Array): number {
+  return Atomics.load(stats instanceof Int32Array ? stats : new Int32Array(stats), NodeStat.FLUSH_ERRNO);
+}
+
+/** Records a failed flush; true only for the first caller on any thread (it is the one that logs). */
+export function recordFlushError(stats: SharedArrayBuffer | Int32Array, errno: number): boolean {
+  const a = stats instanceof Int32Array ? stats : new Int32Array(stats);
+  return Atomics.compareExchange(a, NodeStat.FLUSH_ERRNO, 0, errno > 0 ? errno : 5) === 0;
+}
+
+/** "EIO (errno 5)" */
+export function errnoName(errno: number): string {
+  try {
+    return `${getSystemErrorName(-errno)} (errno ${errno})`;
+  } catch {
+    return `errno ${errno}`;
+  }
 }
 
 export function newNodeStats(): SharedArrayBuffer {
@@ -57,6 +85,8 @@ export interface IoContext {
    * request's result, or PENDING after issuing another operation for the same tag.
    */
   then(tag: number, next: (res: number) => number): void;
+  /** an error-level log line from the worker, with the queue it came from */
+  logError(msg: string, data: Record<string, unknown>): void;
 }
 
 export const PENDING = -0x7fffffff;
@@ -137,8 +167,32 @@ export class FileNode extends CountingNode implements BlockNode {
     this.count(NodeStat.WRITE_OPS, NodeStat.WRITE_KIB, io.length);
     ctx.engine.writev(this.fd, io.iov, io.iovCount, io.offset, io.tag);
   }
+  /**
+   * After one failed flush every later one fails (with the first errno) until the node is reopened.
+   * A failed write is not sticky: its own request fails, and nothing acknowledged earlier is lost
+   * by it; a failed write-back of acknowledged data only ever shows up as a failed fsync.
+   */
   flush(ctx: IoContext, tag: number): void {
     this.count(NodeStat.FLUSH_OPS, -1, 0);
+    const sticky = Atomics.load(this.stats, NodeStat.FLUSH_ERRNO);
+    if (sticky !== 0) {
+      ctx.engine.done(tag, -sticky);
+      return;
+    }
+    ctx.then(tag, (res) => {
+      if (res < 0) {
+        if (recordFlushError(this.stats, -res)) {
+          ctx.logError(`flush failed on node '${this.name}': ${errnoName(-res)}; every later flush of this node fails until it is reopened`, {
+            node: this.name,
+            errno: -res,
+          });
+        }
+        return res;
+      }
+      // A concurrent fsync on another queue may have taken the error this one would have seen.
+      const late = Atomics.load(this.stats, NodeStat.FLUSH_ERRNO);
+      return late !== 0 ? -late : res;
+    });
     ctx.engine.fsync(this.fd, tag);
   }
   discard(ctx: IoContext, tag: number, offset: number, length: number): void {

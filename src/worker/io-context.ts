@@ -16,6 +16,8 @@ export class WorkerIoContext implements IoContext {
   /** per tag: continuations registered by nodes, innermost last */
   private readonly conts: ((res: number) => number)[][] = [];
 
+  constructor(readonly logError: (msg: string, data: Record<string, unknown>) => void = () => {}) {}
+
   defer(_tag: number, delayNs: number, fn: () => void): void {
     const due = process.hrtime.bigint() + BigInt(Math.ceil(delayNs));
     const t = this.timers;

@@ -82,7 +82,7 @@ class QueueWorker {
     this.generation = init.generation;
     this.pollMaxMs = Math.max(0, init.pollUs) / 1000;
     this.pollMs = this.pollMaxMs;
-    this.ctx = new WorkerIoContext();
+    this.ctx = new WorkerIoContext((msg, data) => this.log('error', msg, data));
   }
 
   private post(m: FromWorker): void {

@@ -128,6 +128,8 @@ test('a mirror whose target fsync fails concludes with an error, never ready; th
   assert.equal(exportsNow[0]!['node-name'], 'file0', 'the export still runs on the source');
   const nodes = await qmp.execute<{ 'node-name': string }[]>('query-named-block-nodes');
   assert.ok(!nodes.some((n) => n['node-name'] === 'm-mirror'), 'the mirror filter is gone');
+  const targetNode = (nodes as { 'node-name': string; 'flush-error'?: boolean }[]).find((n) => n['node-name'] === 'target0');
+  assert.equal(targetNode?.['flush-error'], true, "the target's failed flush is sticky: a later flush of it cannot succeed either");
 
   // Guest I/O goes on, to the source only.
   const data = pattern(8, 64 * 1024);
