@@ -154,6 +154,14 @@ export class SplitRing {
 
   private chainIds = new Map<number, number[]>();
 
+  /** Takes n free descriptor indices for a chain the caller writes by hand (hostile tests); null if too few. */
+  takeChain(n: number): number[] | null {
+    if (n < 1 || this.freeHead.length < n) return null;
+    const ids = Array.from({ length: n }, () => this.freeHead.pop()!);
+    this.chainIds.set(ids[0]!, ids);
+    return ids;
+  }
+
   /** Raw descriptor write + publish, for hostile chains. */
   addRaw(head: number, descs: { gpa: number; len: number; flags: number; next: number }[]): void {
     descs.forEach((d, k) => this.writeDesc(this.desc, k === 0 ? head : d.next, d));

@@ -204,11 +204,11 @@ const mutation: fc.Arbitrary<Mutation> = fc.oneof(
   fc.record({ splitAt: fc.integer({ min: 1, max: 60 }) }),
 );
 
-const message: fc.Arbitrary<Op> = fc
+export const message: fc.Arbitrary<Op> = fc
   .tuple(plainMessage, fc.oneof({ arbitrary: fc.constant(null), weight: 3 }, { arbitrary: mutation, weight: 1 }))
   .map(([m, mut]) => ({ ...m, mut }));
 
-const negotiate: fc.Arbitrary<Op> = fc.record({
+export const negotiate: fc.Arbitrary<Op> = fc.record({
   op: fc.constant('negotiate' as const),
   inflight: fc.constantFrom('none', 'none', 'none', 'none', 'exact', 'exact', 'exact', 'short') as fc.Arbitrary<'none' | 'exact' | 'short'>,
   packed: fc.boolean(),
@@ -222,7 +222,7 @@ const step: fc.Arbitrary<Op> = fc.oneof(
   { arbitrary: fc.record({ op: fc.constant('io' as const), q: fc.constantFrom(0, 1), sector: fc.constantFrom(0, 8, 32760, 32767, 32768, 2 ** 40) }), weight: 2 },
 );
 
-const truncated: fc.Arbitrary<Op> = plainMessage.chain((m) =>
+export const truncated: fc.Arbitrary<Op> = plainMessage.chain((m) =>
   fc.record({ op: fc.constant('truncated' as const), request: fc.constant(m.request), body: fc.constant(m.body), cut: fc.integer({ min: 1, max: 400 }), fds: fc.constant(m.fds) }),
 );
 
@@ -233,7 +233,7 @@ const ramRegion = (base: 'ram0' | 'ram1'): RegionSpec => ({ base, gpa: 0n, size:
 const ringAddr = (q: number): Body => ({ t: 'addr', index: q, flags: 0, desc: { in: 'desc', off: 0 }, used: { in: 'used', off: 0 }, avail: { in: 'avail', off: 0 }, log: { abs: 0n } });
 const validMsg = (request: fc.Arbitrary<number>, body: fc.Arbitrary<Body>, fds: fc.Arbitrary<StepFd[]> = fc.constant([])): fc.Arbitrary<Op> =>
   fc.record({ op: fc.constant('msg' as const), request, needReply: fc.boolean(), body, fds: fds as fc.Arbitrary<FdKind[]>, mut: fc.constant(null) });
-const validMessage: fc.Arbitrary<Op> = fc.oneof(
+export const validMessage: fc.Arbitrary<Op> = fc.oneof(
   { arbitrary: validCore(), weight: 12 },
   { arbitrary: validMsg(fc.constant(Request.GET_INFLIGHT_FD), fc.constant({ t: 'inflight', mmapSize: 0n, mmapOffset: 0n, numQueues: 2, queueSize: 128 } as Body)), weight: 1 },
   {
