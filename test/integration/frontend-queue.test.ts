@@ -8,6 +8,7 @@ import { startDaemon, sleep, tempDir, type Daemon } from '../helpers/daemon.js';
 import { native } from '../../src/native/index.js';
 import { Request } from '../../src/protocol/constants.js';
 import { memTablePayload } from '../../src/protocol/codec.js';
+import { MAX_WAITING } from '../../src/protocol/server.js';
 import { pattern, makeImage, openSession, closeSession, fdsSettle } from '../helpers/sessions.js';
 
 const OK = 0;
@@ -168,6 +169,42 @@ describe('frontends wait in line', () => {
       const ended = d.logRecords().filter((r) => r.msg === 'session ended; waiting for the next frontend').length;
       return ended === count(d, 'frontend connected');
     });
+    assert.equal(await fdsSettle(d, fds0), fds0, 'no fd left behind');
+    assert.deepEqual(errorsLogged(d), []);
+  });
+
+  test('more frontends than the line holds: the rest wait in the listen queue, all are served in order', { timeout: 60000 }, async () => {
+    await warmSession();
+    const fds0 = d.fdCount();
+    const { fe: first, conn } = await openSession(d);
+    const waiting: Frontend[] = [];
+    const ram = new GuestRam();
+    try {
+      first.negotiate();
+      ringWorks(first, first.setupRing(0, 64), seed++);
+      const waitingBefore = count(d, WAITING);
+      for (let i = 0; i < MAX_WAITING + 4; i++) {
+        waiting.push(Frontend.connect(d.socketPath, ram));
+        waiting[i]!.send(Request.GET_FEATURES);
+      }
+      await d.waitForLog(() => count(d, WAITING) >= waitingBefore + MAX_WAITING);
+      await sleep(200);
+      assert.equal(count(d, WAITING) - waitingBefore, MAX_WAITING, 'beyond the line, vubd stops accepting');
+      assert.ok(waiting.every((fe) => !hasReply(fe)), 'none of them is answered yet');
+    } finally {
+      await closeSession(d, first, conn);
+    }
+    try {
+      for (const fe of waiting) {
+        assert.equal(fe.recv(5000).request, Request.GET_FEATURES, 'answered in arrival order');
+        fe.negotiate();
+        fe.close();
+        await yieldToLoop();
+      }
+    } finally {
+      ram.close();
+    }
+    await d.waitForLog(() => count(d, 'session ended; waiting for the next frontend') === count(d, 'frontend connected'), 10000);
     assert.equal(await fdsSettle(d, fds0), fds0, 'no fd left behind');
     assert.deepEqual(errorsLogged(d), []);
   });
