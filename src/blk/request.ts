@@ -25,8 +25,12 @@ const EIO = 5;
 
 const enum Phase {
   MAIN = 0,
-  /** writethrough: the write is done, a flush follows */
+  /** write-through: the write (or zeroing, or discard) is done, a flush follows */
   FLUSH_AFTER_WRITE = 1,
+}
+
+function changesData(type: number): boolean {
+  return type === BlkType.OUT || type === BlkType.WRITE_ZEROES || type === BlkType.DISCARD;
 }
 
 /** Per-request state; one per tag, reused. */
@@ -157,7 +161,8 @@ export class BlkRequestHandler {
       status = BlkStatus.IOERR; // a short transfer (res of the flush phase is 0, not a length)
     }
     else status = BlkStatus.OK;
-    if (status === BlkStatus.OK && slot.type === BlkType.OUT && slot.phase === Phase.MAIN && !this.opts.writeback) {
+    // Write-through: every request that changes the disk is durable before it completes.
+    if (status === BlkStatus.OK && slot.phase === Phase.MAIN && !this.opts.writeback && changesData(slot.type)) {
       slot.phase = Phase.FLUSH_AFTER_WRITE;
       slot.node!.flush(ctx, slot.tag);
       return -1;

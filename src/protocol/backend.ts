@@ -32,9 +32,10 @@ export interface VhostBackend {
   readonly protocolFeatures: bigint;
   /** the full device config space */
   getConfig(): Uint8Array;
-  /** returns false to refuse the write (read-only field) */
-  setConfig(offset: number, data: Uint8Array, flags: number): boolean;
-  setAckedFeatures(features: bigint): void;
+  /** resolves false to refuse the write (read-only field); true once the device acts on it (the REPLY_ACK follows) */
+  setConfig(offset: number, data: Uint8Array, flags: number): Promise<boolean>;
+  /** resolves once the device runs with what the features imply (the write-cache mode) */
+  setAckedFeatures(features: bigint): Promise<void>;
   /** maps the new memory table in every worker; resolves once no worker uses the old one's fds */
   setMemTable(regions: readonly RegionWithFd[]): Promise<void>;
   /** (re)configures a ring; resolves once the worker applied it and no longer uses older fds */

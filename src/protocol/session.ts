@@ -161,7 +161,7 @@ export class Session {
         }
         this.ackedFeatures = m.value;
         this.featuresSet = true;
-        b.setAckedFeatures(m.value);
+        await b.setAckedFeatures(m.value);
         // Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled (spec, "Ring states").
         if (!hasBit(m.value, F.PROTOCOL_FEATURES)) for (const v of this.vrings) v.enabled = true;
         await this.reconfigureStarted();
@@ -310,7 +310,7 @@ export class Session {
         return true;
       }
       case Request.SET_CONFIG:
-        return b.setConfig(m.config.offset, m.config.data, m.config.flags);
+        return await b.setConfig(m.config.offset, m.config.data, m.config.flags);
       case Request.SET_BACKEND_REQ_FD: {
         if (this.backendReqFd >= 0) native.close(this.backendReqFd);
         this.backendReqFd = fds[0]!;

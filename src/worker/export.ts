@@ -9,6 +9,7 @@ import type { GraphConsumer } from '../graph/graph.js';
 import { QueueWorkerHandle } from './handle.js';
 import { StatIndex } from './messages.js';
 import { releaseSpec, retainSpec } from '../graph/fd-refs.js';
+import { F, hasBit } from '../protocol/constants.js';
 
 export interface ExportOptions {
   id: string;
@@ -24,6 +25,8 @@ export interface ExportOptions {
   logLevel: string;
   /** offer RING_PACKED, and so not INFLIGHT_SHMFD (see blkFeatures) */
   ringPacked?: boolean;
+  /** the configured write-cache mode (default write-back, as QEMU's block layer); a reset returns to it */
+  writeback?: boolean;
 }
 
 export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
@@ -37,7 +40,14 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
   readonly workers: QueueWorkerHandle[];
   private node: NodeSpec;
   private generation: number;
-  private writeback = true;
+  /** the configured write-cache mode: what a new session or RESET_DEVICE starts from */
+  private readonly configuredWriteback: boolean;
+  /** the mode the workers run in (and the config space shows) */
+  private writeback: boolean;
+  /** what the guest wrote to the config space's writeback byte since the last reset */
+  private guestWriteback: boolean | null = null;
+  /** features of this session's SET_FEATURES; null before it */
+  private ackedFeatures: bigint | null = null;
   private started = new Set<number>();
   private channel: BackendChannel | null = null;
 
@@ -52,6 +62,8 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     this.maxQueueSize = opts.maxQueueSize;
     this.node = opts.node;
     this.generation = opts.generation;
+    this.configuredWriteback = opts.writeback ?? true;
+    this.writeback = this.configuredWriteback;
     this.features = blkFeatures(opts.readOnly, opts.ringPacked ?? false);
     this.protocolFeatures = blkProtocolFeatures(opts.ringPacked ?? false);
     this.serial = new TextEncoder().encode(opts.serial).subarray(0, 20);
@@ -75,7 +87,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
         node: this.node,
         generation: this.generation,
         serial: this.serial,
-        writeback: true,
+        writeback: this.writeback,
         readOnly: this.opts.readOnly,
         logLevel: this.opts.logLevel,
         pollUs: this.opts.pollUs,
@@ -149,22 +161,57 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     });
   }
 
-  setConfig(offset: number, data: Uint8Array, flags: number): boolean {
+  async setConfig(offset: number, data: Uint8Array, flags: number): Promise<boolean> {
     // Only the writeback-cache toggle is guest-writable; migration writes (flags=1) are refused.
     if (flags !== 0 || offset !== WCE_OFFSET || data.byteLength !== 1 || data[0]! > 1) {
       this.log.warn({ offset, size: data.byteLength, flags }, 'SET_CONFIG refused: only the wce byte is writable');
       return false;
     }
-    this.writeback = data[0] === 1;
-    this.log.info({ writeback: this.writeback }, 'guest changed the write cache mode');
-    void Promise.all(this.workers.map((w) => w.request({ type: 'set-writeback', writeback: this.writeback }))).catch((err) =>
-      this.log.error({ err }, 'could not apply the write cache mode'),
-    );
+    const acked = this.ackedFeatures;
+    if (acked !== null && !hasBit(acked, F.BLK_CONFIG_WCE)) {
+      this.log.warn('SET_CONFIG refused: the driver did not negotiate CONFIG_WCE, the write cache mode is not writable');
+      return false;
+    }
+    if (data[0] === 1 && acked !== null && !hasBit(acked, F.BLK_FLUSH)) {
+      this.log.warn('SET_CONFIG refused: write-back for a driver that did not negotiate FLUSH (it could never make its writes durable)');
+      return false;
+    }
+    this.guestWriteback = data[0] === 1;
+    return this.applyCacheMode('guest changed the write cache mode');
+  }
+
+  /**
+   * The write-cache mode the spec and QEMU (virtio_blk_set_status) give this session: write-back
+   * needs a driver that can flush; with CONFIG_WCE the driver may choose, else the configured mode.
+   */
+  private cacheMode(): boolean {
+    const acked = this.ackedFeatures;
+    if (acked === null) return this.guestWriteback ?? this.configuredWriteback;
+    if (!hasBit(acked, F.BLK_FLUSH)) return false;
+    if (hasBit(acked, F.BLK_CONFIG_WCE)) return this.guestWriteback ?? this.configuredWriteback;
+    return this.configuredWriteback;
+  }
+
+  /** Puts every live worker in cacheMode(); resolves true once all of them acknowledged it. */
+  private async applyCacheMode(why: string): Promise<boolean> {
+    const writeback = this.cacheMode();
+    const changed = writeback !== this.writeback;
+    this.writeback = writeback; // a worker spawned from now on starts in it
+    const live = this.workers.filter((w) => !w.isDead);
+    const results = await Promise.allSettled(live.map((w) => w.request({ type: 'set-writeback', writeback })));
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) {
+      this.log.error({ err: failed.reason, writeback }, 'could not apply the write cache mode on every queue');
+      return false;
+    }
+    if (changed) this.log.info({ writeback }, why);
     return true;
   }
 
-  setAckedFeatures(features: bigint): void {
+  async setAckedFeatures(features: bigint): Promise<void> {
     this.log.debug({ features: '0x' + features.toString(16) }, 'features acked');
+    this.ackedFeatures = features;
+    if (!(await this.applyCacheMode('write cache mode set by feature negotiation'))) throw new Error('the write cache mode could not be applied');
   }
 
   async setMemTable(regions: readonly RegionWithFd[]): Promise<void> {
@@ -204,6 +251,10 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     for (const r of await Promise.allSettled(live.map((w) => w.request({ type: 'reset' })))) {
       if (r.status === 'rejected') failures.push(r.reason);
     }
+    // The next driver starts from the configured mode, whatever this one chose or negotiated.
+    this.guestWriteback = null;
+    this.ackedFeatures = null;
+    if (!(await this.applyCacheMode('write cache mode back to the configured one'))) failures.push(new Error('the write cache mode could not be reset'));
     if (failures.length > 0) throw failures[0];
   }
 

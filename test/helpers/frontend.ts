@@ -498,7 +498,16 @@ export class Frontend {
   }
 
   /** QEMU 7.2's start-up sequence up to (not including) the rings. */
-  negotiate(opts: { eventIdx?: boolean; indirect?: boolean; packed?: boolean; inflight?: { fd: number; size: number; queueSize: number } | 'new' } = {}): void {
+  negotiate(
+    opts: {
+      eventIdx?: boolean;
+      indirect?: boolean;
+      packed?: boolean;
+      inflight?: { fd: number; size: number; queueSize: number } | 'new';
+      /** offered feature bits this driver does not take (e.g. a guest without FLUSH or CONFIG_WCE) */
+      without?: number[];
+    } = {},
+  ): void {
     const offered = this.callU64(Request.GET_FEATURES);
     if (!hasBit(offered, F.PROTOCOL_FEATURES)) throw new Error('backend lacks PROTOCOL_FEATURES');
     const pf = this.callU64(Request.GET_PROTOCOL_FEATURES);
@@ -519,6 +528,7 @@ export class Frontend {
       if (!hasBit(offered, F.RING_PACKED)) throw new Error('backend does not offer RING_PACKED');
       want |= bit(F.RING_PACKED);
     }
+    for (const b of opts.without ?? []) want &= ~bit(b);
     this.features = want;
     if (opts.inflight === 'new') this.inflight = this.getInflight(2, 128);
     else if (opts.inflight) this.inflight = opts.inflight;

@@ -5,6 +5,7 @@ Mounts BACKING (a directory) on MOUNTPOINT; files are the backing files. Switche
   --slow-read-ms N         every read() sleeps N ms (storage that is slow to read)
   --slow-while PATH        ... but only while PATH exists
   --fail-fsync-while PATH  fsync() fails with EIO while PATH exists (a target whose flush fails)
+  --count-fsyncs PATH      every fsync() that reaches the file system appends one byte to PATH
   --punch-zero-writes      a write of only zero bytes punches a hole in the backing file instead
                            (reads the same, and a 1 GiB zeroing costs no disk space)
 fallocate() is not implemented, so the kernel answers EOPNOTSUPP (like a file system without it).
@@ -73,6 +74,9 @@ class Misbehaving(Operations):
         return os.pwrite(fh, data, offset)
 
     def fsync(self, path, datasync, fh):
+        if self.args.count_fsyncs is not None:
+            with open(self.args.count_fsyncs, 'ab') as f:
+                f.write(b'd' if datasync else b'f')
         if self.args.fail_fsync_while is not None and os.path.exists(self.args.fail_fsync_while):
             raise FuseOSError(errno.EIO)
         os.fsync(fh)
@@ -93,6 +97,7 @@ def main():
     p.add_argument('--slow-read-ms', type=float, default=0)
     p.add_argument('--slow-while')
     p.add_argument('--fail-fsync-while')
+    p.add_argument('--count-fsyncs')
     p.add_argument('--punch-zero-writes', action='store_true')
     a = p.parse_args()
     FUSE(Misbehaving(os.path.abspath(a.backing), a), a.mountpoint, foreground=True, direct_io=True, big_writes=True, max_write=131072)

@@ -13,6 +13,8 @@ export interface FuseFsOptions {
   slowWhile?: string;
   /** fsync() fails with EIO while this file exists */
   failFsyncWhile?: string;
+  /** every fsync() that reaches the file system appends a byte to this file (see fsyncCount) */
+  countFsyncs?: string;
   /** an all-zero write punches a hole in the backing file (a 1 GiB zeroing costs no disk) */
   punchZeroWrites?: boolean;
 }
@@ -23,6 +25,15 @@ export interface FuseFs {
   mountpoint: string;
   proc: ChildProcess;
   unmount(): Promise<void>;
+}
+
+/** fsync() calls the file system got so far, with FuseFsOptions.countFsyncs = file */
+export function fsyncCount(file: string): number {
+  try {
+    return fs.statSync(file).size;
+  } catch {
+    return 0;
+  }
 }
 
 const script = path.join(repoRoot, 'test/helpers/fuse-fs.py');
@@ -45,6 +56,7 @@ export async function mountFuseFs(dir: string, opts: FuseFsOptions = {}): Promis
   if (opts.slowReadMs !== undefined) args.push('--slow-read-ms', String(opts.slowReadMs));
   if (opts.slowWhile !== undefined) args.push('--slow-while', opts.slowWhile);
   if (opts.failFsyncWhile !== undefined) args.push('--fail-fsync-while', opts.failFsyncWhile);
+  if (opts.countFsyncs !== undefined) args.push('--count-fsyncs', opts.countFsyncs);
   if (opts.punchZeroWrites) args.push('--punch-zero-writes');
   // Debian's python3-fusepy lives in the system interpreter's dist-packages.
   const proc = spawn('/usr/bin/python3', args, { stdio: ['ignore', 'ignore', 'pipe'] });
