@@ -7,6 +7,7 @@
         "src/sockets.c",
         "src/poll.c",
         "src/memory.c",
+        "src/mappings.c",
         "src/eventfd.c",
         "src/uring.c",
         "src/sync_io.c"

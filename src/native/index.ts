@@ -76,12 +76,25 @@ export interface Native {
    */
   pollWait(fds: Int32Array, nfds: number, revents: Int32Array, timeoutMs: number): number;
 
-  /** maps [offset, offset+length) of fd shared; offset page aligned; length <= 4 GiB; finalizer munmaps */
+  /** maps [offset, offset+length) of fd shared; offset page aligned; length <= 4 GiB; unmapped by unmap() or the finalizer */
   mmap(fd: number, length: number, offset: number, writable: boolean): ArrayBuffer;
+  /**
+   * Maps like mmap, once for the whole process, and returns the mapping's id. Any thread turns the
+   * id into views (viewMapping); the pages stay until releaseMapping(id) and every view's unmap.
+   */
+  mapShared(fd: number, length: number, offset: number, writable: boolean): number;
+  /** a new ArrayBuffer over the mapping's pages, holding a reference (unmap() drops it); throws ENOENT for an unknown id */
+  viewMapping(id: number): ArrayBuffer;
+  /** one more owner reference, as mapShared's (a new memory table keeping this chunk); false if none is left */
+  retainMapping(id: number): boolean;
+  /** drops an owner reference (mapShared's or retainMapping's); false if the id names no mapping or it was released already */
+  releaseMapping(id: number): boolean;
   /** host virtual address of an ArrayBuffer's first byte (for iovecs) */
   addressOf(buf: ArrayBuffer): number;
-  /** unmaps a buffer from mmap() now and detaches it (its views see length 0); false if not ours or already unmapped */
+  /** drops a view's reference now (from mmap or viewMapping) and detaches it (its views see length 0); false if not ours or already done */
   unmap(buf: ArrayBuffer): boolean;
+  /** mappings alive in the process, each counted once however many views it has */
+  liveMappings(): number;
   /** SIGBUS faults inside our mappings (a frontend truncated a mapped file) patched with a zero page, process-wide */
   sigbusRescues(): number;
 

@@ -36,7 +36,10 @@ export interface VhostBackend {
   setConfig(offset: number, data: Uint8Array, flags: number): Promise<boolean>;
   /** resolves once the device runs with what the features imply (the write-cache mode) */
   setAckedFeatures(features: bigint): Promise<void>;
-  /** maps the new memory table in every worker; resolves once no worker uses the old one's fds */
+  /**
+   * maps the table once for the process and gives every worker a view; the fds are not used once it
+   * resolves. Rejects with a ProtocolError, leaving nothing of the new table mapped, if a region cannot be mapped.
+   */
   setMemTable(regions: readonly RegionWithFd[]): Promise<void>;
   /** (re)configures a ring; resolves once the worker applied it and no longer uses older fds */
   configureQueue(setup: VringSetup): Promise<void>;

@@ -1,13 +1,25 @@
-// Guest memory as a worker sees it: each region mapped from its fd, translated by guest-physical
-// address (descriptors) or frontend virtual address (ring addresses), always bounds checked.
+// Guest memory as a worker sees it: views of the chunks the main thread mapped once for the whole
+// process (memory-map.ts), translated by guest-physical address (descriptors) or frontend virtual
+// address (ring addresses), always bounds checked.
 import { native } from '../native/index.js';
 
+/** A region of the frontend's memory table, with the fd it came with. */
 export interface RegionSpec {
   guestPhysAddr: number;
   size: number;
   userAddr: number;
   mmapOffset: number;
   fd: number;
+}
+
+/** One mapped chunk of a region, as the main thread sends it to the workers: plain numbers. */
+export interface ChunkSpec {
+  gpa: number;
+  uva: number;
+  /** bytes mapped (the chunk plus its overlap into the next one) */
+  size: number;
+  /** process-wide mapping id (native.mapShared) */
+  mapping: number;
 }
 
 /**
@@ -19,11 +31,10 @@ export interface RegionSpec {
 export const CHUNK_SIZE = 2 ** 30;
 export const CHUNK_OVERLAP = 2 ** 21;
 
-/** One mapped chunk of a guest memory region. */
+/** One mapped chunk of a guest memory region: this thread's view of the process-wide mapping. */
 export class MappedRegion {
   readonly gpa: number;
   readonly uva: number;
-  /** bytes mapped (the chunk plus its overlap into the next one) */
   readonly size: number;
   readonly buffer: ArrayBuffer;
   /** byte offset of the chunk's first byte inside buffer */
@@ -32,12 +43,11 @@ export class MappedRegion {
   readonly hostAddr: number;
   readonly bytes: Uint8Array;
 
-  constructor(spec: RegionSpec, offset: number) {
-    this.gpa = spec.guestPhysAddr + offset;
-    this.uva = spec.userAddr + offset;
-    this.size = Math.min(CHUNK_SIZE + CHUNK_OVERLAP, spec.size - offset);
-    if (spec.mmapOffset % 4096 !== 0) throw new RangeError(`mmap offset ${spec.mmapOffset} is not page aligned`);
-    this.buffer = native.mmap(spec.fd, this.size, spec.mmapOffset + offset, true);
+  constructor(spec: ChunkSpec) {
+    this.gpa = spec.gpa;
+    this.uva = spec.uva;
+    this.size = spec.size;
+    this.buffer = native.viewMapping(spec.mapping);
     this.hostAddr = native.addressOf(this.buffer);
     this.bytes = new Uint8Array(this.buffer, 0, this.size);
   }
@@ -45,16 +55,43 @@ export class MappedRegion {
 
 export class GuestMemory {
   /** every chunk of every region, in region order */
-  readonly regions: MappedRegion[];
+  readonly regions: MappedRegion[] = [];
   private last = 0;
+  /** requests in flight that were started with this table */
+  private users = 0;
+  /** replaced by a newer table: unmapped as soon as no request uses it */
+  private retired = false;
+  private closed = false;
 
-  constructor(specs: readonly RegionSpec[]) {
-    this.regions = [];
-    for (const s of specs) for (let off = 0; off < s.size; off += CHUNK_SIZE) this.regions.push(new MappedRegion(s, off));
+  constructor(chunks: readonly ChunkSpec[]) {
+    try {
+      for (const c of chunks) this.regions.push(new MappedRegion(c));
+    } catch (e) {
+      this.close(); // the views taken so far
+      throw e;
+    }
   }
 
-  /** Unmaps every chunk now (worker threads never run GC finalizers); no access afterwards. */
+  /** A request starts with this table: it stays mapped until that request is done. */
+  hold(): void {
+    this.users++;
+  }
+
+  /** A request that started with this table is done. */
+  drop(): void {
+    if (--this.users === 0 && this.retired) this.close();
+  }
+
+  /** A newer table replaced this one: unmapped now, or when the last request using it is done. */
+  retire(): void {
+    this.retired = true;
+    if (this.users === 0) this.close();
+  }
+
+  /** Drops this thread's views now (worker threads never run GC finalizers); no access afterwards. */
   close(): void {
+    if (this.closed) return;
+    this.closed = true;
     for (const r of this.regions) native.unmap(r.buffer);
   }
 

@@ -6,6 +6,8 @@ import { blkConfigSpace, blkFeatures, blkProtocolFeatures, WCE_OFFSET } from '..
 import type { NodeSpec } from '../graph/nodes.js';
 import { DrainBarrier, type Drainable } from '../graph/drain.js';
 import type { GraphConsumer } from '../graph/graph.js';
+import { GuestMemoryMap, GuestMemoryMapError } from '../virtio/memory-map.js';
+import { ProtocolError } from '../protocol/codec.js';
 import { QueueWorkerHandle } from './handle.js';
 import { StatIndex } from './messages.js';
 import { releaseSpec, retainSpec } from '../graph/fd-refs.js';
@@ -50,6 +52,8 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
   private ackedFeatures: bigint | null = null;
   private started = new Set<number>();
   private channel: BackendChannel | null = null;
+  /** the memory table the workers were last given; its chunks stay mapped while it is current */
+  private memory: GuestMemoryMap | null = null;
 
   constructor(
     private readonly opts: ExportOptions,
@@ -214,10 +218,28 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     if (!(await this.applyCacheMode('write cache mode set by feature negotiation'))) throw new Error('the write cache mode could not be applied');
   }
 
+  /**
+   * Maps the table once for the process (chunks of regions the current table has already stay),
+   * then every worker takes its views. A worker keeps viewing the old table until the requests it
+   * started with it are done, so the old table's own references can go as soon as all have acked.
+   */
   async setMemTable(regions: readonly RegionWithFd[]): Promise<void> {
-    const specs = regions.map((r) => ({ ...r }));
-    await Promise.all(this.workers.map((w) => w.request({ type: 'memtable', regions: specs })));
-    this.log.info({ regions: regions.map((r) => ({ gpa: r.guestPhysAddr, size: r.size })) }, 'guest memory mapped');
+    let next: GuestMemoryMap;
+    try {
+      next = GuestMemoryMap.map(regions, this.memory);
+    } catch (e) {
+      if (e instanceof GuestMemoryMapError) throw new ProtocolError(`guest memory cannot be mapped: ${e.message}`);
+      throw e;
+    }
+    try {
+      await Promise.all(this.workers.map((w) => w.request({ type: 'memtable', chunks: next.chunks })));
+    } catch (e) {
+      next.release(); // workers that took views hold their own references
+      throw e;
+    }
+    this.memory?.release();
+    this.memory = next;
+    this.log.info({ regions: regions.map((r) => ({ gpa: r.guestPhysAddr, size: r.size })), chunks: next.chunks.length }, 'guest memory mapped');
   }
 
   async configureQueue(setup: VringSetup): Promise<void> {
@@ -239,17 +261,22 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
   /** Stops and resets every live worker, even when one of them fails (it is reported afterwards). */
   async reset(): Promise<void> {
     const failures: unknown[] = [];
-    for (const i of [...this.started]) {
-      try {
-        await this.stopQueue(i);
-      } catch (e) {
-        this.started.delete(i);
-        failures.push(e);
+    try {
+      for (const i of [...this.started]) {
+        try {
+          await this.stopQueue(i);
+        } catch (e) {
+          this.started.delete(i);
+          failures.push(e);
+        }
       }
-    }
-    const live = this.workers.filter((w) => !w.isDead);
-    for (const r of await Promise.allSettled(live.map((w) => w.request({ type: 'reset' })))) {
-      if (r.status === 'rejected') failures.push(r.reason);
+      const live = this.workers.filter((w) => !w.isDead);
+      for (const r of await Promise.allSettled(live.map((w) => w.request({ type: 'reset' })))) {
+        if (r.status === 'rejected') failures.push(r.reason);
+      }
+    } finally {
+      this.memory?.release(); // a worker still viewing it holds its own references
+      this.memory = null;
     }
     // The next driver starts from the configured mode, whatever this one chose or negotiated.
     this.guestWriteback = null;
@@ -347,6 +374,8 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
       releaseSpec(this.held[i]!);
       delete this.held[i];
     });
+    this.memory?.release();
+    this.memory = null;
   }
 }
 

@@ -1,5 +1,5 @@
 // Messages between the main thread and a queue worker. Plain data only: no shared mutable objects.
-import type { RegionSpec } from '../virtio/memory.js';
+import type { ChunkSpec } from '../virtio/memory.js';
 import type { InflightRegion, VringSetup } from '../protocol/backend.js';
 import type { NodeSpec } from '../graph/nodes.js';
 
@@ -22,7 +22,8 @@ export interface WorkerInit {
 export type ToWorker =
   /** answered once the worker's loop runs: start-up waits for every worker before listening */
   | { type: 'ready'; seq: number }
-  | { type: 'memtable'; seq: number; regions: RegionSpec[] }
+  /** views of the chunks the main thread mapped (ids, not fds: nothing to close) */
+  | { type: 'memtable'; seq: number; chunks: readonly ChunkSpec[] }
   | { type: 'configure'; seq: number; setup: VringSetup }
   | { type: 'inflight'; seq: number; region: InflightRegion | null }
   | { type: 'stop'; seq: number }

@@ -1,4 +1,4 @@
-// Worker thread entry: serves one virtqueue. It maps guest memory itself, owns its ring indices
+// Worker thread entry: serves one virtqueue. It views the guest memory the main thread mapped, owns its ring indices
 // and in-flight table, and sleeps in one blocking poll covering kick, control and completions.
 // Control messages arrive on parentPort and are read synchronously after the control eventfd wakes us.
 import { parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
@@ -71,8 +71,6 @@ class QueueWorker {
   private sigbusSeen = native.sigbusRescues();
   /** a SIGBUS was caught while this queue served: completions may describe data that never landed */
   private memoryLost = false;
-  /** replaced guest memory still used by requests in flight */
-  private retired: GuestMemory[] = [];
 
   constructor(init: WorkerInit) {
     this.init = init;
@@ -322,6 +320,7 @@ class QueueWorker {
   private startSlot(slot: BlkSlot, now: number): void {
     this.freeTags.pop();
     this.inFlight++;
+    slot.chain.memory!.hold(); // the table this request walked stays mapped until it is done
     slot.generation = this.generation;
     slot.startMs = now;
     this.handler.start(slot, this.node, this.ctx);
@@ -379,6 +378,7 @@ class QueueWorker {
       q.putUsed(slot.chain.head, used);
       this.tracker?.completed(slot.chain.head);
     }
+    slot.chain.memory!.drop();
     slot.chain.memory = null;
     this.needNotify = true;
     this.freeTags.push(tag);
@@ -437,13 +437,6 @@ class QueueWorker {
     }
   }
 
-  /** Unmaps guest memory the driver replaced, now or once the requests still using it are done. */
-  private retire(m: GuestMemory | null): void {
-    if (m === null) return;
-    this.retired.push(m);
-    if (this.inFlight === 0) this.releaseRetired();
-  }
-
   /** Installs a new inflight region mapping (or none) and unmaps the old one; nothing is in flight. */
   private replaceInflightRegion(next: { spec: InflightRegion; buffer: ArrayBuffer } | null): void {
     const old = this.inflightRegion;
@@ -451,14 +444,8 @@ class QueueWorker {
     if (old !== null) native.unmap(old.buffer);
   }
 
-  private releaseRetired(): void {
-    for (const m of this.retired) m.close();
-    this.retired = [];
-  }
-
   private finishStopOrDrain(): void {
     if (this.inFlight > 0) return;
-    if (this.retired.length > 0) this.releaseRetired();
     if (this.stopSeq >= 0) {
       const seq = this.stopSeq;
       const q = this.queue;
@@ -499,10 +486,10 @@ class QueueWorker {
       case 'memtable': {
         this.publish();
         const old = this.memory;
-        this.memory = m.regions.length > 0 ? new GuestMemory(m.regions) : null;
+        this.memory = m.chunks.length > 0 ? new GuestMemory(m.chunks) : null;
         this.memoryLost = false;
         if (this.setup !== null) this.bindQueue(this.setup);
-        this.retire(old);
+        old?.retire(); // unmapped once the requests started with it are done
         this.post({ type: 'ack', seq: m.seq });
         return;
       }
@@ -539,7 +526,7 @@ class QueueWorker {
         if (this.inFlight > 0) throw new Error('reset with requests in flight');
         this.queue = null;
         this.setup = null;
-        this.retire(this.memory); // nothing in flight: unmapped at once
+        this.memory?.retire(); // nothing in flight: unmapped at once
         this.memory = null;
         this.memoryLost = false;
         this.broken = false;

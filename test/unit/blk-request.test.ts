@@ -7,7 +7,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { native } from '../../src/native/index.js';
-import { GuestMemory, type RegionSpec } from '../../src/virtio/memory.js';
+import { type RegionSpec } from '../../src/virtio/memory.js';
+import { mapGuestMemory } from '../../src/virtio/memory-map.js';
 import { ChainError, DescriptorChain } from '../../src/virtio/chain.js';
 import { SplitQueue, VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_WRITE as WRITE } from '../../src/virtio/split-queue.js';
 import { SyncEngine, UringEngine, type IoEngine } from '../../src/graph/io-engine.js';
@@ -44,7 +45,7 @@ const specs: RegionSpec[] = DEFS.map((d, i) => {
   files.push(new Uint8Array(native.mmap(fd, d.mmapOffset + d.size, 0, true)));
   return { guestPhysAddr: d.gpa, size: d.size, userAddr: d.uva, mmapOffset: d.mmapOffset, fd };
 });
-const mem = new GuestMemory(specs);
+const mem = mapGuestMemory(specs);
 
 function gbytes(gpa: number, len: number): Uint8Array {
   const i = DEFS.findIndex((d) => gpa >= d.gpa && gpa + len <= d.gpa + d.size);

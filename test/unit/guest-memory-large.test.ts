@@ -3,7 +3,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { native } from '../../src/native/index.js';
-import { CHUNK_OVERLAP, CHUNK_SIZE, GuestMemory } from '../../src/virtio/memory.js';
+import { CHUNK_OVERLAP, CHUNK_SIZE } from '../../src/virtio/memory.js';
+import { mapGuestMemory } from '../../src/virtio/memory-map.js';
 import { ChainError, DescriptorChain } from '../../src/virtio/chain.js';
 
 const GiB = 2 ** 30;
@@ -12,7 +13,7 @@ const MiB = 2 ** 20;
 test('a 5 GiB region: chunks, translation past 4 GiB, and buffers split at chunk ends', () => {
   const fd = native.memfdCreate('big-guest', 5 * GiB);
   // Region at GPA 4 GiB (like QEMU's high memory), starting 1 GiB into the file.
-  const mem = new GuestMemory([{ guestPhysAddr: 4 * GiB, size: 4 * GiB, userAddr: 0x7f00_0000_0000, mmapOffset: GiB, fd }]);
+  const mem = mapGuestMemory([{ guestPhysAddr: 4 * GiB, size: 4 * GiB, userAddr: 0x7f00_0000_0000, mmapOffset: GiB, fd }]);
   assert.equal(mem.regions.length, 4);
   assert.equal(mem.regions[0]!.size, CHUNK_SIZE + CHUNK_OVERLAP);
   assert.equal(mem.regions[3]!.size, GiB, 'the last chunk stops at the region end');

@@ -52,9 +52,10 @@ function fill(view: Uint8Array, off: number, len: number, seed: number): void {
 test('export list matches the Native interface', () => {
   const expected = [
     'Ring', 'accept', 'addressOf', 'blockDeviceSize', 'close', 'connectUnix', 'dup', 'eventfd',
-    'eventfdRead', 'eventfdWrite', 'fallocate', 'fsync', 'listenUnix', 'memfdCreate', 'mmap',
-    'poll', 'pollWait', 'preadv', 'pwritev', 'recvMsg', 'sendMsg', 'setBlocking', 'sigbusRescues',
-    'socketpair', 'threadCpuMicros', 'unmap',
+    'eventfdRead', 'eventfdWrite', 'fallocate', 'fsync', 'listenUnix', 'liveMappings', 'mapShared',
+    'memfdCreate', 'mmap', 'poll', 'pollWait', 'preadv', 'pwritev', 'recvMsg', 'releaseMapping',
+    'retainMapping', 'sendMsg', 'setBlocking', 'sigbusRescues', 'socketpair', 'threadCpuMicros', 'unmap',
+    'viewMapping',
   ];
   assert.deepEqual(Object.keys(native).sort(), expected);
 });

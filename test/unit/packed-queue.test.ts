@@ -2,7 +2,7 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { native } from '../../src/native/index.js';
-import { GuestMemory } from '../../src/virtio/memory.js';
+import { mapGuestMemory } from '../../src/virtio/memory-map.js';
 import { ChainError, DescriptorChain } from '../../src/virtio/chain.js';
 import { BrokenQueueError } from '../../src/virtio/split-queue.js';
 import {
@@ -29,7 +29,7 @@ function setup(q: number, opts: { eventIdx?: boolean; indirect?: boolean; maxCha
   const fd = native.memfdCreate('packed-test', SIZE);
   const bytes = new Uint8Array(native.mmap(fd, SIZE, 0, true));
   const dv = new DataView(bytes.buffer);
-  const mem = new GuestMemory([{ guestPhysAddr: 0, size: SIZE, userAddr: UVA, mmapOffset: 0, fd }]);
+  const mem = mapGuestMemory([{ guestPhysAddr: 0, size: SIZE, userAddr: UVA, mmapOffset: 0, fd }]);
   native.close(fd);
   const queue = new PackedQueue(mem, { size: q, descAddr: UVA + RING, driverAddr: UVA + DRIVER, deviceAddr: UVA + DEVICE }, encodePackedBase(0, true, 0, true), opts.eventIdx ?? true, opts.indirect ?? true, opts.maxChain);
   // Driver state: next slot and wrap counter.

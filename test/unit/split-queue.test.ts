@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { native } from '../../src/native/index.js';
 import { GuestMemory, type RegionSpec } from '../../src/virtio/memory.js';
+import { mapGuestMemory } from '../../src/virtio/memory-map.js';
 import { ChainError, DescriptorChain } from '../../src/virtio/chain.js';
 import {
   BrokenQueueError,
@@ -36,7 +37,7 @@ class TestRam {
       this.files.push(new Uint8Array(native.mmap(fd, d.mmapOffset + d.size, 0, true)));
       specs.push({ guestPhysAddr: d.gpa, size: d.size, userAddr: d.uva, mmapOffset: d.mmapOffset, fd });
     });
-    this.mem = new GuestMemory(specs);
+    this.mem = mapGuestMemory(specs);
   }
   private loc(gpa: number, len: number): { file: Uint8Array; off: number } {
     for (let i = 0; i < this.defs.length; i++) {
