@@ -8,12 +8,14 @@
         "src/poll.c",
         "src/memory.c",
         "src/mappings.c",
+        "src/unowned_buffer.cc",
         "src/eventfd.c",
         "src/uring.c",
         "src/sync_io.c"
       ],
       "defines": ["_GNU_SOURCE"],
-      "cflags": ["-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
+      "cflags_c": ["-std=gnu11"],
+      "cflags": [ "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
     }
   ]
 }

@@ -50,6 +50,8 @@ typedef struct {
 static _Atomic(slot_t *) slabs[MAX_SLABS];
 /* slots [0, slots_used) have their slab allocated */
 static atomic_uint slots_used;
+/* under lock: no slot below this one is free (mapping a big table one chunk after another stays linear) */
+static uint32_t first_free;
 static size_t live;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static atomic_ulong sigbus_rescued;
@@ -64,9 +66,9 @@ static slot_t *slot_at(uint32_t i) {
 /* Under lock: a free slot, growing the table by a slab when all are taken; NULL when full. */
 static slot_t *free_slot(uint32_t *index) {
   uint32_t used = atomic_load(&slots_used);
-  for (uint32_t i = 0; i < used; i++) {
+  for (uint32_t i = first_free; i < used; i++) {
     slot_t *s = slot_at(i);
-    if (s->m == NULL) return *index = i, s;
+    if (s->m == NULL) return first_free = i + 1, *index = i, s;
   }
   if (used == (uint32_t)SLAB_SLOTS * MAX_SLABS) return NULL;
   if (used % SLAB_SLOTS == 0) {
@@ -75,6 +77,7 @@ static slot_t *free_slot(uint32_t *index) {
     atomic_store(&slabs[used / SLAB_SLOTS], slab);
   }
   atomic_store(&slots_used, used + 1); /* after the slab pointer: the handler never sees a NULL slab */
+  first_free = used + 1;
   return *index = used, slot_at(used);
 }
 
@@ -145,6 +148,7 @@ static vubd_mapping *unref(vubd_mapping *m) {
   atomic_store(&s->base, 0);
   s->m = NULL;
   s->serial++;
+  if (m->slot < first_free) first_free = m->slot;
   live--;
   return m;
 }

@@ -13,6 +13,9 @@
 
 #define MAX_MAP_LEN (4ULL << 30) /* Node 20 caps external ArrayBuffers at 4 GiB */
 
+/* unowned_buffer.cc: an ArrayBuffer over data that V8 neither frees nor counts as its memory */
+napi_status vubd_unowned_arraybuffer(napi_env env, void *data, size_t length, napi_value *result);
+
 /* The reference one view holds; attached to the ArrayBuffer with napi_wrap, so unmap() finds it. */
 typedef struct {
   vubd_mapping *m;
@@ -33,11 +36,11 @@ static napi_value make_view(napi_env env, vubd_mapping *m) {
   }
   v->m = m;
   napi_value ab;
-  /* No finalizer on the buffer itself: the wrap's finalizer owns the reference. */
-  if (napi_create_external_arraybuffer(env, vubd_mapping_addr(m), vubd_mapping_len(m), NULL, NULL, &ab) != napi_ok) {
+  /* The buffer itself owns nothing: the wrap's finalizer holds the reference. */
+  if (vubd_unowned_arraybuffer(env, vubd_mapping_addr(m), vubd_mapping_len(m), &ab) != napi_ok) {
     vubd_mapping_put(m);
     free(v);
-    return NULL;
+    return vubd_throw_errno(env, "mmap", ENOMEM);
   }
   if (napi_wrap(env, ab, v, view_finalizer, NULL, NULL) != napi_ok) {
     napi_detach_arraybuffer(env, ab); /* unreachable anyway; never let it point at unmapped pages */

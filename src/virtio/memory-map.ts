@@ -2,6 +2,7 @@
 // process and named by a mapping id. Workers get the ids and take their own views (GuestMemory).
 // A chunk is unmapped when this table and every view have let go of it, so replaced memory goes
 // as soon as the last request that used it is done, in whichever worker that request ran.
+import fs from 'node:fs';
 import { native } from '../native/index.js';
 import { CHUNK_OVERLAP, CHUNK_SIZE, GuestMemory, type ChunkSpec, type RegionSpec } from './memory.js';
 
@@ -31,6 +32,12 @@ export class GuestMemoryMap {
    */
   static map(specs: readonly RegionSpec[], previous: GuestMemoryMap | null = null): GuestMemoryMap {
     specs.forEach(checkAligned); // before anything is mapped
+    const fresh = specs.filter((s) => previous?.find(s) === undefined).reduce((n, s) => n + Math.ceil(s.size / CHUNK_SIZE), 0);
+    if (native.liveMappings() + fresh > mappingBudget()) {
+      throw new GuestMemoryMapError(
+        `the table needs ${fresh} more mappings of 1 GiB; ${native.liveMappings()} are in use and at most ${mappingBudget()} may be (half of vm.max_map_count)`,
+      );
+    }
     const owned: number[] = [];
     try {
       const mapped = specs.map((spec, i): MappedSpec => {
@@ -93,6 +100,26 @@ export function mapGuestMemory(specs: readonly RegionSpec[]): GuestMemory {
   } finally {
     map.release(); // the views keep the chunks mapped
   }
+}
+
+let budget = 0;
+
+/**
+ * Guest memory may use at most half of the process's mappings (vm.max_map_count): Node needs its
+ * own, and a replaced table stays mapped beside the new one until its requests are done. Past the
+ * limit every mmap fails, V8's included, and the daemon would die.
+ */
+function mappingBudget(): number {
+  if (budget === 0) {
+    let max = 65530;
+    try {
+      max = parseInt(fs.readFileSync('/proc/sys/vm/max_map_count', 'utf8'), 10) || max;
+    } catch {
+      /* the kernel's default */
+    }
+    budget = Math.floor(max / 2);
+  }
+  return budget;
 }
 
 function checkAligned(s: RegionSpec, i: number): void {

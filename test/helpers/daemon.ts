@@ -24,7 +24,11 @@ export function tempDir(prefix = 'vubd-test-'): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
 }
 
-export async function startDaemon(args: string[], opts: { dir?: string; waitSocket?: boolean; env?: Record<string, string> } = {}): Promise<Daemon> {
+/** readyTimeoutMs: how long start-up may take (default 10 s; many queues take longer on a busy machine) */
+export async function startDaemon(
+  args: string[],
+  opts: { dir?: string; waitSocket?: boolean; env?: Record<string, string>; readyTimeoutMs?: number } = {},
+): Promise<Daemon> {
   const dir = opts.dir ?? tempDir();
   const socketPath = path.join(dir, 'vubd.sock');
   const proc = spawn(process.execPath, [vubdMain, `--socket-path=${socketPath}`, ...args], {
@@ -73,13 +77,13 @@ export async function startDaemon(args: string[], opts: { dir?: string; waitSock
     fdCount: () => fs.readdirSync(`/proc/${proc.pid}/fd`).length,
   };
   if (opts.waitSocket ?? true) {
-    const deadline = Date.now() + 10000;
+    const deadline = Date.now() + (opts.readyTimeoutMs ?? 10000);
     while (!fs.existsSync(socketPath)) {
       if (proc.exitCode !== null) throw new Error(`vubd exited with ${proc.exitCode}: ${logs.join('\n')}`);
       if (Date.now() > deadline) throw new Error(`vubd did not create its socket: ${logs.join('\n')}`);
       await new Promise((r) => setTimeout(r, 20));
     }
-    if (!args.some((a) => /^--log-level=(warn|error|fatal|silent)$/.test(a))) await d.waitForLog((r) => r.msg === 'vubd listening');
+    if (!args.some((a) => /^--log-level=(warn|error|fatal|silent)$/.test(a))) await d.waitForLog((r) => r.msg === 'vubd listening', Math.max(5000, deadline - Date.now()));
   }
   return d;
 }

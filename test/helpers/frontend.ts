@@ -17,15 +17,25 @@ import {
 export const REGION_SIZE = 32 * 2 ** 20;
 const UVA_BASE = 0x7f0000000000;
 
+/** Regions larger than this are sparse guests: the test maps (and allocates in) only their first bytes. */
+const MAPPED_PREFIX = 2 ** 30;
+
 export class GuestRam {
+  /** bytes: what the test process mapped of the region (all of it, or its first MAPPED_PREFIX bytes) */
   readonly regions: { gpa: number; uva: number; size: number; fd: number; bytes: Uint8Array }[] = [];
   private next = 0x1000;
-  constructor(count = 2, size = REGION_SIZE) {
+  /** size: of every region, or one entry per region */
+  constructor(count = 2, size: number | readonly number[] = REGION_SIZE) {
+    let gpa = 0;
+    let uva = UVA_BASE;
     for (let i = 0; i < count; i++) {
-      const fd = native.memfdCreate(`guest-ram-${i}`, size);
-      const buf = native.mmap(fd, size, 0, true);
+      const len = typeof size === 'number' ? size : size[i]!;
+      const fd = native.memfdCreate(`guest-ram-${i}`, len);
+      const buf = native.mmap(fd, Math.min(len, MAPPED_PREFIX), 0, true);
+      this.regions.push({ gpa, uva, size: len, fd, bytes: new Uint8Array(buf) });
       // Leave a gap between regions so a buffer cannot silently straddle two of them.
-      this.regions.push({ gpa: i * (size + 0x100000), uva: UVA_BASE + i * 2 * size, size, fd, bytes: new Uint8Array(buf) });
+      gpa += len + 0x100000;
+      uva += 2 * len;
     }
   }
   get table(): MemoryRegion[] {
@@ -38,12 +48,12 @@ export class GuestRam {
       const off = (r as { cursor?: number }).cursor ?? 0x1000;
       const start = Math.ceil(off / align) * align;
       (r as { cursor?: number }).cursor = start + len;
-      if (start + len > r.size) throw new Error('guest RAM exhausted');
+      if (start + len > r.bytes.length) throw new Error('guest RAM exhausted');
       return r.gpa + start;
     }
     const start = Math.ceil(this.next / align) * align;
     this.next = start + len;
-    if (this.next > r.size) throw new Error('guest RAM exhausted');
+    if (this.next > r.bytes.length) throw new Error('guest RAM exhausted');
     return r.gpa + start;
   }
   /** Frees everything allocated in region i (> 0; region 0 holds the rings). */

@@ -20,6 +20,7 @@ import {
   type MemoryRegion,
 } from '../../src/protocol/codec.js';
 import { fdsSettle, pattern, openSession } from '../helpers/sessions.js';
+import { mappingsSettle, sharedMappingCount } from '../helpers/guest-maps.js';
 
 const MiB = 2 ** 20;
 const NUM_QUEUES = 2;
@@ -60,6 +61,8 @@ describe('hostile vhost-user messages', () => {
   let d: Daemon;
   let fdsAtStart = 0;
   let fdsAfterWarmup = 0;
+  /** shared mappings (guest memory, inflight regions) of the idle daemon after the warm-up */
+  let mapsAtStart = 0;
   let seed = 1;
 
   before(async () => {
@@ -80,7 +83,10 @@ describe('hostile vhost-user messages', () => {
     dispose(fe);
     await sessionEnded(d, conn);
     fdsAfterWarmup = await fdsSettle(d, fdsAtStart);
+    mapsAtStart = await mappingsSettle(d.proc.pid!, 0, sharedMappingCount);
   });
+
+  const mapsSettle = (): Promise<number> => mappingsSettle(d.proc.pid!, mapsAtStart, sharedMappingCount);
 
   after(async () => {
     const r = await d?.stop();
@@ -110,6 +116,7 @@ describe('hostile vhost-user messages', () => {
     await sessionEnded(d, conn);
     assert.equal(d.proc.exitCode, null, 'daemon still running');
     assert.equal(await fdsSettle(d, fdsBefore), fdsBefore, 'every fd sent with the refused connection was closed');
+    assert.equal(await mapsSettle(), mapsAtStart, 'nothing the refused connection sent stays mapped');
     await worksEndToEnd(d, seed++);
   }
 
@@ -452,6 +459,7 @@ describe('hostile vhost-user messages', () => {
       await sessionEnded(d, conn);
       assert.ok(!d.logRecords().some((r) => r.msg === 'queue worker crashed' || r.msg === 'queue worker exited'), 'no worker died');
       assert.equal(await fdsSettle(d, fdsBefore), fdsBefore, `${v.name}: fds released`);
+      assert.equal(await mapsSettle(), mapsAtStart, `${v.name}: guest memory unmapped`);
       await worksEndToEnd(d, seed++); // queue 0 serves again after being refused
     }
   });
@@ -475,6 +483,7 @@ describe('hostile vhost-user messages', () => {
     }
     await sessionEnded(d, conn);
     assert.equal(await fdsSettle(d, fdsBefore), fdsBefore, 'fds released');
+    assert.equal(await mapsSettle(), mapsAtStart, 'the truncated memory is unmapped');
     await worksEndToEnd(d, seed++);
   });
 
@@ -482,6 +491,8 @@ describe('hostile vhost-user messages', () => {
     const n = await fdsSettle(d, fdsAtStart);
     assert.equal(fdsAfterWarmup, fdsAtStart, 'a served session leaves no fd behind');
     assert.equal(n, fdsAtStart, `fd count ${n} vs ${fdsAtStart} right after start`);
+    assert.equal(mapsAtStart, 0, 'a served session leaves no mapping behind');
+    assert.equal(await mapsSettle(), mapsAtStart);
     assert.ok(!d.logRecords().some((r) => r.msg === 'queue worker crashed' || r.msg === 'queue worker exited'));
     await worksEndToEnd(d, seed++);
   });

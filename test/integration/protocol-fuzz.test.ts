@@ -17,6 +17,7 @@ import { Request } from '../../src/protocol/constants.js';
 import { encodeOp, negotiateWires, repliesTo, startRingWires, type Op, type RunContext, type Wire } from '../helpers/fuzz-grammar.js';
 import { fuzzSequence, postHostile, postValid, type FuzzOp, type RingOp } from '../helpers/fuzz-ring.js';
 import { FuzzRun, HANG_MS, LogIndex } from '../helpers/fuzz-run.js';
+import { mappingsSettle, sharedMappingCount } from '../helpers/guest-maps.js';
 
 const MiB = 2 ** 20;
 const NUM_QUEUES = 2;
@@ -106,6 +107,7 @@ describe('vhost-user protocol fuzz (real daemon, real socket)', () => {
     }
     await logs.waitFor((r) => r.msg === 'session ended; waiting for the next frontend' && r.conn === conn, 'the e2e session to end', from);
     assert.equal(await fdsSettle(d, baseline), baseline, 'fd count back to baseline after a served session');
+    assert.equal(await mappingsSettle(d.proc.pid!, 0, sharedMappingCount), 0, 'nothing mapped after a served session');
     stats.e2e++;
   }
 
@@ -306,6 +308,8 @@ describe('vhost-user protocol fuzz (real daemon, real socket)', () => {
     assert.deepEqual(bad, [], 'no worker died and the teardown did not fail');
     const n = await fdsSettle(d, baseline);
     assert.equal(n, baseline, `fd count ${n} settles back to ${baseline} after: ${ops.map(describeOp).join(', ')}`);
+    const m = await mappingsSettle(d.proc.pid!, 0, sharedMappingCount);
+    assert.equal(m, 0, `${m} shared mappings (guest memory, inflight regions) left after: ${ops.map(describeOp).join(', ')}`);
     if (stats.runs % E2E_EVERY === 0) await worksEndToEnd();
   }
 
@@ -333,5 +337,6 @@ describe('vhost-user protocol fuzz (real daemon, real socket)', () => {
     assert.ok(all.io >= MIN_IO_SHARE * all.runs, `at least ${MIN_IO_SHARE * 100}% of the sequences do I/O through a worker (${pct(all.io, all.runs)})`);
     assert.equal(d.proc.exitCode, null);
     assert.equal(await fdsSettle(d, baseline), baseline, 'fd count at the end equals the baseline');
+    assert.equal(await mappingsSettle(d.proc.pid!, 0, sharedMappingCount), 0, 'nothing mapped at the end');
   });
 });
