@@ -137,9 +137,10 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
 
   /**
    * Resolves once every queue worker runs its loop (threads are made ahead of time, and a
-   * worker that cannot start is a start-up failure, not a first-request failure).
+   * worker that cannot start is a start-up failure, not a first-request failure). The default
+   * allows half a second per worker: 64 of them take over 10 s on a busy two-core machine.
    */
-  async ready(timeoutMs = 10000): Promise<void> {
+  async ready(timeoutMs = Math.max(10000, 500 * this.workers.length)): Promise<void> {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(() => reject(new Error(`queue workers did not start within ${timeoutMs} ms`)), timeoutMs);
