@@ -8,7 +8,7 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { Worker } from 'node:worker_threads';
 import { native, POLLIN } from '../../src/native/index.js';
-import { GuestMemory } from '../../src/virtio/memory.js';
+import { mapGuestMemory } from '../../src/virtio/memory-map.js';
 import { DescriptorChain } from '../../src/virtio/chain.js';
 import { SplitQueue } from '../../src/virtio/split-queue.js';
 import { PackedQueue, encodePackedBase } from '../../src/virtio/packed-queue.js';
@@ -102,7 +102,7 @@ async function stress(packed: boolean, eventIdx: boolean, seed: number): Promise
   const kickFd = native.eventfd(true);
   const callFd = native.eventfd(true);
   fds.push(fd, kickFd, callFd);
-  const mem = new GuestMemory([{ guestPhysAddr: 0, size: BYTES, userAddr: UVA, mmapOffset: 0, fd }]);
+  const mem = mapGuestMemory([{ guestPhysAddr: 0, size: BYTES, userAddr: UVA, mmapOffset: 0, fd }]);
   const q = packed
     ? new PackedQueue(mem, { size: Q, descAddr: UVA + DESC, driverAddr: UVA + AVAIL, deviceAddr: UVA + USED }, encodePackedBase(0, true, 0, true), eventIdx, false)
     : new SplitQueue(mem, { size: Q, descAddr: UVA + DESC, availAddr: UVA + AVAIL, usedAddr: UVA + USED }, 0, eventIdx, false);
