@@ -49,6 +49,8 @@ class QueueWorker {
   private broken = false;
   private exiting = false;
   private needNotify = false;
+  /** a notification was due while the ring had no call fd */
+  private notifyOwed = false;
   private readonly completions = new Float64Array(2 * BATCH);
   /** per tag: continuations registered by nodes (IoContext.then), innermost last */
 
@@ -434,6 +436,8 @@ class QueueWorker {
     if (notify && this.setup && this.setup.callFd >= 0) {
       native.eventfdWrite(this.setup.callFd, 1);
       Atomics.add(this.stats, StatIndex.NOTIFIES, 1);
+    } else if (notify) {
+      this.notifyOwed = true; // no call fd yet: the driver gets it as soon as one arrives
     }
   }
 
@@ -507,6 +511,13 @@ class QueueWorker {
           old.usedUserAddr === m.setup.usedUserAddr;
         this.setup = m.setup;
         if (!sameRing) this.bindQueue(m.setup);
+        // Completions published while the ring had no call fd (a frontend that enables the ring
+        // before SET_VRING_CALL) would otherwise never interrupt the driver.
+        if (this.notifyOwed && m.setup.callFd >= 0) {
+          this.notifyOwed = false;
+          native.eventfdWrite(m.setup.callFd, 1);
+          Atomics.add(this.stats, StatIndex.NOTIFIES, 1);
+        }
         Atomics.store(this.stats, StatIndex.STATE, this.broken ? QueueState.BROKEN : QueueState.RUNNING);
         this.post({ type: 'ack', seq: m.seq });
         return;
@@ -524,6 +535,7 @@ class QueueWorker {
         return;
       case 'reset':
         if (this.inFlight > 0) throw new Error('reset with requests in flight');
+        this.notifyOwed = false;
         this.queue = null;
         this.setup = null;
         this.memory?.retire(); // nothing in flight: unmapped at once

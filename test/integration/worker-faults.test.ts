@@ -292,3 +292,40 @@ function idOf(fd: number): number {
   if (!m) throw new Error(`fd ${fd} is not an eventfd`);
   return Number(m[1]);
 }
+
+describe('a ring restarted before its call fd arrives', () => {
+  test('completions published without a call fd are signalled on the call fd that comes next', async () => {
+    const dir = fs.mkdtempSync('/tmp/vubd-faults-');
+    const d = await startDaemon([`--blk-file=${makeImage(dir)}`, '--num-queues=1', '--aio=sync'], { dir });
+    const { fe, conn } = await openSession(d);
+    try {
+      fe.negotiate();
+      const ring = fe.setupRing(0, 128);
+      assert.equal(fe.statusOf(fe.run(ring, BLK.OUT, 8, pattern(1, 512))), 0);
+      const base = fe.getVringBase(0); // the ring stays enabled; vubd closed its call fd
+      const reqs = [0, 1, 2].map((k) => fe.blk(ring, BLK.OUT, 16 + 8 * k, pattern(10 + k, 512)));
+      // Restart with the kick fd first: vubd serves at once, with no call fd to signal.
+      fe.send(Request.SET_VRING_NUM, vringStatePayload(0, ring.size));
+      fe.send(Request.SET_VRING_BASE, vringStatePayload(0, base));
+      fe.send(
+        Request.SET_VRING_ADDR,
+        vringAddrPayload({ index: 0, flags: 0, descUserAddr: fe.ram.uva(ring.desc), usedUserAddr: fe.ram.uva(ring.used), availUserAddr: fe.ram.uva(ring.avail), logGuestAddr: 0 }),
+      );
+      fe.send(Request.SET_VRING_KICK, u64Payload(0), [ring.kickFd]);
+      const deadline = Date.now() + 3000;
+      while (ring.usedIdx() < base + reqs.length && Date.now() < deadline) await sleep(5);
+      assert.equal(ring.usedIdx(), base + reqs.length, 'served before the call fd arrived');
+      while (native.eventfdRead(ring.callFd) > 0) {
+        /* drain anything left from before */
+      }
+      fe.send(Request.SET_VRING_CALL, u64Payload(0), [ring.callFd]);
+      const rev = new Int32Array(1);
+      assert.equal(native.pollWait(Int32Array.of(ring.callFd), 1, rev, 2000), 1, 'the driver is interrupted for those completions');
+      for (const r of reqs) assert.equal(fe.statusOf(r), 0);
+    } finally {
+      dispose(fe);
+    }
+    await sessionEnded(d, conn);
+    assert.equal((await d.stop()).code, 0);
+  });
+});
