@@ -65,7 +65,7 @@ export function blkConfigSpace(c: BlkConfigInput): Uint8Array {
   dv.setUint32(8, 0, true); // size_max (feature not offered)
   dv.setUint32(12, SEG_MAX, true);
   dv.setUint32(20, c.blockSize, true);
-  dv.setUint8(24, Math.log2(c.blockSize / SECTOR_SIZE)); // physical_block_exp
+  dv.setUint8(24, 0); // physical_block_exp: log2(physical / logical block size); physical = logical
   dv.setUint8(25, 0); // alignment_offset
   dv.setUint16(26, 1, true); // min_io_size (in blocks)
   dv.setUint32(28, 1, true); // opt_io_size (in blocks)

@@ -69,19 +69,34 @@ export class BlkSlot implements DataIo {
   zeroFill(): void {
     this.chain.zeroWritable(0, this.length);
   }
+
+  copyFromGuest(dst: Uint8Array): void {
+    this.chain.readInto(dst, 16, this.length);
+  }
+
+  copyToGuest(src: Uint8Array, n: number): void {
+    this.chain.writeFrom(src.subarray(0, Math.min(n, this.length)), 0);
+  }
 }
 
 export interface BlkOptions {
   serial: Uint8Array;
   writeback: boolean;
   readOnly: boolean;
+  /** bytes; requests must be aligned to it (QEMU: misaligned sector or length is IOERR). Default 512 */
+  logicalBlockSize?: number;
 }
 
 export class BlkRequestHandler {
   private readonly hdr = new Uint8Array(16);
   private readonly hdrView = new DataView(this.hdr.buffer);
 
-  constructor(public opts: BlkOptions) {}
+  /** logical block size - 1, in bytes */
+  private lbsMask: number;
+
+  constructor(public opts: BlkOptions) {
+    this.lbsMask = (opts.logicalBlockSize ?? SECTOR_SIZE) - 1;
+  }
 
   /** Starts the request; its completion (tag, res) arrives through the engine. */
   start(slot: BlkSlot, node: BlockNode, ctx: IoContext): void {
@@ -109,7 +124,7 @@ export class BlkRequestHandler {
         const write = type === BlkType.OUT;
         const len = write ? dataOut : dataIn;
         if (write && (this.opts.readOnly || node.readOnly)) return this.fail(slot, engine, BlkStatus.IOERR);
-        if (len % SECTOR_SIZE !== 0 || !this.inRange(node, sectorHi, sector, len)) {
+        if (!this.aligned(sector, len) || !this.inRange(node, sectorHi, sector, len)) {
           return this.fail(slot, engine, BlkStatus.IOERR);
         }
         const n = c.iov(slot.iov, !write, write ? 16 : 0, len);
@@ -176,6 +191,12 @@ export class BlkRequestHandler {
     engine.done(slot.tag, -EIO);
   }
 
+  /** offset and length are whole logical blocks (virtio sectors are 512 bytes whatever the block size) */
+  private aligned(sector: number, bytes: number): boolean {
+    const m = this.lbsMask;
+    return (sector * SECTOR_SIZE) % (m + 1) === 0 && bytes % (m + 1) === 0;
+  }
+
   private inRange(node: BlockNode, sectorHi: number, sector: number, len: number): boolean {
     return sectorHi < 0x200000 && sector * SECTOR_SIZE + len <= node.size;
   }
@@ -206,7 +227,7 @@ export class BlkRequestHandler {
         slot.fixedStatus = BlkStatus.UNSUPP;
         return false;
       }
-      if (num > maxSectors || !this.inRange(node, hi, sector, num * SECTOR_SIZE)) return false;
+      if (num > maxSectors || !this.aligned(sector, num * SECTOR_SIZE) || !this.inRange(node, hi, sector, num * SECTOR_SIZE)) return false;
       ranges[3 * i] = sector * SECTOR_SIZE;
       ranges[3 * i + 1] = num * SECTOR_SIZE;
       ranges[3 * i + 2] = flags & WRITE_ZEROES_FLAG_UNMAP;

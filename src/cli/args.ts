@@ -15,6 +15,8 @@ export interface Options {
   aio: 'io_uring' | 'sync';
   pollUs: number;
   ringPacked: boolean;
+  cache: CacheMode;
+  logicalBlockSize: 512 | 4096;
   serial: string | null;
   control: string | null;
   logLevel: string;
@@ -24,6 +26,23 @@ export interface Options {
 }
 
 export class UsageError extends Error {}
+
+/** QEMU's -drive cache= names */
+export type CacheMode = 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
+export const CACHE_MODES: readonly CacheMode[] = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
+
+/**
+ * What a cache mode means, as in QEMU: the node's cache options (O_DIRECT, flushes ignored) and
+ * the write-cache mode the guest sees (write-back: WCE=1, the guest flushes; else every write is
+ * durable before it completes).
+ */
+export function cacheSemantics(mode: CacheMode): { direct: boolean; noFlush: boolean; writeback: boolean } {
+  return {
+    direct: mode === 'none' || mode === 'directsync',
+    noFlush: mode === 'unsafe',
+    writeback: mode !== 'writethrough' && mode !== 'directsync',
+  };
+}
 
 export const USAGE = `Usage: vubd (--socket-path=PATH | --fd=N) [--blk-file=PATH | --blk-driver=null --size=8G] [options]
 
@@ -47,6 +66,13 @@ vubd options:
       --ring-packed        offer packed virtqueues (QEMU packed=on); turns crash recovery off:
                            INFLIGHT_SHMFD is not offered then. Without it a packed=on guest
                            gets split rings, which survive a vubd restart
+      --cache=MODE         as QEMU's cache=: writeback (default: host page cache, the guest's
+                           flushes reach the disk), none (O_DIRECT, flushes honoured: use it for
+                           shared or migrated storage), writethrough (page cache, every write
+                           durable before it completes), directsync (O_DIRECT and write-through),
+                           unsafe (flushes ignored: scratch disks only)
+      --logical-block-size=N  512 (default) or 4096: the sector size the guest sees; requests
+                           not aligned to it fail. A 4k-sector device with --cache=none needs 4096
       --serial=ID          serial reported by GET_ID (default: image file name, max 20 bytes)
       --control=PATH       QMP-compatible management socket
       --log-level=LEVEL    trace, debug, info (default), warn, error, fatal
@@ -93,6 +119,8 @@ export function parseOptions(argv: string[]): Options {
         aio: { type: 'string' },
         'poll-us': { type: 'string' },
         'ring-packed': { type: 'boolean' },
+        cache: { type: 'string' },
+        'logical-block-size': { type: 'string' },
         serial: { type: 'string' },
         control: { type: 'string' },
         'log-level': { type: 'string' },
@@ -111,6 +139,10 @@ export function parseOptions(argv: string[]): Options {
   if (aio !== 'io_uring' && aio !== 'sync') throw new UsageError(`--aio must be io_uring or sync, got '${aio}'`);
   const queueSize = int('queue-size', v['queue-size'], 1024, 1, 32768);
   if ((queueSize & (queueSize - 1)) !== 0) throw new UsageError(`--queue-size must be a power of two, got ${queueSize}`);
+  const cache = (v.cache ?? 'writeback') as CacheMode;
+  if (!CACHE_MODES.includes(cache)) throw new UsageError(`--cache must be one of ${CACHE_MODES.join(', ')}, got '${v.cache}'`);
+  const lbs = v['logical-block-size'] ?? '512';
+  if (lbs !== '512' && lbs !== '4096') throw new UsageError(`--logical-block-size must be 512 or 4096, got '${lbs}'`);
   const levels = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
   const logLevel = v['log-level'] ?? 'info';
   if (!levels.includes(logLevel)) throw new UsageError(`--log-level must be one of ${levels.join(', ')}`);
@@ -127,6 +159,8 @@ export function parseOptions(argv: string[]): Options {
     aio,
     pollUs: int('poll-us', v['poll-us'], 0, 0, 1_000_000),
     ringPacked: v['ring-packed'] ?? false,
+    cache,
+    logicalBlockSize: lbs === '4096' ? 4096 : 512,
     serial: v.serial ?? null,
     control: v.control ?? null,
     logLevel,
@@ -143,6 +177,6 @@ export function parseOptions(argv: string[]): Options {
   if (opts.socketPath === null && opts.fd === null) throw new UsageError('one of --socket-path or --fd is required');
   if (opts.blkDriver === 'file' && opts.blkFile === null) throw new UsageError('--blk-file is required (or --blk-driver=null)');
   if (opts.blkDriver === 'null' && opts.blkFile !== null) throw new UsageError('--blk-file cannot be used with --blk-driver=null');
-  if (opts.size % 512 !== 0) throw new UsageError('--size must be a multiple of 512');
+  if (opts.size % opts.logicalBlockSize !== 0) throw new UsageError(`--size must be a multiple of the logical block size (${opts.logicalBlockSize})`);
   return opts;
 }

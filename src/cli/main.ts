@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';
-import { parseOptions, UsageError, USAGE, type Options } from './args.js';
+import { cacheSemantics, parseOptions, UsageError, USAGE, type Options } from './args.js';
 import { flushLogs, logger, setLogLevel } from '../log.js';
 import { BlkExport } from '../worker/export.js';
 import { VhostUserServer } from '../protocol/server.js';
@@ -39,7 +39,17 @@ function openRootNode(opts: Options): NodeDef {
     fs.truncateSync(file, DEFAULT_IMAGE_SIZE);
     console.error(`vubd: created sparse image ${file} (${DEFAULT_IMAGE_SIZE / 2 ** 30} GiB)`);
   }
-  return openFileNode('file0', file, opts.readOnly);
+  const { direct, noFlush } = cacheSemantics(opts.cache);
+  const node = openFileNode('file0', file, opts.readOnly, { direct, noFlush });
+  const fail = (msg: string): never => {
+    closeNode(node);
+    throw new Error(msg);
+  };
+  if (node.alignment > opts.logicalBlockSize) {
+    fail(`'${file}' needs ${node.alignment}-byte aligned O_DIRECT I/O; serve it with --logical-block-size=${node.alignment} (or a --cache mode without O_DIRECT)`);
+  }
+  if (node.size % opts.logicalBlockSize !== 0) fail(`'${file}' is ${node.size} bytes, not a multiple of the logical block size ${opts.logicalBlockSize}`);
+  return node;
 }
 
 /** The test guest built by scripts/guest/build.sh, when present (a kernel and a busybox initramfs). */
@@ -118,7 +128,8 @@ async function main(): Promise<number> {
       readOnly: opts.readOnly,
       serial,
       aio: opts.aio,
-      blockSize: 512,
+      blockSize: opts.logicalBlockSize,
+      writeback: cacheSemantics(opts.cache).writeback,
       pollUs: opts.pollUs,
       logLevel: opts.logLevel,
       ringPacked: opts.ringPacked,
@@ -177,6 +188,8 @@ async function main(): Promise<number> {
       queues: opts.numQueues,
       readOnly: opts.readOnly,
       aio: opts.aio,
+      cache: opts.cache,
+      logicalBlockSize: opts.logicalBlockSize,
     },
     'vubd listening',
   );

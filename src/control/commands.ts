@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import type { BlockGraph } from '../graph/graph.js';
 import type { BackgroundIo } from '../graph/background-io.js';
 import { MirrorJob, type JobEvents } from '../graph/mirror-job.js';
-import { closeNode, nullNode, openFileNode } from '../graph/open.js';
+import { closeNode, DEFAULT_CACHE, nullNode, openFileNode, type CacheOptions } from '../graph/open.js';
 import { GraphError, type NodeDef } from '../graph/snapshot.js';
 import { errnoName, flushErrno, NodeStat, newNodeStats } from '../graph/nodes.js';
 import type { Logger } from '../log.js';
@@ -45,6 +45,17 @@ function bool(a: Args, key: string, def: boolean): boolean {
   if (v === undefined) return def;
   if (typeof v !== 'boolean') throw new QmpError('GenericError', `Parameter '${key}' expects a boolean`);
   return v;
+}
+
+/** blockdev-add's `cache: {direct, no-flush}` (BlockdevCacheOptions; both default off, as in QEMU) */
+function cacheOptions(a: Args): CacheOptions {
+  const c = a.cache;
+  if (c === undefined) return DEFAULT_CACHE;
+  if (typeof c !== 'object' || c === null || Array.isArray(c)) throw new QmpError('GenericError', "Parameter 'cache' expects an object {direct, no-flush}");
+  const known = new Set(['direct', 'no-flush']);
+  const unknown = Object.keys(c).filter((k) => !known.has(k));
+  if (unknown.length > 0) throw new QmpError('GenericError', `Parameter 'cache.${unknown[0]}' is unexpected`);
+  return { direct: bool(c as Args, 'direct', false), noFlush: bool(c as Args, 'no-flush', false) };
 }
 
 // QEMU's throttle-group property names and block_set_io_throttle's names -> our classes.
@@ -169,7 +180,7 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
           const name = str(a, 'node-name');
           const driver = str(a, 'driver');
           let def: NodeDef;
-          if (driver === 'file' || driver === 'host_device') def = openFileNode(name, str(a, 'filename'), bool(a, 'read-only', false));
+          if (driver === 'file' || driver === 'host_device') def = openFileNode(name, str(a, 'filename'), bool(a, 'read-only', false), cacheOptions(a));
           else if (driver === 'null-co' || driver === 'null') def = nullNode(name, num(a, 'size'), bool(a, 'read-only', false));
           else if (driver === 'throttle') {
             const state = newThrottleState();
@@ -314,6 +325,7 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
           ro: s.readOnly(n.name),
           file: n.driver === 'file' ? n.filename : s.children(n)[0] ?? '',
           image: { filename: n.driver === 'file' ? n.filename : n.name, format: n.driver === 'null' ? 'null-co' : n.driver, 'virtual-size': s.size(n.name) },
+          ...(n.driver === 'file' ? { cache: { writeback: true, direct: n.direct, 'no-flush': n.noFlush } } : {}),
           ...(n.driver === 'throttle' ? { limits: getLimits(n.state) } : {}),
           ...flushErrorFields(n.name),
         }));

@@ -2,6 +2,7 @@
 // the source to the target chunk by chunk in the background, reports ready after one full pass,
 // and on complete pivots every user of the filter to the target, behind the drained barrier.
 // The copy and the target's flush run through BackgroundIo: the main thread never waits on them.
+import { alignedBuffer } from './direct-io.js';
 import { getSystemErrorName } from 'node:util';
 import type { BackgroundIo } from './background-io.js';
 import type { BlockGraph } from './graph.js';
@@ -57,7 +58,8 @@ export class MirrorJob {
   speed = 0;
   private cancelled = false;
   private chunks: Int32Array | null = null;
-  private readonly buf = new ArrayBuffer(CHUNK);
+  /** aligned: either end may be an O_DIRECT node */
+  private readonly buf = alignedBuffer(CHUNK).buf;
   /** settles once the background copy has stopped: no I/O of this job is left in the kernel */
   private copying: Promise<void> = Promise.resolve();
 

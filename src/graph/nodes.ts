@@ -4,9 +4,26 @@ import type { IoEngine } from './io-engine.js';
 import { reserve } from './throttle-state.js';
 import { discardFile, writeZeroesFile } from './range-ops.js';
 import { getSystemErrorName } from 'node:util';
+import { giveBounce, iovAligned, takeBounce } from './direct-io.js';
+
+const EINVAL = 22;
 
 export type NodeSpec =
-  | { driver: 'file'; name: string; fd: number; path: string; size: number; readOnly: boolean; stats: SharedArrayBuffer }
+  | {
+      driver: 'file';
+      name: string;
+      fd: number;
+      path: string;
+      size: number;
+      readOnly: boolean;
+      stats: SharedArrayBuffer;
+      /** the fd is O_DIRECT: unaligned guest buffers go through a bounce buffer */
+      direct?: boolean;
+      /** flushes complete at once without reaching the disk (cache=unsafe) */
+      noFlush?: boolean;
+      /** O_DIRECT alignment of offsets, lengths and memory */
+      alignment?: number;
+    }
   | { driver: 'null'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer }
   | { driver: 'throttle'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer; child: NodeSpec; state: SharedArrayBuffer }
   | {
@@ -73,6 +90,10 @@ export interface DataIo {
   length: number;
   /** fills the guest buffers of a read with zeroes (nodes without data use it) */
   zeroFill(): void;
+  /** copies the data of a write out of the guest buffers into dst (bounce buffers) */
+  copyFromGuest(dst: Uint8Array): void;
+  /** copies the first n bytes of src into the guest buffers of a read (bounce buffers) */
+  copyToGuest(src: Uint8Array, n: number): void;
 }
 
 /** What a node may use while running a request in a worker. */
@@ -154,18 +175,48 @@ abstract class CountingNode {
 
 export class FileNode extends CountingNode implements BlockNode {
   private readonly fd: number;
+  /** O_DIRECT alignment; 0 without O_DIRECT (any buffer goes straight to the kernel) */
+  private readonly align: number;
+  private readonly noFlush: boolean;
+  /** the bounce buffer's iovec (the engine copies iovecs when an operation is prepared) */
+  private readonly bounceIov = new Float64Array(2);
 
   constructor(spec: Extract<NodeSpec, { driver: 'file' }>) {
     super(spec);
     this.fd = spec.fd;
+    this.align = spec.direct === true ? (spec.alignment ?? 512) : 0;
+    this.noFlush = spec.noFlush === true;
   }
   read(ctx: IoContext, io: DataIo): void {
     this.count(NodeStat.READ_OPS, NodeStat.READ_KIB, io.length);
-    ctx.engine.readv(this.fd, io.iov, io.iovCount, io.offset, io.tag);
+    if (this.align === 0 || iovAligned(io.iov, io.iovCount, this.align)) ctx.engine.readv(this.fd, io.iov, io.iovCount, io.offset, io.tag);
+    else this.bounced(ctx, io, false);
   }
   write(ctx: IoContext, io: DataIo): void {
     this.count(NodeStat.WRITE_OPS, NodeStat.WRITE_KIB, io.length);
-    ctx.engine.writev(this.fd, io.iov, io.iovCount, io.offset, io.tag);
+    if (this.align === 0 || iovAligned(io.iov, io.iovCount, this.align)) ctx.engine.writev(this.fd, io.iov, io.iovCount, io.offset, io.tag);
+    else this.bounced(ctx, io, true);
+  }
+  /**
+   * O_DIRECT with guest buffers the device cannot take (QEMU's bounce buffer): the data goes
+   * through aligned memory, copied in before a write and out after a read.
+   */
+  private bounced(ctx: IoContext, io: DataIo, write: boolean): void {
+    if (io.offset % this.align !== 0 || io.length % this.align !== 0) {
+      ctx.engine.done(io.tag, -EINVAL); // the request checks keep guest requests aligned to the logical block size
+      return;
+    }
+    const b = takeBounce(io.length);
+    if (write) io.copyFromGuest(b.bytes.subarray(0, io.length));
+    ctx.then(io.tag, (res) => {
+      if (!write && res > 0) io.copyToGuest(b.bytes, res);
+      giveBounce(b);
+      return res;
+    });
+    this.bounceIov[0] = b.addr;
+    this.bounceIov[1] = io.length;
+    if (write) ctx.engine.writev(this.fd, this.bounceIov, 1, io.offset, io.tag);
+    else ctx.engine.readv(this.fd, this.bounceIov, 1, io.offset, io.tag);
   }
   /**
    * After one failed flush every later one fails (with the first errno) until the node is reopened.
@@ -174,6 +225,10 @@ export class FileNode extends CountingNode implements BlockNode {
    */
   flush(ctx: IoContext, tag: number): void {
     this.count(NodeStat.FLUSH_OPS, -1, 0);
+    if (this.noFlush) {
+      ctx.engine.done(tag, 0); // cache=unsafe: the operator chose speed over durability
+      return;
+    }
     const sticky = Atomics.load(this.stats, NodeStat.FLUSH_ERRNO);
     if (sticky !== 0) {
       ctx.engine.done(tag, -sticky);

@@ -5,16 +5,35 @@ import { native } from '../native/index.js';
 import { newNodeStats } from './nodes.js';
 import { GraphError, type NodeDef } from './snapshot.js';
 import { releaseFd, retainFd } from './fd-refs.js';
+import { probeDirectAlignment } from './direct-io.js';
 
-export function openFileNode(name: string, filename: string, readOnly: boolean): Extract<NodeDef, { driver: 'file' }> {
+/** QEMU's cache options of a node: direct = O_DIRECT (bypass the host page cache), noFlush = flushes complete at once. */
+export interface CacheOptions {
+  direct: boolean;
+  noFlush: boolean;
+}
+
+export const DEFAULT_CACHE: CacheOptions = { direct: false, noFlush: false };
+
+export function openFileNode(name: string, filename: string, readOnly: boolean, cache: CacheOptions = DEFAULT_CACHE): Extract<NodeDef, { driver: 'file' }> {
   const file = path.resolve(filename);
   let fd: number;
+  const flags = (readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR) | (cache.direct ? fs.constants.O_DIRECT : 0);
   try {
-    fd = fs.openSync(file, readOnly ? 'r' : 'r+');
+    fd = fs.openSync(file, flags);
   } catch (e) {
-    throw new GraphError(`Could not open '${file}': ${(e as Error).message}`);
+    const hint = cache.direct && (e as NodeJS.ErrnoException).code === 'EINVAL' ? ' (the file system does not support O_DIRECT: use cache.direct=off, e.g. --cache=writeback)' : '';
+    throw new GraphError(`Could not open '${file}': ${(e as Error).message}${hint}`);
   }
   try {
+    let alignment = 1;
+    if (cache.direct) {
+      try {
+        alignment = probeDirectAlignment(fd);
+      } catch (e) {
+        throw new GraphError(`Could not find a working O_DIRECT alignment for '${file}': ${(e as Error).message}`);
+      }
+    }
     const st = fs.fstatSync(fd);
     let size: number;
     if (st.isBlockDevice()) size = native.blockDeviceSize(fd);
@@ -22,7 +41,7 @@ export function openFileNode(name: string, filename: string, readOnly: boolean):
     else throw new GraphError(`'${file}' is neither a regular file nor a block device`);
     if (size < 512) throw new GraphError(`'${file}' is ${size} bytes; a disk needs at least one 512-byte sector`);
     retainFd(fd); // the graph's reference
-    return { driver: 'file', name, filename: file, fd, size: size - (size % 512), readOnly, stats: newNodeStats() };
+    return { driver: 'file', name, filename: file, fd, size: size - (size % 512), readOnly, direct: cache.direct, noFlush: cache.noFlush, alignment, stats: newNodeStats() };
   } catch (e) {
     fs.closeSync(fd);
     throw e;

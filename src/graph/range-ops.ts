@@ -4,6 +4,7 @@
 // the first waits for the next service round (IoContext.defer), so requests popped meanwhile run.
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, native } from '../native/index.js';
 import { PENDING, type IoContext } from './nodes.js';
+import { alignedBuffer } from './direct-io.js';
 
 const EOPNOTSUPP = 95;
 const EIO = 5;
@@ -12,7 +13,7 @@ const SYNC_FALLOCATE_STEP = 64 * 2 ** 20;
 /** bytes of zeroes one write covers */
 const ZERO_STEP = 2 ** 20;
 
-/** This thread's zero buffer: only ever written from, so concurrent requests share it. */
+/** This thread's zero buffer: only ever written from, so concurrent requests share it; aligned for O_DIRECT files. */
 let zeroBuf: ArrayBuffer | null = null;
 const zeroIov = new Float64Array(2);
 
@@ -53,7 +54,7 @@ function fallocate(ctx: IoContext, fd: number, tag: number, mode: number, offset
 }
 
 function writeZeroBuffers(ctx: IoContext, fd: number, tag: number, offset: number, length: number): void {
-  zeroBuf ??= new ArrayBuffer(ZERO_STEP);
+  zeroBuf ??= alignedBuffer(ZERO_STEP).buf;
   const issue = (off: number, len: number): void => {
     zeroIov[0] = native.addressOf(zeroBuf!);
     zeroIov[1] = len;

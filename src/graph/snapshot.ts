@@ -4,7 +4,21 @@
 import { newNodeStats, type NodeSpec } from './nodes.js';
 
 export type NodeDef =
-  | { driver: 'file'; name: string; filename: string; fd: number; size: number; readOnly: boolean; stats: SharedArrayBuffer }
+  | {
+      driver: 'file';
+      name: string;
+      filename: string;
+      fd: number;
+      size: number;
+      readOnly: boolean;
+      /** opened O_DIRECT (cache.direct) */
+      direct: boolean;
+      /** flushes complete at once (cache.no-flush: QEMU's cache=unsafe) */
+      noFlush: boolean;
+      /** O_DIRECT alignment of offsets, lengths and memory (1 without O_DIRECT) */
+      alignment: number;
+      stats: SharedArrayBuffer;
+    }
   | { driver: 'null'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer }
   | { driver: 'throttle'; name: string; child: string; state: SharedArrayBuffer; stats: SharedArrayBuffer }
   | { driver: 'mirror'; name: string; source: string; target: string; chunks: SharedArrayBuffer; chunkSize: number; stats: SharedArrayBuffer; job: string };
@@ -167,7 +181,7 @@ export class Snapshot {
     const readOnly = this.readOnly(name);
     switch (n.driver) {
       case 'file':
-        return { driver: 'file', name, fd: n.fd, path: n.filename, size, readOnly, stats: n.stats };
+        return { driver: 'file', name, fd: n.fd, path: n.filename, size, readOnly, direct: n.direct, noFlush: n.noFlush, alignment: n.alignment, stats: n.stats };
       case 'null':
         return { driver: 'null', name, size, readOnly, stats: n.stats };
       case 'throttle':
@@ -196,7 +210,7 @@ export class Snapshot {
         children: this.children(n),
         size: this.size(n.name),
         'read-only': this.readOnly(n.name),
-        ...(n.driver === 'file' ? { filename: n.filename } : {}),
+        ...(n.driver === 'file' ? { filename: n.filename, cache: { direct: n.direct, 'no-flush': n.noFlush }, 'request-alignment': n.alignment } : {}),
       })),
       exports: [...this.exports.values()],
     };

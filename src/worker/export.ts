@@ -93,6 +93,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
         serial: this.serial,
         writeback: this.writeback,
         readOnly: this.opts.readOnly,
+        logicalBlockSize: this.opts.blockSize,
         logLevel: this.opts.logLevel,
         pollUs: this.opts.pollUs,
       },

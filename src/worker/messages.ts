@@ -13,6 +13,8 @@ export interface WorkerInit {
   serial: Uint8Array;
   writeback: boolean;
   readOnly: boolean;
+  /** bytes (512 or 4096): requests not aligned to it get IOERR */
+  logicalBlockSize: number;
   logLevel: string;
   /** Int32Array over a SharedArrayBuffer: see StatIndex */
   stats: SharedArrayBuffer;

@@ -78,7 +78,7 @@ class QueueWorker {
     this.init = init;
     this.stats = new Int32Array(init.stats);
     this.node = buildNode(init.node);
-    this.handler = new BlkRequestHandler({ serial: init.serial, writeback: init.writeback, readOnly: init.readOnly });
+    this.handler = new BlkRequestHandler({ serial: init.serial, writeback: init.writeback, readOnly: init.readOnly, logicalBlockSize: init.logicalBlockSize });
     this.generation = init.generation;
     this.pollMaxMs = Math.max(0, init.pollUs) / 1000;
     this.pollMs = this.pollMaxMs;

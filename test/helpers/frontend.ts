@@ -602,7 +602,8 @@ export class Frontend {
   }
 
   /** Queues a virtio-blk request; data buffer lands in region `region`. */
-  blk(ring: DriverRing, type: number, sector: number, data: Uint8Array | number, opts: { indirect?: boolean; region?: number; split?: number } = {}): BlkRequest {
+  /** misalign: the data buffer starts this many bytes past a 512-byte boundary (O_DIRECT bounce buffers) */
+  blk(ring: DriverRing, type: number, sector: number, data: Uint8Array | number, opts: { indirect?: boolean; region?: number; split?: number; misalign?: number } = {}): BlkRequest {
     const hdr = this.ram.alloc(16, 16, opts.region ?? 0);
     const dv = this.ram.view(hdr, 16);
     dv.setUint32(0, type, true);
@@ -612,7 +613,7 @@ export class Frontend {
     const bufs: Buf[] = [{ gpa: hdr, len: 16, write: false }];
     let dataGpa = 0;
     if (dataLen > 0) {
-      dataGpa = this.ram.alloc(dataLen, 512, opts.region ?? 0);
+      dataGpa = this.ram.alloc(dataLen + (opts.misalign ?? 0), 512, opts.region ?? 0) + (opts.misalign ?? 0);
       if (typeof data !== 'number') this.ram.bytes(dataGpa, dataLen).set(data);
       else this.ram.bytes(dataGpa, dataLen).fill(0xee);
       const write = type === BLK.IN || type === BLK.GET_ID || type === BLK.GET_LIFETIME;
@@ -636,7 +637,7 @@ export class Frontend {
   }
 
   /** Submits one request, waits for it, returns its status. */
-  run(ring: DriverRing, type: number, sector: number, data: Uint8Array | number, opts: { indirect?: boolean; region?: number; split?: number } = {}): BlkRequest & { usedLen: number } {
+  run(ring: DriverRing, type: number, sector: number, data: Uint8Array | number, opts: { indirect?: boolean; region?: number; split?: number; misalign?: number } = {}): BlkRequest & { usedLen: number } {
     const r = this.blk(ring, type, sector, data, opts);
     ring.kick();
     const done = ring.waitFor(1);
