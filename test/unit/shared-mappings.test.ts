@@ -3,6 +3,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import v8 from 'node:v8';
+import vm from 'node:vm';
 import { Worker } from 'node:worker_threads';
 import { createRequire } from 'node:module';
 import { native, isErrno } from '../../src/native/index.js';
@@ -81,6 +83,29 @@ test('a worker that exits without unmapping drops its references', async () => {
     const id = native.mapShared(fd, 4096, 0, true);
     await inWorker(`n.viewMapping(workerData); n.viewMapping(workerData); parentPort.postMessage(0);`, id);
     assert.equal(native.releaseMapping(id), true);
+    assert.equal(native.liveMappings(), live0);
+  } finally {
+    native.close(fd);
+  }
+});
+
+test('a view the GC collects drops its reference (main thread: finalizers run)', async () => {
+  v8.setFlagsFromString('--expose-gc');
+  const gc = vm.runInNewContext('gc') as () => void;
+  const fd = native.memfdCreate('guest-ram-gc', 4096);
+  const live0 = native.liveMappings();
+  try {
+    const id = native.mapShared(fd, 4096, 0, true);
+    (() => {
+      native.viewMapping(id);
+      native.mmap(fd, 4096, 0, true);
+    })();
+    native.releaseMapping(id);
+    assert.equal(native.liveMappings(), live0 + 2, 'unreachable views still hold their mappings');
+    for (let i = 0; i < 50 && native.liveMappings() > live0; i++) {
+      gc();
+      await new Promise((r) => setImmediate(r)); // N-API runs finalizers from the event loop
+    }
     assert.equal(native.liveMappings(), live0);
   } finally {
     native.close(fd);
