@@ -54,6 +54,10 @@ enum {
 #define PF_MQ 0
 #define PF_REPLY_ACK 3
 #define PF_CONFIG 9
+/* VIRTIO_BLK_F_FLUSH and CONFIG_WCE: a Linux guest acks both, and a backend that follows the spec
+   serves a driver without FLUSH write-through (a flush after every write) */
+#define F_BLK_FLUSH 9
+#define F_BLK_CONFIG_WCE 11
 #define F_INDIRECT_DESC 28
 #define F_EVENT_IDX 29
 #define F_PROTOCOL_FEATURES 30
@@ -732,7 +736,7 @@ int main(int argc, char **argv) {
   if (opt_packed && !(offered & BIT(F_RING_PACKED)))
     die(2, "--packed: back-end does not offer VIRTIO_F_RING_PACKED (feature bit 34; offered features 0x%" PRIx64 ")", offered);
   if (opt_packed && !(offered & BIT(F_VERSION_1))) die(2, "--packed: back-end offers RING_PACKED without VERSION_1");
-  features = offered & (BIT(F_VERSION_1) | BIT(F_EVENT_IDX) | BIT(F_INDIRECT_DESC) | BIT(F_PROTOCOL_FEATURES) |
+  features = offered & (BIT(F_VERSION_1) | BIT(F_EVENT_IDX) | BIT(F_INDIRECT_DESC) | BIT(F_PROTOCOL_FEATURES) | BIT(F_BLK_FLUSH) | BIT(F_BLK_CONFIG_WCE) |
                         (opt_packed ? BIT(F_RING_PACKED) : 0));
   vu_set_u64(SET_FEATURES, features, NULL, 0, 0);
   event_idx = !!(features & BIT(F_EVENT_IDX));

@@ -13,7 +13,8 @@
 //   --rss-60     extra row: vubd RSS at start vs end of a 60 s 4k randread QD32 run
 //   --backends   subset/order of backends (default vubd,qsd)
 //   --rows       row ids or groups to run (default all): null-qd1,null-qd32,null-qd32-2q,file-randread,
-//                file-randwrite,file-seqread64k,null-qd1-packed,null-qd32-packed, or null / file / packed
+//                file-randwrite,file-seqread64k,direct-randread,direct-randwrite,null-qd1-packed,
+//                null-qd32-packed, or null / file / direct / packed (direct: O_DIRECT, vubd --cache=none)
 //                (packed rows: vubd only, loadgen --packed; their ratio columns are vubd packed ÷ vubd split)
 //   --img PATH   raw image for the file rows (default /var/tmp/vubd-bench-1g.img; created once, 1 GiB)
 //   --repeat N   run every row N times (fresh backend each time) and report the run with the median IOPS
@@ -84,6 +85,9 @@ const ROWS = [
   { id: 'null-qd32-2q', group: 'null', label: 'null 4k randread QD32 2q', disk: 'null', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 2 } },
   { id: 'file-randread', group: 'file', label: 'file 4k randread QD32', disk: 'file', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
   { id: 'file-randwrite', group: 'file', label: 'file 4k randwrite QD32', disk: 'file', lg: { rw: 'randwrite', bs: 4096, qd: 32, queues: 1 } },
+  // O_DIRECT: every read reaches the disk (no page cache); vubd --cache=none vs QSD cache.direct=on,aio=io_uring.
+  { id: 'direct-randread', group: 'direct', label: 'O_DIRECT 4k randread QD32', disk: 'direct', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
+  { id: 'direct-randwrite', group: 'direct', label: 'O_DIRECT 4k randwrite QD32', disk: 'direct', lg: { rw: 'randwrite', bs: 4096, qd: 32, queues: 1 } },
   { id: 'file-seqread64k', group: 'file', label: 'file 64k seq read QD32', disk: 'file', lg: { rw: 'read', bs: 65536, qd: 32, queues: 1 } },
 ];
 
@@ -130,6 +134,7 @@ function backendArgv(backend, disk, sock, img, numQueues = 2) {
   if (backend === 'vubd') {
     const a = ['node', path.join(ROOT, 'dist/src/cli/main.js'), `--socket-path=${sock}`];
     if (disk === 'null') a.push('--blk-driver=null', '--size=8G'); else a.push(`--blk-file=${img}`);
+    if (disk === 'direct') a.push('--cache=none');
     a.push(`--num-queues=${numQueues}`, '--log-level=warn', ...VUBD_ARGS);
     return a;
   }
@@ -138,7 +143,7 @@ function backendArgv(backend, disk, sock, img, numQueues = 2) {
     return ['qemu-storage-daemon', '--blockdev', 'driver=null-co,node-name=n0,size=8589934592,read-zeroes=on', '--export', exp('n0')];
   }
   return ['qemu-storage-daemon',
-    '--blockdev', `driver=file,node-name=f0,filename=${img},aio=io_uring,cache.direct=off`,
+    '--blockdev', `driver=file,node-name=f0,filename=${img},aio=io_uring,cache.direct=${disk === 'direct' ? 'on' : 'off'}`,
     '--blockdev', 'driver=raw,node-name=r0,file=f0', '--export', exp('r0')];
 }
 
@@ -343,7 +348,7 @@ function table(results, opts, extras) {
   out.push('Load generator: `scripts/bench/loadgen.c` (vhost-user front-end, split rings or packed rings for "packed" rows, EVENT_IDX, indirect descriptors for >3-descriptor requests, 2 memfd regions). ' +
     'CPU % = backend utime+stime over the measured window (100 % = one core). Ratios: vubd ÷ QSD (IOPS/CPU-s higher is better; p50 lower is better); ' +
     '"packed" rows (loadgen `--packed`, VIRTIO_F_RING_PACKED; vubd only, QSD 7.2 has no packed rings) compare vubd packed ÷ vubd split on the same workload. ' +
-    'null rows: 8 GiB null disk (`null-co,read-zeroes=on` / `--blk-driver=null`); file rows: 1 GiB raw image in page cache (QSD: `aio=io_uring,cache.direct=off`).');
+    'null rows: 8 GiB null disk (`null-co,read-zeroes=on` / `--blk-driver=null`); file rows: 1 GiB raw image in page cache (QSD: `aio=io_uring,cache.direct=off`); O_DIRECT rows: the same image, not through the page cache (vubd `--cache=none`, QSD `aio=io_uring,cache.direct=on`).');
   out.push('');
   out.push(...lines);
   if (extras.length) { out.push(''); out.push(...extras); }
@@ -358,7 +363,7 @@ async function main() {
   fs.mkdirSync(LOGS, { recursive: true });
   if (opts.backends.includes('vubd') && !fs.existsSync(path.join(ROOT, 'dist/src/cli/main.js'))) throw new Error('dist/src/cli/main.js missing: run npm run build');
   const rows = ROWS.filter((r) => !opts.rows || opts.rows.includes(r.id) || opts.rows.includes(r.group));
-  if (rows.some((r) => r.disk === 'file')) ensureImage(opts.img);
+  if (rows.some((r) => r.disk === 'file' || r.disk === 'direct')) ensureImage(opts.img);
   const dist0 = distStamp();
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'vubd-bench-'));
   const results = [];

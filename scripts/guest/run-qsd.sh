@@ -9,18 +9,19 @@
 #   -i IMAGE  raw image to export (created sparse if missing)        [/tmp/vubd-qsd.img]
 #   -s SIZE   size for a newly created image (truncate syntax)       [256M]
 #   -d        use the vubd daemon (dist/src/cli/main.js) instead of QSD
+#   -c MODE   cache mode: writeback (default) or none (O_DIRECT: QSD cache.direct=on,aio=io_uring; vubd --cache=none)
 #
 # The shell mode (-t '') gives a busybox shell on the console; Ctrl-A X quits QEMU.
 # Always TCG: the nested /dev/kvm on our machines hangs guests.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
-Q=2 TEST=fio-verify IMG=/tmp/vubd-qsd.img SIZE=256M BACKEND=qsd
-while getopts "q:t:i:s:dh" o; do
+Q=2 TEST=fio-verify IMG=/tmp/vubd-qsd.img SIZE=256M BACKEND=qsd CACHE=writeback
+while getopts "q:t:i:s:c:dh" o; do
   case "$o" in
     q) Q="$OPTARG" ;; t) TEST="$OPTARG" ;; i) IMG="$OPTARG" ;; s) SIZE="$OPTARG" ;;
-    d) BACKEND=vubd ;;
-    *) sed -n '2,16p' "$0"; exit 2 ;;
+    d) BACKEND=vubd ;; c) CACHE="$OPTARG" ;;
+    *) sed -n '2,17p' "$0"; exit 2 ;;
   esac
 done
 
@@ -31,11 +32,11 @@ SOCK="$(mktemp -u /tmp/vubd-qsd.XXXXXX.sock)"
 
 if [[ "$BACKEND" == qsd ]]; then
   qemu-storage-daemon \
-    --blockdev "driver=file,node-name=f0,filename=$IMG" \
+    --blockdev "driver=file,node-name=f0,filename=$IMG$([[ $CACHE == none ]] && echo ,cache.direct=on,aio=io_uring)" \
     --export "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$Q" \
     2> >(sed 's/^/[qsd] /' >&2) &
 else
-  node "$ROOT/dist/src/cli/main.js" --socket-path="$SOCK" --blk-file="$IMG" --num-queues="$Q" --log-level=info \
+  node "$ROOT/dist/src/cli/main.js" --socket-path="$SOCK" --blk-file="$IMG" --num-queues="$Q" --cache="$CACHE" --log-level=info \
     2> >(sed 's/^/[vubd] /' >&2) &
 fi
 DPID=$!
