@@ -14,6 +14,14 @@
 
 #define MAX_SEGS 1024
 
+/* The read or write a tag last prepared, as far as it has been transferred (iovs are advanced in place). */
+struct rw_state {
+  uint8_t op; /* IORING_OP_READV / WRITEV, or 0 */
+  int32_t fd;
+  uint32_t cnt, first; /* iovecs, and the first not yet fully transferred */
+  uint64_t off, done;  /* file offset and bytes transferred as of `first` */
+};
+
 typedef struct {
   int fd; /* -1 once closed */
   unsigned sq_entries;
@@ -28,6 +36,7 @@ typedef struct {
   uint32_t max_tags, max_segs;
   uint8_t sqe_flags;  /* IOSQE_ASYNC for a ring that must never block its submitter */
   struct iovec *iovs; /* max_tags * max_segs */
+  struct rw_state *rw; /* max_tags: what prepRest needs to continue a short read or write */
 } ring_t;
 
 static int sys_setup(unsigned entries, struct io_uring_params *p) {
@@ -45,9 +54,11 @@ static void ring_release(ring_t *r) {
   if (r->sq_map) munmap(r->sq_map, r->sq_map_len);
   close(r->fd);
   free(r->iovs);
+  free(r->rw);
   r->sqes = NULL;
   r->sq_map = r->cq_map = NULL;
   r->iovs = NULL;
+  r->rw = NULL;
   r->fd = -1;
 }
 
@@ -113,7 +124,10 @@ static napi_value ring_ctor(napi_env env, napi_callback_info info) {
   r->max_segs = max_segs;
   r->sqe_flags = always_async ? IOSQE_ASYNC : 0;
   r->iovs = calloc((size_t)max_tags * max_segs, sizeof(struct iovec));
-  if (r->iovs == NULL) {
+  r->rw = calloc(max_tags, sizeof(struct rw_state));
+  if (r->iovs == NULL || r->rw == NULL) {
+    free(r->iovs);
+    free(r->rw);
     free(r);
     return vubd_throw_errno(env, "Ring", ENOMEM);
   }
@@ -123,6 +137,7 @@ static napi_value ring_ctor(napi_env env, napi_callback_info info) {
   if (r->fd < 0) {
     int err = errno;
     free(r->iovs);
+    free(r->rw);
     free(r);
     return vubd_throw_errno(env, "io_uring_setup", err);
   }
@@ -207,6 +222,47 @@ static napi_value prep_rw(napi_env env, napi_callback_info info, uint8_t op) {
   sqe->off = off;
   sqe->user_data = tag;
   sqe_commit(r);
+  r->rw[tag] = (struct rw_state){.op = op, .fd = fd, .cnt = (uint32_t)cnt, .first = 0, .off = off, .done = 0};
+  return vubd_bool(env, true);
+}
+
+/*
+ * prepRest(tag, done): the tag's last read or write transferred `done` bytes in all (a short
+ * transfer, or -EAGAIN / -EINTR with done unchanged); prepares the same operation for the rest.
+ * Calling it again with the same done after the SQ was full advances nothing twice.
+ */
+static napi_value m_prep_rest(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  ring_t *r = get_ring(env, info, argv, 2);
+  uint32_t tag;
+  uint64_t done;
+  if (r == NULL || !get_tag(env, r, argv[0], &tag) || !vubd_arg_u64(env, argv[1], "done", &done)) return NULL;
+  struct rw_state *st = &r->rw[tag];
+  if (st->op != IORING_OP_READV && st->op != IORING_OP_WRITEV) return vubd_range_error(env, "tag", "has no read or write prepared"), NULL;
+  if (done < st->done) return vubd_range_error(env, "done", "is less than already transferred"), NULL;
+  struct iovec *slot = &r->iovs[(size_t)tag * r->max_segs];
+  uint64_t adv = done - st->done;
+  uint32_t first = st->first;
+  while (first < st->cnt && (adv > 0 || slot[first].iov_len == 0)) {
+    size_t take = adv < slot[first].iov_len ? (size_t)adv : slot[first].iov_len;
+    slot[first].iov_base = (char *)slot[first].iov_base + take;
+    slot[first].iov_len -= take;
+    adv -= take;
+    if (slot[first].iov_len == 0) first++;
+  }
+  if (adv > 0 || first == st->cnt) return vubd_range_error(env, "done", "covers the whole transfer or more"), NULL;
+  st->off += done - st->done;
+  st->done = done;
+  st->first = first;
+  struct io_uring_sqe *sqe = sqe_get(r);
+  if (sqe == NULL) return vubd_bool(env, false);
+  sqe->opcode = st->op;
+  sqe->fd = st->fd;
+  sqe->addr = (uint64_t)(uintptr_t)&slot[first];
+  sqe->len = st->cnt - first;
+  sqe->off = st->off;
+  sqe->user_data = tag;
+  sqe_commit(r);
   return vubd_bool(env, true);
 }
 
@@ -221,6 +277,7 @@ static napi_value m_prep_fsync(napi_env env, napi_callback_info info) {
   bool datasync = false;
   if (r == NULL || !vubd_arg_i32(env, argv[0], "fd", &fd) || !get_tag(env, r, argv[1], &tag)) return NULL;
   vubd_arg_bool(env, argv[2], &datasync);
+  r->rw[tag].op = 0;
   struct io_uring_sqe *sqe = sqe_get(r);
   if (sqe == NULL) return vubd_bool(env, false);
   sqe->opcode = IORING_OP_FSYNC;
@@ -241,6 +298,7 @@ static napi_value m_prep_fallocate(napi_env env, napi_callback_info info) {
       !vubd_arg_u64(env, argv[2], "offset", &off) || !vubd_arg_u64(env, argv[3], "length", &len) ||
       !get_tag(env, r, argv[4], &tag))
     return NULL;
+  r->rw[tag].op = 0;
   struct io_uring_sqe *sqe = sqe_get(r);
   if (sqe == NULL) return vubd_bool(env, false);
   sqe->opcode = IORING_OP_FALLOCATE;
@@ -349,6 +407,7 @@ napi_status vubd_init_uring(napi_env env, napi_value exports) {
       VUBD_METHOD("prepWritev", m_prep_writev),
       VUBD_METHOD("prepFsync", m_prep_fsync),
       VUBD_METHOD("prepFallocate", m_prep_fallocate),
+      VUBD_METHOD("prepRest", m_prep_rest),
       VUBD_METHOD("submit", m_submit),
       VUBD_METHOD("submitAndWait", m_submit_and_wait),
       VUBD_METHOD("reap", m_reap),

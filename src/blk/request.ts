@@ -172,10 +172,14 @@ export class BlkRequestHandler {
     let status: number;
     if (slot.fixedStatus >= 0) status = slot.fixedStatus;
     else if (res < 0) status = BlkStatus.IOERR;
-    else if (slot.phase === Phase.MAIN && (slot.type === BlkType.IN || slot.type === BlkType.OUT) && res !== slot.length) {
-      status = BlkStatus.IOERR; // a short transfer (res of the flush phase is 0, not a length)
-    }
-    else status = BlkStatus.OK;
+    else if (slot.phase !== Phase.MAIN) status = BlkStatus.OK; // res of the flush phase is 0, not a length
+    else if (slot.type === BlkType.OUT && res !== slot.length) status = BlkStatus.IOERR; // the engines already went on after short writes
+    else if (slot.type === BlkType.IN && res < slot.length) {
+      // Short only at end of file (the engines go on after short reads): the file shrank under the
+      // node, and what lies past its end reads as zeroes, as in QEMU.
+      slot.chain.zeroWritable(res, slot.length - res);
+      status = BlkStatus.OK;
+    } else status = BlkStatus.OK;
     // Write-through: every request that changes the disk is durable before it completes.
     if (status === BlkStatus.OK && slot.phase === Phase.MAIN && !this.opts.writeback && changesData(slot.type)) {
       slot.phase = Phase.FLUSH_AFTER_WRITE;

@@ -23,6 +23,8 @@ interface Op {
   buf: ArrayBuffer | null;
   length: number;
   fileOffset: number;
+  /** bytes a read or write moved so far (it goes on after a short transfer) */
+  done: number;
   datasync: boolean;
   resolve(res: number): void;
   reject(e: Error): void;
@@ -73,7 +75,7 @@ export class UringBackgroundIo implements BackgroundIo {
     if (this.dead) return Promise.reject(this.dead);
     if (buf !== null && (length < 0 || length > buf.byteLength)) return Promise.reject(new RangeError(`length ${length} exceeds the buffer (${buf.byteLength} bytes)`));
     return new Promise<number>((resolve, reject) => {
-      this.waiting.push({ type, fd, buf, length, fileOffset, datasync, resolve, reject });
+      this.waiting.push({ type, fd, buf, length, fileOffset, done: 0, datasync, resolve, reject });
       this.pump();
     });
   }
@@ -121,9 +123,10 @@ export class UringBackgroundIo implements BackgroundIo {
 
   private prep(op: Op, tag: number): boolean {
     if (op.type === 'fsync') return this.ring.prepFsync(op.fd, tag, op.datasync);
-    this.iov[0] = native.addressOf(op.buf!);
-    this.iov[1] = op.length;
-    return op.type === 'read' ? this.ring.prepReadv(op.fd, this.iov, 1, op.fileOffset, tag) : this.ring.prepWritev(op.fd, this.iov, 1, op.fileOffset, tag);
+    this.iov[0] = native.addressOf(op.buf!) + op.done;
+    this.iov[1] = op.length - op.done;
+    const at = op.fileOffset + op.done;
+    return op.type === 'read' ? this.ring.prepReadv(op.fd, this.iov, 1, at, tag) : this.ring.prepWritev(op.fd, this.iov, 1, at, tag);
   }
 
   private onCompletions(): void {
@@ -137,7 +140,12 @@ export class UringBackgroundIo implements BackgroundIo {
         this.byTag[tag] = null;
         this.freeTags.push(tag);
         this.inRing--;
-        op.resolve(c[2 * i + 1]!);
+        const res = c[2 * i + 1]!;
+        if (op.type === 'fsync' || res < 0) op.resolve(res);
+        else if (res > 0 && op.done + res < op.length) {
+          op.done += res; // a short transfer: the rest goes next (a read ends short only at end of file)
+          this.waiting.unshift(op);
+        } else op.resolve(op.done + res);
       }
       if (n < ENTRIES) break;
     }

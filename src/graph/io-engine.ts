@@ -3,6 +3,9 @@
 // request path is the same either way. Tags name in-flight requests.
 import { native, type Ring } from '../native/index.js';
 
+const EINTR = 4;
+const EAGAIN = 11;
+
 export interface IoEngine {
   readonly kind: 'io_uring' | 'sync';
   /** readable when completions are waiting; -1 when completions are always immediate */
@@ -92,11 +95,23 @@ export class UringEngine implements IoEngine {
   private queued = 0;
   /** operations prepared and not yet reaped: the ring is only asked for completions when > 0 */
   private inRing = 0;
+  /** per tag: bytes its readv/writev in the ring asks for (0: not a read or write), and moved so far */
+  private readonly want: Float64Array;
+  private readonly moved: Float64Array;
 
   constructor(entries: number, maxTags: number, maxSegs: number) {
     this.ring = new native.Ring(entries, maxTags, maxSegs);
     this.pollFd = this.ring.fd;
     this.ready = new ImmediateQueue(maxTags);
+    this.want = new Float64Array(maxTags);
+    this.moved = new Float64Array(maxTags);
+  }
+
+  private expect(iov: Float64Array, iovCount: number, tag: number): void {
+    let n = 0;
+    for (let i = 0; i < iovCount; i++) n += iov[2 * i + 1]!;
+    this.want[tag] = n;
+    this.moved[tag] = 0;
   }
 
   // Each prep tries once; when the SQ is full it hands what we have to the kernel and retries once.
@@ -105,6 +120,7 @@ export class UringEngine implements IoEngine {
       this.submit();
       if (!this.ring.prepReadv(fd, iov, iovCount, offset, tag)) throw new Error('io_uring submission queue stays full');
     }
+    this.expect(iov, iovCount, tag);
     this.queued++;
     this.inRing++;
   }
@@ -113,6 +129,7 @@ export class UringEngine implements IoEngine {
       this.submit();
       if (!this.ring.prepWritev(fd, iov, iovCount, offset, tag)) throw new Error('io_uring submission queue stays full');
     }
+    this.expect(iov, iovCount, tag);
     this.queued++;
     this.inRing++;
   }
@@ -121,6 +138,7 @@ export class UringEngine implements IoEngine {
       this.submit();
       if (!this.ring.prepFsync(fd, tag, true)) throw new Error('io_uring submission queue stays full');
     }
+    this.want[tag] = 0;
     this.queued++;
     this.inRing++;
   }
@@ -129,6 +147,7 @@ export class UringEngine implements IoEngine {
       this.submit();
       if (!this.ring.prepFallocate(fd, mode, offset, length, tag)) throw new Error('io_uring submission queue stays full');
     }
+    this.want[tag] = 0;
     this.queued++;
     this.inRing++;
   }
@@ -147,7 +166,40 @@ export class UringEngine implements IoEngine {
     if (this.inRing === 0 || k === out.length >> 1) return k;
     const got = this.ring.reap(k === 0 ? out : out.subarray(2 * k));
     this.inRing -= got;
-    return k + got;
+    // A read or write that moved less than asked goes on for the rest (as the sync engine does);
+    // only its final result is delivered: all bytes, an error, or fewer at end of file.
+    let n = k;
+    let continued = false;
+    for (let i = k; i < k + got; i++) {
+      const tag = out[2 * i]!;
+      let res = out[2 * i + 1]!;
+      const want = this.want[tag]!;
+      if (want !== 0) {
+        const moved = this.moved[tag]! + (res > 0 ? res : 0);
+        if ((res > 0 && moved < want) || res === -EAGAIN || res === -EINTR) {
+          this.moved[tag] = moved;
+          this.continueRest(tag, moved);
+          continued = true;
+          continue;
+        }
+        this.want[tag] = 0;
+        if (res >= 0) res = moved;
+      }
+      out[2 * n] = tag;
+      out[2 * n + 1] = res;
+      n++;
+    }
+    if (continued) this.submit(); // the caller may sleep on the ring next: the rest must be in the kernel
+    return n;
+  }
+
+  private continueRest(tag: number, moved: number): void {
+    if (!this.ring.prepRest(tag, moved)) {
+      this.submit();
+      if (!this.ring.prepRest(tag, moved)) throw new Error('io_uring submission queue stays full');
+    }
+    this.queued++;
+    this.inRing++;
   }
   close(): void {
     this.ring.close();

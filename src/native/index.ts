@@ -45,6 +45,8 @@ export interface Ring {
   prepWritev(fd: number, iov: Float64Array, iovCount: number, fileOffset: number, tag: number): boolean;
   prepFsync(fd: number, tag: number, datasync: boolean): boolean;
   prepFallocate(fd: number, mode: number, offset: number, length: number, tag: number): boolean;
+  /** the tag's last readv/writev moved `done` bytes in all, less than asked: prepares the same operation for the rest */
+  prepRest(tag: number, done: number): boolean;
   /** submits prepared SQEs; returns the number submitted */
   submit(): number;
   /** submit and block until at least minComplete completions are ready */

@@ -6,6 +6,11 @@ Mounts BACKING (a directory) on MOUNTPOINT; files are the backing files. Switche
   --slow-while PATH        ... but only while PATH exists
   --fail-fsync-while PATH  fsync() fails with EIO while PATH exists (a target whose flush fails)
   --count-fsyncs PATH      every fsync() that reaches the file system appends one byte to PATH
+  --max-write N            a write moves at most N bytes (a short write, which the kernel passes
+                           on to the caller as it is with direct_io). Reads are never shortened:
+                           a short FUSE read means end of file to the kernel, and io_uring's own
+                           retry of it (Linux 6.18) reads the same file offset again into the
+                           rest of the buffer, so the caller would get wrong data with full count.
   --punch-zero-writes      a write of only zero bytes punches a hole in the backing file instead
                            (reads the same, and a 1 GiB zeroing costs no disk space)
 fallocate() is not implemented, so the kernel answers EOPNOTSUPP (like a file system without it).
@@ -71,6 +76,8 @@ class Misbehaving(Operations):
             if libc.fallocate(fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len(data)) != 0:
                 raise FuseOSError(ctypes.get_errno())
             return len(data)
+        if self.args.max_write > 0:
+            data = data[:self.args.max_write]
         return os.pwrite(fh, data, offset)
 
     def fsync(self, path, datasync, fh):
@@ -98,6 +105,7 @@ def main():
     p.add_argument('--slow-while')
     p.add_argument('--fail-fsync-while')
     p.add_argument('--count-fsyncs')
+    p.add_argument('--max-write', type=int, default=0)
     p.add_argument('--punch-zero-writes', action='store_true')
     a = p.parse_args()
     FUSE(Misbehaving(os.path.abspath(a.backing), a), a.mountpoint, foreground=True, direct_io=True, big_writes=True, max_write=131072)

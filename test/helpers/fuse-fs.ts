@@ -1,6 +1,7 @@
 // A real FUSE file system that misbehaves on purpose (test/helpers/fuse-fs.py): slow reads, an
-// fsync that fails while a trigger file exists, no fallocate. Files put in `backing` appear under
-// `mountpoint`. Unmount in cleanup: unmount() waits for the python process to exit.
+// fsync that fails while a trigger file exists, short writes, no fallocate. Files put
+// in `backing` appear under `mountpoint`. Unmount in cleanup: unmount() waits for the python
+// process to exit.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -15,6 +16,8 @@ export interface FuseFsOptions {
   failFsyncWhile?: string;
   /** every fsync() that reaches the file system appends a byte to this file (see fsyncCount) */
   countFsyncs?: string;
+  /** every write moves at most this many bytes: callers see short writes (reads: see fuse-fs.py) */
+  maxWrite?: number;
   /** an all-zero write punches a hole in the backing file (a 1 GiB zeroing costs no disk) */
   punchZeroWrites?: boolean;
 }
@@ -57,6 +60,7 @@ export async function mountFuseFs(dir: string, opts: FuseFsOptions = {}): Promis
   if (opts.slowWhile !== undefined) args.push('--slow-while', opts.slowWhile);
   if (opts.failFsyncWhile !== undefined) args.push('--fail-fsync-while', opts.failFsyncWhile);
   if (opts.countFsyncs !== undefined) args.push('--count-fsyncs', opts.countFsyncs);
+  if (opts.maxWrite !== undefined) args.push('--max-write', String(opts.maxWrite));
   if (opts.punchZeroWrites) args.push('--punch-zero-writes');
   // Debian's python3-fusepy lives in the system interpreter's dist-packages.
   const proc = spawn('/usr/bin/python3', args, { stdio: ['ignore', 'ignore', 'pipe'] });
