@@ -181,3 +181,35 @@ test('--cache and --logical-block-size reject values QEMU does not have', () => 
     assert.match(r.stderr, bad.startsWith('--cache') ? /--cache must be one of/ : /--logical-block-size must be 512 or 4096/);
   }
 });
+
+test('a mirror from an O_DIRECT source to an O_DIRECT target (aligned copy buffer); guest writes with unaligned buffers reach both', { timeout: 60000 }, async (t) => {
+  const defer = cleanups(t);
+  const dir = tempDir();
+  defer(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const img = image(dir);
+  const target = path.join(dir, 'target.img');
+  fs.writeFileSync(target, '');
+  fs.truncateSync(target, 8 * MiB);
+  const control = path.join(dir, 'qmp.sock');
+  const d = await startDaemon([`--blk-file=${img}`, '--num-queues=1', '--cache=none', `--control=${control}`], { dir });
+  defer(() => d.stop());
+  const qmp = await QmpClient.connect(control);
+  defer(() => qmp.close());
+  const fe = Frontend.connect(d.socketPath);
+  defer(() => fe.close());
+  fe.negotiate();
+  const q = fe.setupRing(0, 64);
+  const before = pattern(21, 65536);
+  assert.equal(fe.statusOf(fe.run(q, BLK.OUT, 2048, before, { misalign: 5 })), OK);
+  await qmp.execute('blockdev-add', { driver: 'file', 'node-name': 'tgt0', filename: target, cache: { direct: true, 'no-flush': false } });
+  await qmp.execute('blockdev-mirror', { 'job-id': 'm0', device: 'export0', target: 'tgt0', sync: 'full' });
+  await qmp.waitEvent('BLOCK_JOB_READY', (e) => e.data.device === 'm0');
+  const during = pattern(22, 4096);
+  assert.equal(fe.statusOf(fe.run(q, BLK.OUT, 4096, during, { misalign: 9, split: 3 })), OK, 'a mirrored write with unaligned buffers');
+  await qmp.execute('job-complete', { id: 'm0' });
+  const done = await qmp.waitEvent('BLOCK_JOB_COMPLETED', (e) => e.data.device === 'm0');
+  assert.equal(done.data.error, undefined, `the job ends without error: ${JSON.stringify(done.data)}`);
+  assert.deepEqual(fileBytes(target, 2048 * 512, 65536), before, 'copied by the mirror');
+  assert.deepEqual(fileBytes(target, 4096 * 512, 4096), during, 'written to the target by the guest');
+  assert.deepEqual(fileBytes(img, 4096 * 512, 4096), during, 'and to the source');
+});
