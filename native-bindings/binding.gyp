@@ -11,7 +11,8 @@
         "src/unowned_buffer.cc",
         "src/eventfd.c",
         "src/uring.c",
-        "src/sync_io.c"
+        "src/sync_io.c",
+        "src/locks.c"
       ],
       "defines": ["_GNU_SOURCE"],
       "cflags_c": ["-std=gnu11"],

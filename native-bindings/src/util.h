@@ -157,5 +157,6 @@ napi_status vubd_init_memory(napi_env env, napi_value exports);
 napi_status vubd_init_eventfd(napi_env env, napi_value exports);
 napi_status vubd_init_uring(napi_env env, napi_value exports);
 napi_status vubd_init_sync_io(napi_env env, napi_value exports);
+napi_status vubd_init_locks(napi_env env, napi_value exports);
 
 #endif

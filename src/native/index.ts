@@ -116,6 +116,17 @@ export interface Native {
   /** CPU time of the calling thread in microseconds (CLOCK_THREAD_CPUTIME_ID) */
   threadCpuMicros(): number;
 
+  /**
+   * Open file description byte-range lock (fcntl F_OFD_SETLK), type F_RDLCK, F_WRLCK or F_UNLCK.
+   * false when another open file description holds a conflicting lock (EAGAIN/EACCES).
+   */
+  ofdSetLock(fd: number, type: number, start: number, len: number): boolean;
+  /** F_OFD_GETLK: null when the lock could be placed, else the first conflicting lock (pid is -1 for an OFD lock) */
+  ofdGetLock(fd: number, type: number, start: number, len: number): { type: number; start: number; len: number; pid: number } | null;
+  readonly F_RDLCK: number;
+  readonly F_WRLCK: number;
+  readonly F_UNLCK: number;
+
   /** alwaysAsync: every operation goes to the kernel's async workers, never runs inline in submit() (which would block on e.g. FUSE) */
   Ring: new (entries: number, maxTags: number, maxSegs: number, alwaysAsync?: boolean) => Ring;
 }
