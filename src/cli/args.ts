@@ -9,6 +9,8 @@ export interface Options {
   blkDriver: 'file' | 'null';
   size: number;
   readOnly: boolean;
+  forceShare: boolean;
+  incoming: boolean;
   printCapabilities: boolean;
   numQueues: number;
   queueSize: number;
@@ -75,6 +77,11 @@ vubd options:
                            not aligned to it fail. A 4k-sector device with --cache=none needs 4096
       --serial=ID          serial reported by GET_ID (default: image file name, max 20 bytes)
       --control=PATH       QMP-compatible management socket
+      --force-share        take no image locks and ignore other processes' (QEMU's locking=off);
+                           by default vubd takes QEMU's image locks and refuses an image another
+                           writer (QEMU, qemu-io, another vubd) uses
+      --incoming           live-migration destination: start although the source still writes
+                           the image; the write lock is taken when the frontend starts the device
       --log-level=LEVEL    trace, debug, info (default), warn, error, fatal
       --default            serve ./vubd-disk.img (1 GiB, created sparse) on ./vubd.sock (npm start)
   -h, --help               this text
@@ -113,6 +120,8 @@ export function parseOptions(argv: string[]): Options {
         'blk-driver': { type: 'string' },
         size: { type: 'string' },
         'read-only': { type: 'boolean', short: 'r' },
+        'force-share': { type: 'boolean' },
+        incoming: { type: 'boolean' },
         'print-capabilities': { type: 'boolean', short: 'c' },
         'num-queues': { type: 'string' },
         'queue-size': { type: 'string' },
@@ -153,6 +162,8 @@ export function parseOptions(argv: string[]): Options {
     blkDriver: driver,
     size: v.size === undefined ? 8 * 2 ** 30 : parseSize(v.size),
     readOnly: v['read-only'] ?? false,
+    forceShare: v['force-share'] ?? false,
+    incoming: v.incoming ?? false,
     printCapabilities: v['print-capabilities'] ?? false,
     numQueues: int('num-queues', v['num-queues'], os.availableParallelism(), 1, 64),
     queueSize,

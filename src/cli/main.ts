@@ -40,7 +40,9 @@ function openRootNode(opts: Options): NodeDef {
     console.error(`vubd: created sparse image ${file} (${DEFAULT_IMAGE_SIZE / 2 ** 30} GiB)`);
   }
   const { direct, noFlush } = cacheSemantics(opts.cache);
-  const node = openFileNode('file0', file, opts.readOnly, { direct, noFlush });
+  // Without --incoming, a writer already on the image (QEMU, qemu-io, a started vubd) is refused now,
+  // not when the guest starts; a migration destination starts beside its source.
+  const node = openFileNode('file0', file, opts.readOnly, { direct, noFlush }, { mode: opts.forceShare ? 'off' : 'auto', checkClaim: !opts.incoming });
   const fail = (msg: string): never => {
     closeNode(node);
     throw new Error(msg);
@@ -113,6 +115,9 @@ async function main(): Promise<number> {
   } catch (e) {
     console.error(`vubd: ${(e as Error).message}`);
     return 1;
+  }
+  if (opts.forceShare && root.driver === 'file') {
+    log.warn({ image: root.filename }, 'image locking is off (--force-share): vubd takes no locks and another writer may use the image at the same time');
   }
   const graph = new BlockGraph();
   graph.init((s) => s.addNode(root).addExport({ id: EXPORT_ID, root: root.name }));

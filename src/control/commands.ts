@@ -10,6 +10,10 @@ import type { Logger } from '../log.js';
 import { getLimits, newThrottleState, setLimits, type ThrottleLimits } from '../graph/throttle-state.js';
 import type { BlkExport } from '../worker/export.js';
 import { QmpError, type CommandHandler } from './qmp-server.js';
+import { parseLockingMode } from '../graph/image-lock.js';
+import { logger } from '../log.js';
+
+const log = logger('control');
 
 export interface ControlContext {
   graph: BlockGraph;
@@ -180,8 +184,11 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
           const name = str(a, 'node-name');
           const driver = str(a, 'driver');
           let def: NodeDef;
-          if (driver === 'file' || driver === 'host_device') def = openFileNode(name, str(a, 'filename'), bool(a, 'read-only', false), cacheOptions(a));
-          else if (driver === 'null-co' || driver === 'null') def = nullNode(name, num(a, 'size'), bool(a, 'read-only', false));
+          if (driver === 'file' || driver === 'host_device') {
+            const mode = parseLockingMode(a.locking);
+            def = openFileNode(name, str(a, 'filename'), bool(a, 'read-only', false), cacheOptions(a), { mode, checkClaim: true });
+            if (mode === 'off') log.warn({ node: name, image: def.filename }, 'image locking is off (locking=off): another writer may use the image at the same time');
+          } else if (driver === 'null-co' || driver === 'null') def = nullNode(name, num(a, 'size'), bool(a, 'read-only', false));
           else if (driver === 'throttle') {
             const state = newThrottleState();
             const limits = typeof a.limits === 'object' && a.limits !== null ? limitsFrom(a.limits as Args, THROTTLE_GROUP_KEYS) : {};

@@ -4,6 +4,7 @@
 // stays open while any worker that could not leave it (a failed swap, a dying thread) still runs it.
 import fs from 'node:fs';
 import type { NodeSpec } from './nodes.js';
+import { forgetImage } from './image-lock.js';
 
 const counts = new Map<number, number>();
 
@@ -19,6 +20,7 @@ export function releaseFd(fd: number): void {
     return;
   }
   counts.delete(fd);
+  forgetImage(fd); // closing drops the fd's OFD locks
   fs.closeSync(fd);
 }
 

@@ -6,6 +6,7 @@ import { newNodeStats } from './nodes.js';
 import { GraphError, type NodeDef } from './snapshot.js';
 import { releaseFd, retainFd } from './fd-refs.js';
 import { probeDirectAlignment } from './direct-io.js';
+import { lockImage, type LockingMode } from './image-lock.js';
 
 /** QEMU's cache options of a node: direct = O_DIRECT (bypass the host page cache), noFlush = flushes complete at once. */
 export interface CacheOptions {
@@ -15,7 +16,22 @@ export interface CacheOptions {
 
 export const DEFAULT_CACHE: CacheOptions = { direct: false, noFlush: false };
 
-export function openFileNode(name: string, filename: string, readOnly: boolean, cache: CacheOptions = DEFAULT_CACHE): Extract<NodeDef, { driver: 'file' }> {
+export interface FileLocking {
+  /** QEMU's file driver option: 'off' takes no image locks (the caller warns) */
+  mode: LockingMode;
+  /** refuse the image now if another process holds it in a way a started device would conflict with */
+  checkClaim: boolean;
+}
+
+export const DEFAULT_LOCKING: FileLocking = { mode: 'auto', checkClaim: true };
+
+export function openFileNode(
+  name: string,
+  filename: string,
+  readOnly: boolean,
+  cache: CacheOptions = DEFAULT_CACHE,
+  locking: FileLocking = DEFAULT_LOCKING,
+): Extract<NodeDef, { driver: 'file' }> {
   const file = path.resolve(filename);
   let fd: number;
   const flags = (readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR) | (cache.direct ? fs.constants.O_DIRECT : 0);
@@ -40,6 +56,7 @@ export function openFileNode(name: string, filename: string, readOnly: boolean, 
     else if (st.isFile()) size = st.size;
     else throw new GraphError(`'${file}' is neither a regular file nor a block device`);
     if (size < 512) throw new GraphError(`'${file}' is ${size} bytes; a disk needs at least one 512-byte sector`);
+    lockImage(fd, file, readOnly, locking.mode, locking.checkClaim);
     retainFd(fd); // the graph's reference
     return { driver: 'file', name, filename: file, fd, size: size - (size % 512), readOnly, direct: cache.direct, noFlush: cache.noFlush, alignment, stats: newNodeStats() };
   } catch (e) {

@@ -60,6 +60,9 @@ export interface VhostBackend {
   recover(): Promise<void>;
 }
 
+/** The device refuses a request for a reason of its own (not a protocol error): the connection closes with this message. */
+export class DeviceRefusal extends Error {}
+
 export interface InflightRegion {
   fd: number;
   mmapSize: number;

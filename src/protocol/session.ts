@@ -28,7 +28,7 @@ import {
   type Message,
 } from './codec.js';
 import { Connection, type Frame } from './connection.js';
-import type { BackendChannel, InflightRegion, RegionWithFd, VhostBackend, VringSetup } from './backend.js';
+import { DeviceRefusal, type BackendChannel, type InflightRegion, type RegionWithFd, type VhostBackend, type VringSetup } from './backend.js';
 import { inflightQueueBytes } from '../virtio/inflight.js';
 
 interface Vring {
@@ -91,7 +91,7 @@ export class Session {
         else frame.fds.forEach((fd) => native.close(fd));
       } catch (e) {
         const err = e instanceof Error ? e : new Error(String(e));
-        if (!(err instanceof ProtocolError)) this.log.error({ err }, 'internal error while handling a message');
+        if (!(err instanceof ProtocolError) && !(err instanceof DeviceRefusal)) this.log.error({ err }, 'internal error while handling a message');
         this.conn.close(err);
       } finally {
         if (--this.pending === 0) this.conn.resume();

@@ -1,7 +1,7 @@
 // A vhost-user-blk export: the device the Session talks to. It owns the queue workers (spawned
 // at start-up), the block node they serve and the config space.
 import type { Logger } from '../log.js';
-import type { BackendChannel, InflightRegion, RegionWithFd, VhostBackend, VringSetup } from '../protocol/backend.js';
+import { DeviceRefusal, type BackendChannel, type InflightRegion, type RegionWithFd, type VhostBackend, type VringSetup } from '../protocol/backend.js';
 import { blkConfigSpace, blkFeatures, blkProtocolFeatures, WCE_OFFSET } from '../blk/config.js';
 import type { NodeSpec } from '../graph/nodes.js';
 import { DrainBarrier, type Drainable } from '../graph/drain.js';
@@ -12,6 +12,8 @@ import { QueueWorkerHandle } from './handle.js';
 import { StatIndex } from './messages.js';
 import { releaseSpec, retainSpec } from '../graph/fd-refs.js';
 import { F, hasBit } from '../protocol/constants.js';
+import { TreeClaim } from '../graph/tree-claim.js';
+import { ImageLockError } from '../graph/image-lock.js';
 
 export interface ExportOptions {
   id: string;
@@ -78,6 +80,8 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
   /** per queue: the node tree its worker runs (the worker holds references on its fds) */
   private readonly held: NodeSpec[] = [];
   private lostListener: ((reason: Error) => void) | null = null;
+  /** the write lock on the images is held only while a frontend has the device started (live migration hands it over) */
+  private readonly claim = new TreeClaim(() => this.node);
 
   /** A queue worker serving the current node tree; `stats` keeps a dead predecessor's counters. */
   private spawn(i: number, stats?: SharedArrayBuffer): QueueWorkerHandle {
@@ -110,7 +114,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
    */
   private workerDied(i: number, err: Error): void {
     this.log.error({ queue: i, err: err.message }, 'queue worker died; ending the session and replacing the worker before the next one');
-    this.started.delete(i);
+    this.queueStopped(i);
     const held = this.held[i];
     delete this.held[i];
     if (held !== undefined) releaseSpec(held); // the thread is gone: nothing uses these fds through it any more
@@ -246,7 +250,14 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
 
   async configureQueue(setup: VringSetup): Promise<void> {
     const w = this.workers[setup.index]!;
-    await w.request({ type: 'configure', setup });
+    const starting = this.started.size === 0;
+    if (starting) this.claimImages(setup.index);
+    try {
+      await w.request({ type: 'configure', setup });
+    } catch (e) {
+      if (starting && this.started.size === 0) this.claim.deactivate();
+      throw e;
+    }
     if (!this.started.has(setup.index)) {
       this.started.add(setup.index);
       this.log.info({ queue: setup.index, size: setup.size, enabled: setup.enabled, eventIdx: setup.eventIdx, packed: setup.packed }, 'queue started');
@@ -255,7 +266,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
 
   async stopQueue(index: number): Promise<number> {
     const ack = await this.workers[index]!.request({ type: 'stop' });
-    this.started.delete(index);
+    this.queueStopped(index);
     this.log.info({ queue: index, lastAvail: ack.lastAvail }, 'queue stopped');
     return ack.lastAvail ?? 0;
   }
@@ -268,7 +279,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
         try {
           await this.stopQueue(i);
         } catch (e) {
-          this.started.delete(i);
+          this.queueStopped(i);
           failures.push(e);
         }
       }
@@ -285,6 +296,24 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     this.ackedFeatures = null;
     if (!(await this.applyCacheMode('write cache mode back to the configured one'))) failures.push(new Error('the write cache mode could not be reset'));
     if (failures.length > 0) throw failures[0];
+  }
+
+  /** The device starts: the images it runs get the write lock, or the start is refused. */
+  private claimImages(queue: number): void {
+    try {
+      this.claim.activate();
+    } catch (e) {
+      if (!(e instanceof ImageLockError)) throw e;
+      this.log.error({ queue, err: e.message }, 'refusing to start the device: another process holds the image');
+      throw new DeviceRefusal(`cannot start the device: ${e.message}`);
+    }
+    this.log.info({ queue }, 'device started: image write lock taken');
+  }
+
+  private queueStopped(index: number): void {
+    if (!this.started.delete(index) || this.started.size > 0 || !this.claim.isActive) return;
+    this.claim.deactivate();
+    this.log.info('device stopped: image write lock released');
   }
 
   async setInflight(region: InflightRegion | null): Promise<void> {
@@ -305,10 +334,18 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
 
   /** Runs a new node tree on every queue. The graph calls this only while drained. */
   async apply(spec: NodeSpec, generation: number): Promise<void> {
-    await this.applyAll(spec, generation);
+    this.claim.beginSwap(spec);
+    try {
+      await this.applyAll(spec, generation);
+    } catch (e) {
+      this.claim.endSwap(false, this.node);
+      throw e;
+    }
+    const old = this.node;
     const resized = spec.size !== this.node.size;
     this.node = spec;
     this.generation = generation;
+    this.claim.endSwap(true, old);
     if (resized) {
       this.log.info({ sizeBytes: spec.size }, 'capacity changed; telling the frontend');
       this.channel?.configChanged();
