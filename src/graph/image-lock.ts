@@ -25,6 +25,8 @@ export class ImageLockError extends GraphError {}
 
 interface LockState {
   filename: string;
+  /** st_dev:st_ino: two nodes on one file are one user of it (one process, one owner of both fds) */
+  file: string;
   readOnly: boolean;
   /** bytes currently locked: permissions held, permissions not shared */
   perm: number;
@@ -55,10 +57,11 @@ export function parseLockingMode(v: unknown): LockingMode {
  */
 export function lockImage(fd: number, filename: string, readOnly: boolean, mode: LockingMode, checkClaim: boolean): void {
   if (mode === 'off') return;
-  const s: LockState = { filename, readOnly, perm: 0, unshared: 0, claims: 0 };
+  const st = fs.fstatSync(fd);
+  const s: LockState = { filename, file: `${st.dev}:${st.ino}`, readOnly, perm: 0, unshared: 0, claims: 0 };
   try {
     setBytes(fd, s, IDLE.perm, IDLE.unshared, false);
-    if (checkClaim) {
+    if (checkClaim && !claimedElsewhere(fd, s)) {
       const want = claimed(readOnly);
       checkBytes(fd, s, want.perm, PERM_ALL & ~want.unshared);
     }
@@ -84,7 +87,7 @@ export function claimImages(fds: readonly number[]): void {
         const before = { perm: s.perm, unshared: s.unshared };
         try {
           setBytes(fd, s, s.perm | want.perm, s.unshared | want.unshared, false);
-          checkBytes(fd, s, want.perm, PERM_ALL & ~want.unshared);
+          if (!claimedElsewhere(fd, s)) checkBytes(fd, s, want.perm, PERM_ALL & ~want.unshared);
         } catch (e) {
           setBytes(fd, s, before.perm, before.unshared, true);
           throw e;
@@ -98,6 +101,16 @@ export function claimImages(fds: readonly number[]): void {
     releaseImages(done);
     throw e;
   }
+}
+
+/**
+ * Another of our fds on the same file holds a claim: its check passed and nobody who checks can
+ * have taken the file since, so this one needs no check (which would see our own lock and fail,
+ * e.g. when a tree swap hands the device from one node on a file to another on the same file).
+ */
+function claimedElsewhere(fd: number, s: LockState): boolean {
+  for (const [other, o] of states) if (other !== fd && o.file === s.file && o.claims > 0) return true;
+  return false;
 }
 
 /** Drops one claim per fd; the last one returns the image to the idle locks. */

@@ -266,8 +266,8 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
 
   async stopQueue(index: number): Promise<number> {
     const ack = await this.workers[index]!.request({ type: 'stop' });
-    this.queueStopped(index);
     this.log.info({ queue: index, lastAvail: ack.lastAvail }, 'queue stopped');
+    this.queueStopped(index);
     return ack.lastAvail ?? 0;
   }
 

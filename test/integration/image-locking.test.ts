@@ -9,6 +9,7 @@ import path from 'node:path';
 import { BLK, type Frontend } from '../helpers/frontend.js';
 import { startDaemon, sleep, tempDir, vubdMain, type Daemon } from '../helpers/daemon.js';
 import { makeImage, openSession, closeSession, pattern } from '../helpers/sessions.js';
+import { QmpClient, QmpCommandError } from '../../src/control/qmp-client.js';
 
 const OK = 0;
 
@@ -87,11 +88,13 @@ describe('image locking', { skip: tools ? false : 'needs qemu-io and qemu-img (D
   let dir: string;
   let image: string;
   let a: Daemon;
+  let control: string;
 
   before(async () => {
     dir = tempDir('vubd-lock-');
     image = makeImage(dir);
-    a = await startDaemon([`--blk-file=${image}`, '--num-queues=1'], { dir });
+    control = path.join(dir, 'qmp.sock');
+    a = await startDaemon([`--blk-file=${image}`, '--num-queues=1', `--control=${control}`], { dir });
   });
 
   after(async () => {
@@ -184,6 +187,92 @@ describe('image locking', { skip: tools ? false : 'needs qemu-io and qemu-img (D
       }
     } finally {
       await stopChild(io);
+    }
+  });
+
+  test('blockdev-add refuses an image another writer holds (locking=off opts out); a swap on a started device moves the write lock', async () => {
+    const other = path.join(dir, 'other.img');
+    const third = path.join(dir, 'third.img');
+    for (const f of [other, third]) {
+      fs.writeFileSync(f, '');
+      fs.truncateSync(f, 16 * 2 ** 20);
+    }
+    const qmp = await QmpClient.connect(control);
+    const { fe, conn } = await openSession(a);
+    const io = await qemuIoHolding(third);
+    try {
+      await qmp.execute('blockdev-add', { driver: 'file', 'node-name': 'other', filename: other });
+      const ring = startDevice(fe);
+      await a.waitForLog((r) => r.msg === 'device started: image write lock taken');
+      assert.deepEqual(locksOf(a.proc.pid!, other), ['100-100']);
+
+      await qmp.execute('block-export-set-node', { id: 'export0', 'node-name': 'other' });
+      assert.deepEqual(locksOf(a.proc.pid!, other), ['100-101', '201-201'], 'the new root is claimed');
+      assert.deepEqual(locksOf(a.proc.pid!, image), ['100-100'], 'the old one is released');
+      ringWorks(fe, ring, 6);
+
+      const refused = await qmp.execute('blockdev-add', { driver: 'file', 'node-name': 'third', filename: third }).catch((e: unknown) => e);
+      assert.ok(refused instanceof QmpCommandError, String(refused));
+      assert.equal(refused.errorClass, 'GenericError');
+      assert.match(refused.message, new RegExp(`Failed to get shared "write" lock: is another process using the image \\[${third}\\]\\? It is locked by pid ${io.pid} \\(qemu-io `));
+      const bad = await qmp.execute('blockdev-add', { driver: 'file', 'node-name': 'third', filename: third, locking: 'maybe' }).catch((e: unknown) => e);
+      assert.match(String((bad as Error).message), /locking.*'maybe'/);
+
+      await qmp.execute('blockdev-add', { driver: 'file', 'node-name': 'third', filename: third, locking: 'off' });
+      await a.waitForLog((r) => r.level === 40 && r.node === 'third' && /image locking is off \(locking=off\)/.test(String(r.msg)));
+      await qmp.execute('block-export-set-node', { id: 'export0', 'node-name': 'third' });
+      assert.deepEqual(locksOf(a.proc.pid!, third), [], 'locking=off takes no locks');
+      ringWorks(fe, ring, 7);
+
+      // A writer that appears on an idle node makes the swap to it fail, and the device stays where it was.
+      await qmp.execute('block-export-set-node', { id: 'export0', 'node-name': 'file0' });
+      const io2 = await qemuIoHolding(other);
+      try {
+        const swap = await qmp.execute('block-export-set-node', { id: 'export0', 'node-name': 'other' }).catch((e: unknown) => e);
+        assert.ok(swap instanceof QmpCommandError, String(swap));
+        assert.match(swap.message, /Failed to get shared "write" lock/);
+        assert.deepEqual(locksOf(a.proc.pid!, other), ['100-100']);
+        assert.deepEqual(locksOf(a.proc.pid!, image), ['100-101', '201-201']);
+        ringWorks(fe, ring, 8);
+      } finally {
+        await stopChild(io2);
+      }
+    } finally {
+      await stopChild(io);
+      await closeSession(a, fe, conn);
+      for (const n of ['other', 'third']) await qmp.execute('blockdev-del', { 'node-name': n }).catch(() => undefined);
+      qmp.close();
+    }
+  });
+
+  test('QEMU and vubd refuse each other', { skip: have('qemu-system-x86_64') ? false : 'needs qemu-system-x86_64' }, async () => {
+    const qemuArgs = ['-accel', 'tcg', '-S', '-nodefaults', '-display', 'none', '-monitor', 'none', '-serial', 'none', '-drive', `file=${image},format=raw,if=none,id=d0`, '-device', 'virtio-blk-pci,drive=d0'];
+    const { fe, conn } = await openSession(a);
+    try {
+      startDevice(fe);
+      const q = spawnSync('qemu-system-x86_64', qemuArgs, { encoding: 'utf8', timeout: 30000 });
+      assert.equal(q.status, 1, q.stderr);
+      assert.match(q.stderr, /Failed to get "write" lock/);
+    } finally {
+      await closeSession(a, fe, conn);
+    }
+    const qemu = spawn('qemu-system-x86_64', qemuArgs, { stdio: 'ignore' });
+    try {
+      await until('QEMU to lock the image', () => qemu.pid !== undefined && locksOf(qemu.pid, image).length > 0, 30000);
+      const { fe: fe2, conn: conn2 } = await openSession(a);
+      try {
+        assert.throws(() => startDevice(fe2));
+        const refused = await a.waitForLog((x) => x.msg === 'refusing to start the device: another process holds the image' && String(x.err).includes(`pid ${qemu.pid} `));
+        assert.match(String(refused.err), /qemu-system-x86_64/);
+      } finally {
+        await closeSession(a, fe2, conn2);
+      }
+      assert.deepEqual(locksOf(qemu.pid!, image), ['100-101', '201-201'], 'QEMU 7.2 holds what a started vubd holds');
+      const r = vubdStartup(dir, [`--blk-file=${image}`]);
+      assert.equal(r.status, 1, r.stderr);
+      assert.match(r.stderr, /Failed to get "write" lock.*locked by pid \d+ \(qemu-system-x86_64 /);
+    } finally {
+      await stopChild(qemu);
     }
   });
 

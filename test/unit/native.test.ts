@@ -51,13 +51,34 @@ function fill(view: Uint8Array, off: number, len: number, seed: number): void {
 
 test('export list matches the Native interface', () => {
   const expected = [
-    'Ring', 'accept', 'addressOf', 'blockDeviceSize', 'close', 'connectUnix', 'dup', 'eventfd',
+    'F_RDLCK', 'F_UNLCK', 'F_WRLCK', 'Ring', 'accept', 'addressOf', 'blockDeviceSize', 'close', 'connectUnix', 'dup', 'eventfd',
     'eventfdRead', 'eventfdWrite', 'fallocate', 'fsync', 'listenUnix', 'liveMappings', 'mapShared',
-    'memfdCreate', 'mmap', 'poll', 'pollWait', 'preadv', 'pwritev', 'recvMsg', 'releaseMapping',
+    'memfdCreate', 'mmap', 'ofdGetLock', 'ofdSetLock', 'poll', 'pollWait', 'preadv', 'pwritev', 'recvMsg', 'releaseMapping',
     'retainMapping', 'sendMsg', 'setBlocking', 'sigbusRescues', 'socketpair', 'threadCpuMicros', 'unmap',
     'viewMapping',
   ];
   assert.deepEqual(Object.keys(native).sort(), expected);
+});
+
+test('OFD locks: a conflict is false (not thrown), F_OFD_GETLK names it, the same open file never conflicts with itself', () => {
+  const t = tmpFile('locks.img');
+  const other = fs.openSync(t.file, 'r+');
+  try {
+    assert.equal(native.ofdSetLock(t.fd, native.F_RDLCK, 100, 1), true);
+    assert.equal(native.ofdGetLock(t.fd, native.F_WRLCK, 100, 1), null, 'own lock');
+    assert.deepEqual(native.ofdGetLock(other, native.F_WRLCK, 100, 1), { type: native.F_RDLCK, start: 100, len: 1, pid: -1 });
+    assert.equal(native.ofdGetLock(other, native.F_WRLCK, 101, 1), null);
+    assert.equal(native.ofdSetLock(other, native.F_RDLCK, 100, 1), true, 'shared locks coexist');
+    assert.equal(native.ofdSetLock(other, native.F_WRLCK, 100, 1), false, 'EAGAIN is a return value');
+    assert.equal(native.ofdSetLock(t.fd, native.F_UNLCK, 100, 1), true);
+    assert.equal(native.ofdSetLock(other, native.F_WRLCK, 100, 1), true);
+    assertErrno(() => native.ofdSetLock(-1, native.F_RDLCK, 0, 1), 'EBADF', 9, /^fcntl\(F_OFD_SETLK\): /);
+    assert.throws(() => native.ofdSetLock(t.fd, 7, 0, 1), RangeError);
+    assertErrno(() => native.ofdGetLock(t.fd, native.F_UNLCK, 0, 1), 'EINVAL', 22);
+  } finally {
+    fs.closeSync(other);
+    t.cleanup();
+  }
 });
 
 test('errors carry errno, code and a "syscall: strerror" message', () => {
