@@ -20,7 +20,7 @@ import {
   type MemoryRegion,
 } from '../../src/protocol/codec.js';
 import { fdsSettle, pattern, openSession } from '../helpers/sessions.js';
-import { mappingsSettle, sharedMappingCount } from '../helpers/guest-maps.js';
+import { mappingsSettle, sealWrite, sharedMappingCount } from '../helpers/guest-maps.js';
 
 const MiB = 2 ** 20;
 const NUM_QUEUES = 2;
@@ -206,6 +206,20 @@ describe('hostile vhost-user messages', () => {
       const t: MemoryRegion[] = fe.ram.table.map((r) => ({ ...r, mmapOffset: 8 * 2 ** 30 }));
       fe.send(Request.SET_MEM_TABLE, memTablePayload(t), fe.ram.regions.map((r) => r.fd), FLAG_VERSION | 0x8);
     });
+  });
+
+  test('SET_MEM_TABLE whose second region is a sealed memfd (its shared mmap fails after the first region mapped)', async () => {
+    const sealed = native.memfdCreate('guest-ram-sealed', REGION_SIZE);
+    try {
+      sealWrite(sealed);
+      // before: every worker kept its mapping of region 0, and the maps check below failed
+      await refused(/Operation not permitted/, (fe) => {
+        fe.negotiate();
+        fe.send(Request.SET_MEM_TABLE, memTablePayload(fe.ram.table), [fe.ram.regions[0]!.fd, sealed], FLAG_VERSION | 0x8);
+      });
+    } finally {
+      native.close(sealed);
+    }
   });
 
   test('SET_VRING_NUM: index >= num-queues, size 0, not a power of two, > 32768', async () => {
