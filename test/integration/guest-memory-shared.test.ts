@@ -39,6 +39,7 @@ test('a 64-queue vubd attaches a 64 GiB guest, each chunk mapped once, and serve
   const d = await startDaemon(['--blk-driver=null', '--size=1G', '--num-queues=64'], { readyTimeoutMs: 90000 });
   const ram = new GuestRam(2, [64 * MiB, 64 * GiB - 64 * MiB]); // sparse memfds
   const fe = Frontend.connect(d.socketPath, ram);
+  let served = false;
   try {
     fe.negotiate(); // before: 64 workers x 65 chunks overflowed the 4096 tracked mappings
     const rings = [0, 1, 63].map((q) => fe.setupRing(q, 64));
@@ -69,14 +70,19 @@ test('a 64-queue vubd attaches a 64 GiB guest, each chunk mapped once, and serve
     native.unmap(win.buffer as ArrayBuffer);
 
     assert.deepEqual(mapped(d), ramChunks(ram), 'every guest chunk mapped exactly once in vubd');
+    served = true;
   } finally {
     fe.close();
     ram.close();
+    if (!served) await d.stop(); // never leave a 64-worker daemon behind
   }
-  await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend', 20000);
-  assert.equal(await mappingsSettle(d.proc.pid!, 0), 0, 'nothing mapped after the session');
-  const r = await d.stop();
-  assert.equal(r.code, 0);
+  try {
+    await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend', 20000);
+    assert.equal(await mappingsSettle(d.proc.pid!, 0), 0, 'nothing mapped after the session');
+  } finally {
+    const r = await d.stop();
+    assert.equal(r.code, 0);
+  }
 });
 
 /** Keeps `depth` reads in flight on each ring, topping up as they complete; requests are numbered. */
