@@ -7,9 +7,12 @@
  * its reference in the finalizer (on the main thread, tests). The pages go with the last reference.
  * mmap() is a mapping whose only reference is the view it returns. */
 #include "util.h"
+
+#include <pthread.h>
 #include "mappings.h"
 
 #include <stdlib.h>
+#include <stdio.h>
 
 #define MAX_MAP_LEN (4ULL << 30) /* Node 20 caps external ArrayBuffers at 4 GiB */
 
@@ -17,14 +20,82 @@
 napi_status vubd_unowned_arraybuffer(napi_env env, void *data, size_t length, napi_value *result);
 
 /* The reference one view holds; attached to the ArrayBuffer with napi_wrap, so unmap() finds it. */
-typedef struct {
+typedef struct view_rec {
   vubd_mapping *m;
+  napi_env env;
+  /* strong until unmap(): the env's cleanup hook must find every view still attached when the
+   * thread ends (a weak one is already empty then, and V8's teardown crashes on the buffer) */
+  napi_ref ref;
+  struct view_rec *prev, *next;
+  bool linked;
+  /* its mapping reference is dropped already (the env's cleanup hook detached it) */
+  bool released;
 } view_rec;
 
-static void view_finalizer(napi_env env, void *data, void *hint) {
-  view_rec *v = data;
-  vubd_mapping_put(v->m);
+/* Every live view of every env (thread). A view still attached when its isolate is torn down
+ * crashes V8's ArrayBufferSweeper (seen with a worker that exits without unmapping), so the env's
+ * cleanup hook detaches what is left before that. */
+static view_rec *views_head;
+static pthread_mutex_t views_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void link_view(view_rec *v) {
+  pthread_mutex_lock(&views_lock);
+  v->prev = NULL;
+  v->next = views_head;
+  if (views_head) views_head->prev = v;
+  views_head = v;
+  v->linked = true;
+  pthread_mutex_unlock(&views_lock);
+}
+
+static void unlink_view(view_rec *v) {
+  pthread_mutex_lock(&views_lock);
+  if (v->linked) {
+    if (v->prev) v->prev->next = v->next;
+    else views_head = v->next;
+    if (v->next) v->next->prev = v->prev;
+    v->linked = false;
+  }
+  pthread_mutex_unlock(&views_lock);
+}
+
+/* Drops a view that is no longer reachable through its wrap: its ref, its mapping reference, itself. */
+static void drop_view(napi_env env, view_rec *v) {
+  unlink_view(v);
+  if (v->ref != NULL) napi_delete_reference(env, v->ref);
+  if (!v->released) vubd_mapping_put(v->m);
   free(v);
+}
+
+static void view_finalizer(napi_env env, void *data, void *hint) {
+  drop_view(env, data);
+}
+
+static void detach_env_views(void *arg) {
+  napi_env env = arg;
+  for (;;) {
+    view_rec *v = NULL;
+    pthread_mutex_lock(&views_lock);
+    for (view_rec *p = views_head; p != NULL; p = p->next)
+      if (p->env == env) {
+        v = p;
+        break;
+      }
+    pthread_mutex_unlock(&views_lock);
+    if (v == NULL) return;
+    unlink_view(v);
+    napi_handle_scope scope;
+    bool scoped = napi_open_handle_scope(env, &scope) == napi_ok;
+    napi_value ab = NULL;
+    /* No JS can run any more (napi_remove_wrap refuses): detach, and leave freeing v to the wrap's finalizer. */
+    if (v->ref != NULL && napi_get_reference_value(env, v->ref, &ab) == napi_ok && ab != NULL) {
+      napi_detach_arraybuffer(env, ab);
+      if (!v->released) vubd_mapping_put(v->m);
+      v->released = true;
+    }
+    /* else: the wrap's finalizer owns v and frees it (it is unlinked already) */
+    if (scoped) napi_close_handle_scope(env, scope);
+  }
 }
 
 /* A new view of m, which already counts the reference this view will hold (dropped on failure). */
@@ -35,6 +106,10 @@ static napi_value make_view(napi_env env, vubd_mapping *m) {
     return vubd_throw_errno(env, "mmap", ENOMEM);
   }
   v->m = m;
+  v->env = env;
+  v->ref = NULL;
+  v->linked = false;
+  v->released = false;
   napi_value ab;
   /* The buffer itself owns nothing: the wrap's finalizer holds the reference. */
   if (vubd_unowned_arraybuffer(env, vubd_mapping_addr(m), vubd_mapping_len(m), &ab) != napi_ok) {
@@ -48,6 +123,8 @@ static napi_value make_view(napi_env env, vubd_mapping *m) {
     free(v);
     return vubd_throw_errno(env, "mmap", ENOMEM);
   }
+  if (napi_create_reference(env, ab, 1, &v->ref) == napi_ok) link_view(v);
+  else v->ref = NULL;
   return ab;
 }
 
@@ -126,8 +203,7 @@ static napi_value do_unmap(napi_env env, napi_callback_info info) {
   }
   v = data;
   napi_detach_arraybuffer(env, argv[0]); /* no JS access after this */
-  vubd_mapping_put(v->m);
-  free(v);
+  drop_view(env, v);
   napi_get_boolean(env, true, &result);
   return result;
 }
@@ -159,6 +235,7 @@ static napi_value address_of(napi_env env, napi_callback_info info) {
 
 napi_status vubd_init_memory(napi_env env, napi_value exports) {
   vubd_mappings_init();
+  napi_add_env_cleanup_hook(env, detach_env_views, env);
   napi_property_descriptor props[] = {
       VUBD_FN("mmap", do_mmap),           VUBD_FN("mapShared", map_shared),
       VUBD_FN("viewMapping", view_mapping), VUBD_FN("releaseMapping", release_mapping),
