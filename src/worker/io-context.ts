@@ -58,6 +58,20 @@ export class WorkerIoContext implements IoContext {
     return ran;
   }
 
+  /**
+   * Runs every deferred start now, due or not; returns true if any ran. A drain or a stop must not
+   * wait out the throttle schedule: QEMU releases throttled requests at once when it drains
+   * (throttle_group_restart_tgm), and their reservations stay charged, so the bucket is overdrawn.
+   */
+  runAllTimers(): boolean {
+    if (this.timers.length === 0) return false;
+    // Only those queued now, in order: a start that defers again (a chained operation) runs on
+    // the next pass, and one that throws leaves the rest queued.
+    const ran = this.timers.length;
+    for (let i = 0; i < ran; i++) this.timers.shift()!.fn();
+    return true;
+  }
+
   hasDueTimer(): boolean {
     return this.timers.length > 0 && this.timers[0]!.due <= process.hrtime.bigint();
   }

@@ -127,7 +127,8 @@ class QueueWorker {
   /** One pass of the loop; returns true to go round again without sleeping. */
   private step(): boolean {
     faultInjection.maybeThrow(this.init.queueIndex, this.stats);
-    let progressed = this.ctx.runDueTimers();
+    // Draining or stopping (GET_VRING_BASE): throttled requests start now, not on schedule.
+    let progressed = this.stopSeq >= 0 || this.drained ? this.ctx.runAllTimers() : this.ctx.runDueTimers();
     progressed = this.serviceRound() || progressed;
     this.finishStopOrDrain();
     if (progressed) return true;
