@@ -258,7 +258,8 @@ describe('image locking', { skip: tools ? false : 'needs qemu-io and qemu-img (D
     }
     const qemu = spawn('qemu-system-x86_64', qemuArgs, { stdio: 'ignore' });
     try {
-      await until('QEMU to lock the image', () => qemu.pid !== undefined && locksOf(qemu.pid, image).length > 0, 30000);
+      // QEMU takes its locks in steps: wait until it holds the writer's set before racing it.
+      await until('QEMU to lock the image for writing', () => qemu.pid !== undefined && locksOf(qemu.pid, image).join() === '100-101,201-201', 30000);
       const { fe: fe2, conn: conn2 } = await openSession(a);
       try {
         assert.throws(() => startDevice(fe2));
