@@ -475,12 +475,8 @@ function checkFileCovers(fd: number, offset: number, size: number, what: string)
  * saturated counter (a frontend can write 2^64-2 into it) never blocks a worker in write(2).
  */
 function checkEventFd(fd: number, what: string): void {
-  let info: string;
-  try {
-    info = fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
-  } catch (e) {
-    throw new ProtocolError(`${what}: fd cannot be examined: ${(e as Error).message}`);
-  }
+  const info = fdInfo(fd);
+  if (info instanceof Error) throw new ProtocolError(`${what}: fd cannot be examined: ${info.message}`);
   if (!/^eventfd-count:/m.test(info)) throw new ProtocolError(`${what}: fd is not an eventfd`);
   try {
     native.setBlocking(fd, false);
@@ -491,14 +487,19 @@ function checkEventFd(fd: number, what: string): void {
 
 /** The fd's access mode from /proc/self/fdinfo (true where that cannot be read: the mmap then reports it). */
 function openReadWrite(fd: number): boolean {
-  let info: string;
-  try {
-    info = fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
-  } catch {
-    return true;
-  }
+  const info = fdInfo(fd);
+  if (info instanceof Error) return true;
   const m = /^flags:\s*([0-7]+)/m.exec(info);
   return m === null || (parseInt(m[1]!, 8) & 3) === 2; // O_ACCMODE == O_RDWR
+}
+
+/** /proc/self/fdinfo of one of our fds, or why it could not be read. */
+function fdInfo(fd: number): string | Error {
+  try {
+    return fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
+  } catch (e) {
+    return e as Error;
+  }
 }
 
 function hasOwnReply(r: Request): boolean {

@@ -9,7 +9,7 @@ import type { GraphConsumer } from '../graph/graph.js';
 import { GuestMemoryMap, GuestMemoryMapError } from '../virtio/memory-map.js';
 import { ProtocolError } from '../protocol/codec.js';
 import { QueueWorkerHandle } from './handle.js';
-import { StatIndex } from './messages.js';
+import { QueueState, StatIndex } from './messages.js';
 import { releaseSpec, retainSpec } from '../graph/fd-refs.js';
 import { F, hasBit } from '../protocol/constants.js';
 import { TreeClaim } from '../graph/tree-claim.js';
@@ -131,7 +131,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     for (let i = 0; i < this.workers.length; i++) {
       const old = this.workers[i]!;
       if (!old.isDead) continue;
-      Atomics.store(old.stats, StatIndex.STATE, 0);
+      Atomics.store(old.stats, StatIndex.STATE, QueueState.IDLE);
       Atomics.store(old.stats, StatIndex.IN_FLIGHT, 0);
       const w = this.spawn(i, old.stats.buffer as SharedArrayBuffer);
       this.workers[i] = w;

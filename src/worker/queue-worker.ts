@@ -423,6 +423,12 @@ class QueueWorker {
     }
   }
 
+  /** Signals the driver on its call fd, and counts it. */
+  private interrupt(callFd: number): void {
+    native.eventfdWrite(callFd, 1);
+    Atomics.add(this.stats, StatIndex.NOTIFIES, 1);
+  }
+
   private publish(): void {
     // Stats first: whoever sees a completion also sees it counted.
     this.flushStats();
@@ -435,8 +441,7 @@ class QueueWorker {
     const notify = this.queue.publish();
     if (this.tracker !== null && this.queue instanceof SplitQueue) this.tracker.published(this.queue.usedIdx);
     if (notify && this.setup && this.setup.callFd >= 0) {
-      native.eventfdWrite(this.setup.callFd, 1);
-      Atomics.add(this.stats, StatIndex.NOTIFIES, 1);
+      this.interrupt(this.setup.callFd);
     } else if (notify) {
       this.notifyOwed = true; // no call fd yet: the driver gets it as soon as one arrives
     }
@@ -516,8 +521,7 @@ class QueueWorker {
         // before SET_VRING_CALL) would otherwise never interrupt the driver.
         if (this.notifyOwed && m.setup.callFd >= 0) {
           this.notifyOwed = false;
-          native.eventfdWrite(m.setup.callFd, 1);
-          Atomics.add(this.stats, StatIndex.NOTIFIES, 1);
+          this.interrupt(m.setup.callFd);
         }
         Atomics.store(this.stats, StatIndex.STATE, this.broken ? QueueState.BROKEN : QueueState.RUNNING);
         this.post({ type: 'ack', seq: m.seq });

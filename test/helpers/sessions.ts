@@ -37,11 +37,26 @@ export async function openSession(d: Daemon, ram?: GuestRam): Promise<{ fe: Fron
   }
 }
 
+/** Waits until the daemon finished tearing session `conn` down. */
+export async function sessionEnded(d: Daemon, conn: unknown): Promise<void> {
+  await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend' && r.conn === conn);
+}
+
+/** Closes a frontend whether or not the backend closed it first, and frees its guest RAM. */
+export function dispose(fe: Frontend): void {
+  try {
+    fe.close();
+  } catch {
+    /* already closed */
+  }
+  fe.ram.close();
+}
+
 /** Closes the frontend and waits until the daemon finished tearing the session down. */
 export async function closeSession(d: Daemon, fe: Frontend, conn: unknown): Promise<void> {
   fe.close();
   fe.ram.close();
-  await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend' && r.conn === conn);
+  await sessionEnded(d, conn);
 }
 
 /** Waits until the daemon's fd count settles at `want` (closing is asynchronous); returns the last count. */

@@ -10,7 +10,7 @@ import { native } from '../../src/native/index.js';
 import { FLAG_VERSION, Request } from '../../src/protocol/constants.js';
 import { configPayload, encodeMessage } from '../../src/protocol/codec.js';
 import { QmpClient } from '../../src/control/qmp-client.js';
-import { makeImage, openSession, closeSession, pattern } from '../helpers/sessions.js';
+import { makeImage, openSession, closeSession, pattern, sessionEnded } from '../helpers/sessions.js';
 
 /** the bound the issue states for vhost-user and QMP replies */
 const REPLY_BOUND_MS = 50;
@@ -86,7 +86,7 @@ describe('replies are not held up by a stalled peer', () => {
       assertPrompt(latencies, 'QMP query-stats');
       fe.close();
       fe.ram.close();
-      await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend' && r.conn === conn);
+      await sessionEnded(d, conn);
       const next = await openSession(d);
       next.fe.negotiate();
       const q = next.fe.setupRing(0, 64);

@@ -19,24 +19,11 @@ import {
   vringStatePayload,
   type MemoryRegion,
 } from '../../src/protocol/codec.js';
-import { fdsSettle, pattern, openSession } from '../helpers/sessions.js';
+import { dispose, fdsSettle, pattern, openSession, sessionEnded } from '../helpers/sessions.js';
 import { mappingsSettle, sealWrite, sharedMappingCount } from '../helpers/guest-maps.js';
 
 const MiB = 2 ** 20;
 const NUM_QUEUES = 2;
-
-async function sessionEnded(d: Daemon, conn: unknown): Promise<void> {
-  await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend' && r.conn === conn);
-}
-
-function dispose(fe: Frontend): void {
-  try {
-    fe.close();
-  } catch {
-    /* already closed */
-  }
-  fe.ram.close();
-}
 
 /** A fresh frontend does the whole QEMU sequence and a write + read-back on queue 0. */
 async function worksEndToEnd(d: Daemon, seed: number): Promise<void> {

@@ -6,24 +6,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Frontend, SplitRing, BLK } from '../helpers/frontend.js';
 import { startDaemon, sleep, type Daemon } from '../helpers/daemon.js';
-import { fdsSettle, makeImage, openSession, pattern } from '../helpers/sessions.js';
+import { dispose, fdsSettle, makeImage, openSession, pattern, sessionEnded } from '../helpers/sessions.js';
 import { native } from '../../src/native/index.js';
 import { Request } from '../../src/protocol/constants.js';
 import { u64Payload, vringAddrPayload, vringStatePayload } from '../../src/protocol/codec.js';
 import { QmpClient } from '../../src/control/qmp-client.js';
-
-async function sessionEnded(d: Daemon, conn: unknown): Promise<void> {
-  await d.waitForLog((r) => r.msg === 'session ended; waiting for the next frontend' && r.conn === conn);
-}
-
-function dispose(fe: Frontend): void {
-  try {
-    fe.close();
-  } catch {
-    /* already closed */
-  }
-  fe.ram.close();
-}
 
 /** A fresh frontend writes and reads back on every queue. */
 async function servesAllQueues(d: Daemon, queues: number, seed: number): Promise<void> {
