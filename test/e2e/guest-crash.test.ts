@@ -19,13 +19,12 @@ import {
   bootGuest,
   createSparseImage,
   ensureGuestImage,
-  isCI,
-  missingGuestBuildTools,
   parseFioReport,
-  qemuBinary,
   startDaemon,
   vubdDaemonCommand,
   type DaemonHandle,
+  guestPrerequisiteProblem,
+  e2eSkip,
 } from "./guest.js";
 
 const IMAGE_BYTES = 256 * 1024 * 1024;
@@ -34,15 +33,9 @@ const NUM_QUEUES = 2;
 /** how long into fio's write phase the daemon dies */
 const KILL_AFTER_MS = 1500;
 
-function prerequisiteProblem(): string | null {
-  if (qemuBinary() === null) return "qemu-system-x86_64 not found: install the Debian package qemu-system-x86";
-  const missing = missingGuestBuildTools();
-  if (missing.length > 0) return `guest image build tools missing: ${missing.join(", ")} (apt-get install busybox-static fio)`;
-  return null;
-}
 
-const problem = prerequisiteProblem();
-const skip: string | false = problem !== null && !isCI() ? problem : false;
+const problem = guestPrerequisiteProblem();
+const skip = e2eSkip(problem);
 
 /** The ring layouts the kernel's queues started with (SeaBIOS starts queue 0 first, split). */
 function kernelRingLayouts(logs: string): string[] {

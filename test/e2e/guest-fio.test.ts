@@ -24,10 +24,7 @@ import {
   ensureGuestImage,
   expectedMarkerBlock,
   guestKernelVersion,
-  isCI,
-  missingGuestBuildTools,
   parseFioReport,
-  qemuBinary,
   qsdBinary,
   readMarkerBlock,
   createSparseImage,
@@ -36,6 +33,8 @@ import {
   type DaemonExit,
   type DaemonHandle,
   type GuestResult,
+  guestPrerequisiteProblem,
+  e2eSkip,
 } from "./guest.js";
 
 const IMAGE_BYTES = 256 * 1024 * 1024;
@@ -46,13 +45,8 @@ const backend = selectedBackend();
 
 /** Why the test cannot run here, or null. Under CI a reason is a failure, not a skip. */
 function prerequisiteProblem(): string | null {
-  if (qemuBinary() === null) {
-    return "qemu-system-x86_64 not found: install the Debian package qemu-system-x86 (apt-get install qemu-system-x86)";
-  }
-  const missing = missingGuestBuildTools();
-  if (missing.length > 0) {
-    return `guest image build tools missing: ${missing.join(", ")} (apt-get install busybox-static fio)`;
-  }
+  const guest = guestPrerequisiteProblem();
+  if (guest !== null) return guest;
   if (backend === "qsd" && qsdBinary() === null) {
     return "qemu-storage-daemon not found: install the Debian package qemu-system-common";
   }
@@ -60,7 +54,7 @@ function prerequisiteProblem(): string | null {
 }
 
 const problem = prerequisiteProblem();
-const skip: string | false = problem !== null && !isCI() ? problem : false;
+const skip = e2eSkip(problem);
 
 // Built once (build.sh is cached: ~0.1 s when scripts/guest/out is up to date).
 let imageReady: Promise<unknown> | undefined;

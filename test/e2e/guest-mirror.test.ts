@@ -29,15 +29,14 @@ import {
   createSparseImage,
   ensureGuestImage,
   guestKernelVersion,
-  isCI,
-  missingGuestBuildTools,
   parseFioReport,
-  qemuBinary,
   startDaemon,
   vubdDaemonCommand,
   type DaemonExit,
   type DaemonHandle,
   type GuestResult,
+  guestPrerequisiteProblem,
+  e2eSkip,
 } from "./guest.js";
 
 const MIB = 1024 * 1024;
@@ -71,19 +70,9 @@ const OLD_NODE = "file0";
 const NEW_NODE = "file1";
 const JOB_ID = "mirror0";
 
-function prerequisiteProblem(): string | null {
-  if (qemuBinary() === null) {
-    return "qemu-system-x86_64 not found: install the Debian package qemu-system-x86 (apt-get install qemu-system-x86)";
-  }
-  const missing = missingGuestBuildTools();
-  if (missing.length > 0) {
-    return `guest image build tools missing: ${missing.join(", ")} (apt-get install busybox-static fio)`;
-  }
-  return null;
-}
 
-const problem = prerequisiteProblem();
-const skip: string | false = problem !== null && !isCI() ? problem : false;
+const problem = guestPrerequisiteProblem();
+const skip = e2eSkip(problem);
 
 /** 128 lines `VUBD-<name>-%016d\n` = 4 KiB (name: 9 characters), as mirror.sh's marker(). */
 function markerBlock(name: "PRE-PIVOT" | "POSTPIVOT"): Buffer {

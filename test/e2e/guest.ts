@@ -88,6 +88,23 @@ export function missingGuestBuildTools(): string[] {
   return needs.filter(([bin]) => findExecutable(bin) === null).map(([bin, pkg]) => `${bin} (${pkg})`);
 }
 
+/** Why a QEMU guest cannot run here (QEMU or the guest image's build tools missing), or null. */
+export function guestPrerequisiteProblem(): string | null {
+  if (qemuBinary() === null) {
+    return "qemu-system-x86_64 not found: install the Debian package qemu-system-x86 (apt-get install qemu-system-x86)";
+  }
+  const missing = missingGuestBuildTools();
+  if (missing.length > 0) {
+    return `guest image build tools missing: ${missing.join(", ")} (apt-get install busybox-static fio)`;
+  }
+  return null;
+}
+
+/** The skip reason for an e2e test: a missing prerequisite skips it, except under CI=true, where it must run (and fail). */
+export function e2eSkip(problem: string | null): string | false {
+  return problem !== null && !isCI() ? problem : false;
+}
+
 // ---------------------------------------------------------------------------
 // Guest image
 

@@ -15,19 +15,13 @@ import * as fsp from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
 import { test } from "node:test";
-import { VUBD_MAIN, ensureGuestImage, isCI, missingGuestBuildTools, qemuBinary } from "./guest.js";
+import { VUBD_MAIN, ensureGuestImage, guestPrerequisiteProblem, e2eSkip } from "./guest.js";
 
 const DEFAULT_IMAGE_BYTES = 2 ** 30;
 const TIMEOUT_MS = 120_000;
 
-function prerequisiteProblem(): string | null {
-  if (qemuBinary() === null) return "qemu-system-x86_64 not found: install the Debian package qemu-system-x86";
-  const missing = missingGuestBuildTools();
-  if (missing.length > 0) return `guest image build tools missing: ${missing.join(", ")} (apt-get install busybox-static fio)`;
-  return null;
-}
-const problem = prerequisiteProblem();
-const skip: string | false = problem !== null && !isCI() ? problem : false;
+const problem = guestPrerequisiteProblem();
+const skip = e2eSkip(problem);
 
 /** Collects a child's output and waits for patterns in it. */
 class Output {
