@@ -114,6 +114,20 @@ async function guard<T>(fn: () => T | Promise<T>): Promise<T> {
 export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> {
   const { graph } = ctx;
   const jobs = new Map<string, MirrorJob>();
+  // The copy covers the source's size at the start and the target was checked against it, so a
+  // resize of either while the job runs would leave blocks uncopied or a target too small to pivot.
+  function refuseResizeUnderJob(name: string): void {
+    const s = graph.snapshot;
+    for (const j of jobs.values()) {
+      if (j.status === 'concluded') continue;
+      for (const [role, root] of [['source', j.source], ['target', j.target]] as const) {
+        if (s.nodes.has(root) && s.subtree(root).has(name)) {
+          const what = name === root ? `the ${role}` : `below '${root}', the ${role}`;
+          throw new QmpError('GenericError', `Cannot resize node '${name}': it is ${what} of running mirror job '${j.id}'; complete or cancel the job first`);
+        }
+      }
+    }
+  }
   const events: JobEvents = {
     statusChanged: (j) => ctx.emit('JOB_STATUS_CHANGE', { id: j.id, status: j.status }),
     ready: (j) => ctx.emit('BLOCK_JOB_READY', { type: 'mirror', device: j.id, len: j.total, offset: j.offset, speed: j.speed }),
@@ -223,6 +237,7 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
           const size = num(a, 'size');
           const def = graph.snapshot.node(name);
           if (def.driver !== 'file' && def.driver !== 'null') throw new QmpError('GenericError', `Node '${name}' (${def.driver}) cannot be resized; resize the node below it`);
+          refuseResizeUnderJob(name);
           if (size % 512 !== 0) throw new QmpError('GenericError', 'The new size must be a multiple of 512');
           if (size < def.size) throw new QmpError('GenericError', `Shrinking '${name}' from ${def.size} to ${size} bytes is not supported`);
           if (def.driver === 'file') {

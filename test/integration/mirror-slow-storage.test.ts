@@ -180,3 +180,47 @@ test('job-cancel during a slow copy concludes once the chunk in flight settled; 
   // The target is free again: it can be removed.
   await qmp.execute('blockdev-del', { 'node-name': 'target0' });
 });
+
+test('block_resize of a running mirror\'s source or target is refused; the job still completes; resizing works after', { timeout: 60000 }, async (t) => {
+  const defer = cleanups(t);
+  const dir = tempDir();
+  const fuse = await mountFuseFs(dir, { slowReadMs: 20 });
+  defer(() => fuse.unmount());
+  const size = 8 * MiB;
+  sparse(path.join(fuse.backing, 'source.img'), size);
+  const target = path.join(dir, 'target.img');
+  sparse(target, size);
+  const control = path.join(dir, 'qmp.sock');
+  const d = await startDaemon([`--blk-file=${path.join(fuse.mountpoint, 'source.img')}`, `--control=${control}`, '--log-level=warn'], { dir });
+  defer(() => d.stop());
+  const fe = Frontend.connect(d.socketPath);
+  defer(() => fe.close());
+  fe.negotiate();
+  const qmp = await QmpClient.connect(control);
+  defer(() => qmp.close());
+  const capacity = (): number => {
+    const c = fe.getConfig();
+    return Number(new DataView(c.buffer, c.byteOffset, c.byteLength).getBigUint64(0, true)) * 512;
+  };
+
+  await qmp.execute('blockdev-add', { driver: 'file', 'node-name': 'target0', filename: target });
+  await qmp.execute('blockdev-mirror', { 'job-id': 'm', device: 'export0', target: 'target0', sync: 'full' });
+  assert.equal((await qmp.execute<Job[]>('query-jobs'))[0]!.status, 'running');
+  await assert.rejects(qmp.execute('block_resize', { 'node-name': 'file0', size: 2 * size }), /Cannot resize node 'file0': it is the source of running mirror job 'm'/);
+  await assert.rejects(qmp.execute('block_resize', { 'node-name': 'target0', size: 2 * size }), /Cannot resize node 'target0': it is the target of running mirror job 'm'/);
+  assert.equal(capacity(), size, 'the guest still sees the old size');
+  assert.equal(fs.statSync(path.join(fuse.backing, 'source.img')).size, size, 'the source file was not grown');
+  assert.equal(fs.statSync(target).size, size, 'the target file was not grown');
+
+  await qmp.waitEvent('BLOCK_JOB_READY', (e) => e.data.device === 'm', 30000);
+  await assert.rejects(qmp.execute('block_resize', { 'node-name': 'file0', size: 2 * size }), /it is the source of running mirror job 'm'/, 'ready is still running');
+  await qmp.execute('job-complete', { id: 'm' });
+  await qmp.waitEvent('BLOCK_JOB_COMPLETED', (e) => e.data.device === 'm', 10000);
+  assert.equal((await qmp.execute<{ 'node-name': string }[]>('query-block-exports'))[0]!['node-name'], 'target0', 'pivoted');
+
+  await qmp.execute('block_resize', { 'node-name': 'target0', size: 2 * size });
+  assert.equal(capacity(), 2 * size, 'after the job, the resize reaches the guest');
+  assert.equal(fs.statSync(target).size, 2 * size);
+  await qmp.execute('block_resize', { 'node-name': 'file0', size: 2 * size });
+  assert.equal(fs.statSync(path.join(fuse.backing, 'source.img')).size, 2 * size, 'the old source can be resized once the job is over');
+});
