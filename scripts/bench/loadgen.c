@@ -4,7 +4,7 @@
 //   gcc -O2 -pthread -o loadgen loadgen.c
 //   loadgen --socket PATH [--queues N] [--qd N] [--bs BYTES] [--rw randread|randwrite|read|write]
 //           [--size BYTES] [--time SECONDS] [--ramp SECONDS] [--wait spin|eventfd]
-//           [--seg BYTES] [--indirect auto|always|never] [--qsize N] [--mem-mb N] [--packed] [--verbose]
+//           [--seg BYTES] [--indirect auto|always|never] [--qsize N] [--mem-mb N] [--packed] [--log] [--verbose]
 //
 // Protocol: GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES (offered & (MQ|REPLY_ACK|CONFIG)),
 // GET_QUEUE_NUM, SET_OWNER, GET_CONFIG(0, 60), SET_FEATURES (VERSION_1|EVENT_IDX|INDIRECT_DESC|
@@ -43,7 +43,7 @@
 
 // ---- vhost-user constants --------------------------------------------------------------------
 enum {
-  GET_FEATURES = 1, SET_FEATURES = 2, SET_OWNER = 3, SET_MEM_TABLE = 5, SET_VRING_NUM = 8,
+  GET_FEATURES = 1, SET_FEATURES = 2, SET_OWNER = 3, SET_MEM_TABLE = 5, SET_LOG_BASE = 6, SET_VRING_NUM = 8,
   SET_VRING_ADDR = 9, SET_VRING_BASE = 10, GET_VRING_BASE = 11, SET_VRING_KICK = 12,
   SET_VRING_CALL = 13, GET_PROTOCOL_FEATURES = 15, SET_PROTOCOL_FEATURES = 16, GET_QUEUE_NUM = 17,
   SET_VRING_ENABLE = 18, GET_CONFIG = 24,
@@ -52,12 +52,14 @@ enum {
 #define FLAG_REPLY 0x4u
 #define FLAG_NEED_REPLY 0x8u
 #define PF_MQ 0
+#define PF_LOG_SHMFD 1
 #define PF_REPLY_ACK 3
 #define PF_CONFIG 9
 /* VIRTIO_BLK_F_FLUSH and CONFIG_WCE: a Linux guest acks both, and a backend that follows the spec
    serves a driver without FLUSH write-through (a flush after every write) */
 #define F_BLK_FLUSH 9
 #define F_BLK_CONFIG_WCE 11
+#define F_LOG_ALL 26
 #define F_INDIRECT_DESC 28
 #define F_EVENT_IDX 29
 #define F_PROTOCOL_FEATURES 30
@@ -96,6 +98,7 @@ static const char *opt_socket;
 static int opt_queues = 1, opt_qd = 1, opt_bs = 4096, opt_seg = 4096, opt_qsize = 0, opt_verbose = 0;
 static int opt_rw_write = 0, opt_rw_rand = 1, opt_wait_spin = 1, opt_indirect = 0; // 0 auto 1 always -1 never
 static int opt_packed = 0;
+static int opt_log = 0; // --log: dirty logging on, as QEMU during a live migration
 static uint64_t opt_size = 0, opt_mem_mb = 64;
 static double opt_time = 10, opt_ramp = 0;
 static const char *opt_rw = "randread";
@@ -653,7 +656,7 @@ static void usage(void) {
   fprintf(stderr,
           "usage: loadgen --socket PATH [--queues N] [--qd N] [--bs BYTES] [--rw randread|randwrite|read|write]\n"
           "               [--size BYTES] [--time S] [--ramp S] [--wait spin|eventfd] [--seg BYTES]\n"
-          "               [--indirect auto|always|never] [--qsize N] [--mem-mb N] [--packed] [--verbose]\n");
+          "               [--indirect auto|always|never] [--qsize N] [--mem-mb N] [--packed] [--log] [--verbose]\n");
   exit(2);
 }
 
@@ -693,6 +696,7 @@ int main(int argc, char **argv) {
       if (!strcmp(v, "auto")) opt_indirect = 0; else if (!strcmp(v, "always")) opt_indirect = 1;
       else if (!strcmp(v, "never")) opt_indirect = -1; else usage();
     } else if (!strcmp(a, "--packed")) opt_packed = 1;
+    else if (!strcmp(a, "--log")) opt_log = 1;
     else if (!strcmp(a, "--verbose") || !strcmp(a, "-v")) opt_verbose = 1;
     else usage();
   }
@@ -717,7 +721,8 @@ int main(int argc, char **argv) {
   uint64_t offered = vu_get_u64(GET_FEATURES);
   if (offered & BIT(F_PROTOCOL_FEATURES)) {
     uint64_t pf = vu_get_u64(GET_PROTOCOL_FEATURES);
-    proto_features = pf & (BIT(PF_MQ) | BIT(PF_REPLY_ACK) | BIT(PF_CONFIG));
+    proto_features = pf & (BIT(PF_MQ) | BIT(PF_REPLY_ACK) | BIT(PF_CONFIG) | (opt_log ? BIT(PF_LOG_SHMFD) : 0));
+    if (opt_log && !(pf & BIT(PF_LOG_SHMFD))) die(2, "--log: back-end does not offer LOG_SHMFD");
     vu_set_u64(SET_PROTOCOL_FEATURES, proto_features, NULL, 0, 0);
     reply_ack = !!(proto_features & BIT(PF_REPLY_ACK));
   }
@@ -737,7 +742,8 @@ int main(int argc, char **argv) {
     die(2, "--packed: back-end does not offer VIRTIO_F_RING_PACKED (feature bit 34; offered features 0x%" PRIx64 ")", offered);
   if (opt_packed && !(offered & BIT(F_VERSION_1))) die(2, "--packed: back-end offers RING_PACKED without VERSION_1");
   features = offered & (BIT(F_VERSION_1) | BIT(F_EVENT_IDX) | BIT(F_INDIRECT_DESC) | BIT(F_PROTOCOL_FEATURES) | BIT(F_BLK_FLUSH) | BIT(F_BLK_CONFIG_WCE) |
-                        (opt_packed ? BIT(F_RING_PACKED) : 0));
+                        (opt_packed ? BIT(F_RING_PACKED) : 0) | (opt_log ? BIT(F_LOG_ALL) : 0));
+  if (opt_log && !(offered & BIT(F_LOG_ALL))) die(2, "--log: back-end does not offer VHOST_F_LOG_ALL");
   vu_set_u64(SET_FEATURES, features, NULL, 0, 0);
   event_idx = !!(features & BIT(F_EVENT_IDX));
   int have_indirect = !!(features & BIT(F_INDIRECT_DESC));
@@ -769,6 +775,20 @@ int main(int argc, char **argv) {
   }
   vu_set(SET_MEM_TABLE, &mt, 8 + 32 * NREG, fds, NREG, 1);
 
+  if (opt_log) {
+    // QEMU's vhost_dev_set_log: a shared bitmap (1 bit per 4 KiB page) covering all guest memory.
+    uint64_t top = 0;
+    for (int i = 0; i < NREG; i++) if (regs[i].gpa + regs[i].size > top) top = regs[i].gpa + regs[i].size;
+    uint64_t log_bytes = ((top / 4096 + 63) / 64) * 8;
+    int lfd = memfd_create("loadgen-dirty-log", MFD_CLOEXEC);
+    if (lfd < 0 || ftruncate(lfd, (off_t)log_bytes) < 0) die(2, "dirty log memfd: %s", strerror(errno));
+    struct { uint64_t size, offset; } lb = { log_bytes, 0 };
+    uint64_t r = 0;
+    vu_send(SET_LOG_BASE, 0, &lb, sizeof lb, &lfd, 1);
+    vu_recv(SET_LOG_BASE, &r, 8);
+    close(lfd);
+  }
+
   queues = calloc(opt_queues, sizeof *queues);
   for (int qi = 0; qi < opt_queues; qi++) {
     struct queue *q = &queues[qi];
@@ -784,6 +804,7 @@ int main(int argc, char **argv) {
     struct { uint32_t index, flags; uint64_t desc, used, avail, log; } va = { (uint32_t)qi, 0, 0, 0, 0, 0 };
     if (opt_packed) { va.desc = uva_of(q->pring); va.avail = uva_of(q->drv_evt); va.used = uva_of(q->dev_evt); }
     else { va.desc = uva_of(q->desc); va.used = uva_of(q->used); va.avail = uva_of(q->avail); }
+    if (opt_log) { va.flags = 1; va.log = gpa_of(opt_packed ? (void *)q->dev_evt : (void *)q->used); } // VHOST_VRING_F_LOG
     vu_set(SET_VRING_ADDR, &va, sizeof va, NULL, 0, 0);
     vu_set_u64(SET_VRING_KICK, qi, &q->kickfd, 1, 0);
     vu_set_u64(SET_VRING_CALL, qi, &q->callfd, 1, 0);

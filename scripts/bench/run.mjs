@@ -14,7 +14,8 @@
 //   --backends   subset/order of backends (default vubd,qsd)
 //   --rows       row ids or groups to run (default all): null-qd1,null-qd32,null-qd32-2q,file-randread,
 //                file-randwrite,file-seqread64k,direct-randread,direct-randwrite,null-qd1-packed,
-//                null-qd32-packed, or null / file / direct / packed (direct: O_DIRECT, vubd --cache=none)
+//                null-qd32-packed, null-qd32-log, or null / file / direct / packed / log (direct: O_DIRECT,
+//                vubd --cache=none; log: dirty logging on, as during a live migration)
 //                (packed rows: vubd only, loadgen --packed; their ratio columns are vubd packed ÷ vubd split)
 //   --img PATH   raw image for the file rows (default /var/tmp/vubd-bench-1g.img; created once, 1 GiB)
 //   --repeat N   run every row N times (fresh backend each time) and report the run with the median IOPS
@@ -82,6 +83,8 @@ const ROWS = [
   // Packed virtqueues (VIRTIO_F_RING_PACKED): vubd only (QSD 7.2 has none); ratios vs the split row `vs`.
   { id: 'null-qd1-packed', group: 'packed', label: 'null 4k randread QD1 1q packed', disk: 'null', backends: ['vubd'], vs: 'null-qd1', lg: { rw: 'randread', bs: 4096, qd: 1, queues: 1, packed: true } },
   { id: 'null-qd32-packed', group: 'packed', label: 'null 4k randread QD32 1q packed', disk: 'null', backends: ['vubd'], vs: 'null-qd32', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1, packed: true } },
+  // Dirty logging on (loadgen --log: LOG_SHMFD bitmap, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG), as during a live migration.
+  { id: 'null-qd32-log', group: 'log', label: 'null 4k randread QD32 1q, dirty logging on', disk: 'null', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1, log: true } },
   { id: 'null-qd32-2q', group: 'null', label: 'null 4k randread QD32 2q', disk: 'null', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 2 } },
   { id: 'file-randread', group: 'file', label: 'file 4k randread QD32', disk: 'file', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
   { id: 'file-randwrite', group: 'file', label: 'file 4k randwrite QD32', disk: 'file', lg: { rw: 'randwrite', bs: 4096, qd: 32, queues: 1 } },
@@ -190,6 +193,7 @@ function runLoadgen(sock, lg, opts, seconds) {
   const args = ['--socket', sock, '--queues', String(lg.queues), '--qd', String(lg.qd), '--bs', String(lg.bs),
     '--rw', lg.rw, '--time', String(seconds), '--ramp', String(opts.ramp), '--wait', opts.wait];
   if (lg.packed) args.push('--packed');
+  if (lg.log) args.push('--log');
   const cmd = opts.pin ? ['taskset', '-c', '0', LOADGEN, ...args] : [LOADGEN, ...args];
   const p = spawn(cmd[0], cmd.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '', err = '';

@@ -39,6 +39,7 @@ export function blkFeatures(readOnly: boolean, ringPacked = false): bigint {
     bit(F.RING_INDIRECT_DESC) |
     bit(F.RING_EVENT_IDX) |
     bit(F.PROTOCOL_FEATURES) |
+    bit(F.LOG_ALL) |
     bit(F.BLK_SEG_MAX) |
     bit(F.BLK_BLK_SIZE) |
     bit(F.BLK_TOPOLOGY) |
@@ -53,7 +54,7 @@ export function blkFeatures(readOnly: boolean, ringPacked = false): bigint {
 }
 
 export function blkProtocolFeatures(ringPacked = false): bigint {
-  const f = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.BACKEND_REQ) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE);
+  const f = bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.BACKEND_REQ) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE) | bit(PF.LOG_SHMFD);
   return ringPacked ? f : f | bit(PF.INFLIGHT_SHMFD);
 }
 

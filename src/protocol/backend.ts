@@ -22,6 +22,15 @@ export interface VringSetup {
   eventIdx: boolean;
   indirect: boolean;
   packed: boolean;
+  /** guest-physical address where the ring's device-written area is logged (VHOST_VRING_F_LOG), or -1 */
+  logGuestAddr: number;
+}
+
+/** The dirty-log bitmap of SET_LOG_BASE: [mmapOffset, mmapOffset + mmapSize) of fd */
+export interface DirtyLogRegion {
+  fd: number;
+  mmapSize: number;
+  mmapOffset: number;
 }
 
 export interface VhostBackend {
@@ -47,6 +56,8 @@ export interface VhostBackend {
   stopQueue(index: number): Promise<number>;
   /** stop every ring and forget guest memory (disconnect, RESET_DEVICE) */
   reset(): Promise<void>;
+  /** maps the dirty-log bitmap (SET_LOG_BASE) for every worker; the fd is not used once it resolves */
+  setDirtyLog(region: DirtyLogRegion): Promise<void>;
   /** the inflight tracking region from SET_INFLIGHT_FD (fd stays owned by the Session) */
   setInflight(region: InflightRegion | null): Promise<void>;
   /** the channel for backend-initiated messages, or null when it goes away */

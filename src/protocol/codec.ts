@@ -51,6 +51,12 @@ export interface InflightPayload {
   queueSize: number;
 }
 
+/** SET_LOG_BASE: the dirty bitmap is [mmapOffset, mmapOffset + mmapSize) of the fd sent with it */
+export interface LogPayload {
+  mmapSize: number;
+  mmapOffset: number;
+}
+
 export type Message =
   | { request: Request.GET_FEATURES | Request.GET_PROTOCOL_FEATURES | Request.GET_QUEUE_NUM | Request.SET_OWNER | Request.RESET_OWNER | Request.RESET_DEVICE | Request.GET_MAX_MEM_SLOTS | Request.GET_STATUS }
   | { request: Request.SET_FEATURES | Request.SET_PROTOCOL_FEATURES | Request.SET_STATUS; value: bigint }
@@ -61,7 +67,9 @@ export type Message =
   | { request: Request.SET_VRING_KICK | Request.SET_VRING_CALL | Request.SET_VRING_ERR; index: number; noFd: boolean }
   | { request: Request.GET_CONFIG | Request.SET_CONFIG; config: ConfigPayload }
   | { request: Request.SET_BACKEND_REQ_FD }
-  | { request: Request.GET_INFLIGHT_FD | Request.SET_INFLIGHT_FD; inflight: InflightPayload };
+  | { request: Request.GET_INFLIGHT_FD | Request.SET_INFLIGHT_FD; inflight: InflightPayload }
+  | { request: Request.SET_LOG_BASE; log: LogPayload }
+  | { request: Request.SET_LOG_FD };
 
 export interface Decoded {
   header: Header;
@@ -207,6 +215,15 @@ export function decodePayload(h: Header, payload: Uint8Array, fds: readonly numb
           queueSize: dv.getUint16(18, true),
         },
       };
+    case Request.SET_LOG_BASE:
+      expectSize(h, 16);
+      expectFds(h, fds, 1);
+      return { request: req, log: { mmapSize: u64(dv, 0, 'mmap_size'), mmapOffset: u64(dv, 8, 'mmap_offset') } };
+    case Request.SET_LOG_FD:
+      // No payload in the spec; accept the 8-byte zero payload some frontends send, as for GET_FEATURES.
+      if (h.size !== 0 && h.size !== 8) expectSize(h, 0);
+      expectFds(h, fds, 1);
+      return { request: req };
     default:
       throw new ProtocolError(`unsupported request ${requestName(h.request)}`);
   }
@@ -267,6 +284,14 @@ export function inflightPayload(p: InflightPayload): Uint8Array {
 }
 
 // Frontend-side encoders (used by the in-repo frontend driver and tests).
+
+export function logPayload(p: LogPayload): Uint8Array {
+  const b = new Uint8Array(16);
+  const dv = new DataView(b.buffer);
+  dv.setBigUint64(0, BigInt(p.mmapSize), true);
+  dv.setBigUint64(8, BigInt(p.mmapOffset), true);
+  return b;
+}
 
 export function memTablePayload(regions: readonly MemoryRegion[]): Uint8Array {
   const b = new Uint8Array(8 + 32 * MAX_MEM_REGIONS);

@@ -63,6 +63,8 @@ export const MAX_MEM_REGIONS = 8;
 export const MAX_MEM_SLOTS = 32;
 export const VRING_IDX_MASK = 0xff;
 export const VRING_NOFD_MASK = 0x100;
+/** SET_VRING_ADDR flags: log used-ring writes at log_guest_addr */
+export const VRING_F_LOG = 0x1;
 
 // virtio device feature bits (as bit numbers)
 export const F = {
@@ -77,6 +79,8 @@ export const F = {
   BLK_MQ: 12,
   BLK_DISCARD: 13,
   BLK_WRITE_ZEROES: 14,
+  /** VHOST_F_LOG_ALL: the frontend turns dirty logging on (live migration) */
+  LOG_ALL: 26,
   RING_INDIRECT_DESC: 28,
   RING_EVENT_IDX: 29,
   PROTOCOL_FEATURES: 30,

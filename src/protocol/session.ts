@@ -12,6 +12,7 @@ import {
   MAX_MEM_SLOTS,
   PF,
   Request,
+  VRING_F_LOG,
   bit,
   hasBit,
   requestName,
@@ -31,9 +32,13 @@ import { Connection, type Frame } from './connection.js';
 import { DeviceRefusal, type BackendChannel, type InflightRegion, type RegionWithFd, type VhostBackend, type VringSetup } from './backend.js';
 import { inflightQueueBytes } from '../virtio/inflight.js';
 
+/** 1 bit per 4 KiB page: 4 GiB of log covers 128 TiB of guest memory (and is what one mapping may hold) */
+const MAX_LOG_BYTES = 2 ** 32;
+
 interface Vring {
   size: number;
-  addr: { desc: number; avail: number; used: number } | null;
+  /** log: log_guest_addr when VHOST_VRING_F_LOG is set, else -1 */
+  addr: { desc: number; avail: number; used: number; log: number } | null;
   base: number;
   kickFd: number;
   callFd: number;
@@ -55,6 +60,8 @@ export class Session {
   private regions: RegionWithFd[] = [];
   private backendReqFd = -1;
   private inflight: InflightRegion | null = null;
+  /** SET_LOG_FD's eventfd: kept for the frontend's sake, QEMU reads the shared bitmap itself */
+  private logFd = -1;
   private queue: Promise<void> = Promise.resolve();
   private pending = 0;
   private closedResolve!: () => void;
@@ -126,7 +133,7 @@ export class Session {
   }
 
   private ownsFd(fd: number): boolean {
-    if (fd === this.backendReqFd || fd === this.inflight?.fd) return true;
+    if (fd === this.backendReqFd || fd === this.inflight?.fd || fd === this.logFd) return true;
     if (this.regions.some((r) => r.fd === fd)) return true;
     return this.vrings.some((v) => v.kickFd === fd || v.callFd === fd || v.errFd === fd);
   }
@@ -249,7 +256,9 @@ export class Session {
       }
       case Request.SET_VRING_ADDR: {
         const v = this.vring(m.addr.index, 'SET_VRING_ADDR');
-        v.addr = { desc: m.addr.descUserAddr, avail: m.addr.availUserAddr, used: m.addr.usedUserAddr };
+        if ((m.addr.flags & ~VRING_F_LOG) !== 0) throw new ProtocolError(`SET_VRING_ADDR: unknown flags 0x${m.addr.flags.toString(16)}`);
+        const log = (m.addr.flags & VRING_F_LOG) !== 0 ? m.addr.logGuestAddr : -1;
+        v.addr = { desc: m.addr.descUserAddr, avail: m.addr.availUserAddr, used: m.addr.usedUserAddr, log };
         if (v.started) await this.configure(m.addr.index);
         return true;
       }
@@ -324,6 +333,23 @@ export class Session {
         b.setBackendChannel(this.backendChannel());
         return true;
       }
+      case Request.SET_LOG_BASE: {
+        if (!hasBit(this.ackedProtocol, PF.LOG_SHMFD)) throw new ProtocolError('SET_LOG_BASE without LOG_SHMFD negotiated');
+        const { mmapSize, mmapOffset } = m.log;
+        if (mmapSize === 0 || mmapSize > MAX_LOG_BYTES) throw new ProtocolError(`SET_LOG_BASE: a log of ${mmapSize} bytes is invalid (1..${MAX_LOG_BYTES})`);
+        checkFileCovers(fds[0]!, mmapOffset, mmapSize, 'dirty log');
+        await b.setDirtyLog({ fd: fds[0]!, mmapSize, mmapOffset });
+        native.close(fds[0]!); // mapped: the mapping keeps the file
+        this.log.info({ bytes: mmapSize }, 'dirty log mapped');
+        this.reply(m.request, u64Payload(0)); // QEMU waits for this reply before it frees the old log
+        return true;
+      }
+      case Request.SET_LOG_FD: {
+        checkEventFd(fds[0]!, 'SET_LOG_FD');
+        if (this.logFd >= 0) native.close(this.logFd);
+        this.logFd = fds[0]!;
+        return true;
+      }
       case Request.GET_INFLIGHT_FD:
       case Request.SET_INFLIGHT_FD: {
         if (!hasBit(this.ackedProtocol, PF.INFLIGHT_SHMFD)) {
@@ -394,6 +420,7 @@ export class Session {
       eventIdx: hasBit(this.ackedFeatures, F.RING_EVENT_IDX),
       indirect: hasBit(this.ackedFeatures, F.RING_INDIRECT_DESC),
       packed: hasBit(this.ackedFeatures, F.RING_PACKED),
+      logGuestAddr: v.addr!.log,
     };
   }
 
@@ -433,6 +460,8 @@ export class Session {
       this.inflight = null;
       if (this.backendReqFd >= 0) native.close(this.backendReqFd);
       this.backendReqFd = -1;
+      if (this.logFd >= 0) native.close(this.logFd);
+      this.logFd = -1;
       this.backend.onLost(null);
       try {
         await this.backend.recover();
@@ -511,6 +540,7 @@ function hasOwnReply(r: Request): boolean {
     r === Request.GET_VRING_BASE ||
     r === Request.GET_CONFIG ||
     r === Request.GET_INFLIGHT_FD ||
+    r === Request.SET_LOG_BASE ||
     r === Request.GET_STATUS
   );
 }

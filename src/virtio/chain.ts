@@ -169,6 +169,12 @@ export class DescriptorChain {
     }
   }
 
+  /** Guest-physical address of the last device-writable byte (the status byte), or -1. */
+  statusGpa(): number {
+    if (this.statusRegion < 0) return -1;
+    return this.memory!.regions[this.statusRegion]!.gpa + this.statusOffset;
+  }
+
   /** Writes one byte at the last device-writable byte (the virtio-blk status). False if none. */
   setLastWritableByte(value: number): boolean {
     if (this.statusRegion < 0) return false;

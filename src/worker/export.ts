@@ -1,7 +1,7 @@
 // A vhost-user-blk export: the device the Session talks to. It owns the queue workers (spawned
 // at start-up), the block node they serve and the config space.
 import type { Logger } from '../log.js';
-import { DeviceRefusal, type BackendChannel, type InflightRegion, type RegionWithFd, type VhostBackend, type VringSetup } from '../protocol/backend.js';
+import { DeviceRefusal, type BackendChannel, type DirtyLogRegion, type InflightRegion, type RegionWithFd, type VhostBackend, type VringSetup } from '../protocol/backend.js';
 import { blkConfigSpace, blkFeatures, blkProtocolFeatures, WCE_OFFSET } from '../blk/config.js';
 import type { NodeSpec } from '../graph/nodes.js';
 import { DrainBarrier, type Drainable } from '../graph/drain.js';
@@ -14,6 +14,7 @@ import { releaseSpec, retainSpec } from '../graph/fd-refs.js';
 import { F, hasBit } from '../protocol/constants.js';
 import { TreeClaim } from '../graph/tree-claim.js';
 import { ImageLockError } from '../graph/image-lock.js';
+import { DirtyLogControl } from './dirty-log-control.js';
 
 export interface ExportOptions {
   id: string;
@@ -56,6 +57,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
   private channel: BackendChannel | null = null;
   /** the memory table the workers were last given; its chunks stay mapped while it is current */
   private memory: GuestMemoryMap | null = null;
+  private readonly dirtyLog: DirtyLogControl;
 
   constructor(
     private readonly opts: ExportOptions,
@@ -63,6 +65,11 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
   ) {
     this.id = opts.id;
     this.barrier = new DrainBarrier(this);
+    this.dirtyLog = new DirtyLogControl(
+      this.barrier,
+      async (log, enabled) => void (await Promise.all(this.workers.map((w) => w.request({ type: 'dirty-log', log, enabled })))),
+      log,
+    );
     this.numQueues = opts.numQueues;
     this.readOnly = opts.readOnly;
     this.maxQueueSize = opts.maxQueueSize;
@@ -222,6 +229,11 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     this.log.debug({ features: '0x' + features.toString(16) }, 'features acked');
     this.ackedFeatures = features;
     if (!(await this.applyCacheMode('write cache mode set by feature negotiation'))) throw new Error('the write cache mode could not be applied');
+    await this.dirtyLog.setEnabled(hasBit(features, F.LOG_ALL));
+  }
+
+  async setDirtyLog(region: DirtyLogRegion): Promise<void> {
+    await this.dirtyLog.setRegion(region);
   }
 
   /**
@@ -290,6 +302,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     } finally {
       this.memory?.release(); // a worker still viewing it holds its own references
       this.memory = null;
+      this.dirtyLog.forget(); // the workers' reset dropped their views of it
     }
     // The next driver starts from the configured mode, whatever this one chose or negotiated.
     this.guestWriteback = null;
@@ -415,6 +428,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     });
     this.memory?.release();
     this.memory = null;
+    this.dirtyLog.forget();
   }
 }
 

@@ -21,6 +21,13 @@ export interface WorkerInit {
   pollUs: number;
 }
 
+/** the dirty-log bitmap: a process-wide mapping (native.mapShared) and where the bitmap lies in it */
+export interface DirtyLogView {
+  mapping: number;
+  offset: number;
+  size: number;
+}
+
 export type ToWorker =
   /** answered once the worker's loop runs: start-up waits for every worker before listening */
   | { type: 'ready'; seq: number }
@@ -32,6 +39,8 @@ export type ToWorker =
   | { type: 'reset'; seq: number }
   | { type: 'set-node'; seq: number; node: NodeSpec; generation: number }
   | { type: 'set-writeback'; seq: number; writeback: boolean }
+  /** enabled: VHOST_F_LOG_ALL; pages are marked while enabled and a log is given */
+  | { type: 'dirty-log'; seq: number; log: DirtyLogView | null; enabled: boolean }
   | { type: 'drain'; seq: number }
   | { type: 'undrain'; seq: number }
   | { type: 'exit'; seq: number };

@@ -17,6 +17,7 @@ import { WorkerIoContext } from './io-context.js';
 import type { InflightRegion, VringSetup } from '../protocol/backend.js';
 import { QueueState, StatIndex, type FromWorker, type ToWorker, type WorkerInit } from './messages.js';
 import { faultInjection } from './fault-injection.js';
+import { DirtyLog, ringLogRanges } from '../virtio/dirty-log.js';
 
 const MAX_SEGS = 256;
 /** completions handled per reap call */
@@ -73,6 +74,13 @@ class QueueWorker {
   private sigbusSeen = native.sigbusRescues();
   /** a SIGBUS was caught while this queue served: completions may describe data that never landed */
   private memoryLost = false;
+  /** this thread's view of the dirty-log bitmap (SET_LOG_BASE), and whether VHOST_F_LOG_ALL is on */
+  private logView: ArrayBuffer | null = null;
+  /** non-null only while logging: every page this queue writes is marked in it */
+  private dirty: DirtyLog | null = null;
+  /** [gpa, len, ...] of the ring areas we write, for the dirty log; null = recompute */
+  private ringLog: number[] | null = null;
+  private logOutsideWarned = false;
 
   constructor(init: WorkerInit) {
     this.init = init;
@@ -135,7 +143,9 @@ class QueueWorker {
     if (this.pollMs > 0 && this.busyPoll()) return true;
     if (this.canPop()) {
       try {
-        if (this.queue!.armKick()) return true;
+        const pending = this.queue!.armKick();
+        if (this.dirty !== null) this.markRing(); // armKick wrote avail_event / the event area
+        if (pending) return true;
       } catch (e) {
         this.markBroken(e);
       }
@@ -367,6 +377,7 @@ class QueueWorker {
     if (res === PENDING) return; // a node issued its next operation for this request
     const used = this.handler.complete(slot, res, this.ctx);
     if (used < 0) return; // another phase is running
+    if (this.dirty !== null) this.dirty.markChain(slot.chain); // after the data and status landed
     const acc = this.acc;
     this.count(acc, slot, res);
     if (slot.generation !== this.generation) acc[StatIndex.STALE]!++;
@@ -439,12 +450,36 @@ class QueueWorker {
     this.needNotify = false;
     Atomics.store(this.stats, StatIndex.IN_FLIGHT, this.inFlight);
     const notify = this.queue.publish();
+    if (this.dirty !== null) this.markRing(); // after the used elements and index were written
     if (this.tracker !== null && this.queue instanceof SplitQueue) this.tracker.published(this.queue.usedIdx);
     if (notify && this.setup && this.setup.callFd >= 0) {
       this.interrupt(this.setup.callFd);
     } else if (notify) {
       this.notifyOwed = true; // no call fd yet: the driver gets it as soon as one arrives
     }
+  }
+
+  /** Marks the ring areas this queue writes (used ring, or packed descriptors and event area). */
+  private markRing(): void {
+    const s = this.setup;
+    const dirty = this.dirty!;
+    if (s === null || s.logGuestAddr < 0 || this.memory === null) return;
+    const r = (this.ringLog ??= ringLogRanges(this.memory, s));
+    for (let i = 0; i < r.length; i += 2) dirty.mark(r[i]!, r[i + 1]!);
+    if (dirty.outside > 0 && !this.logOutsideWarned) {
+      this.logOutsideWarned = true;
+      this.log('error', 'guest pages outside the dirty log were written: the frontend\'s log is too small, migration may miss them', { pages: dirty.outside });
+    }
+  }
+
+  /** Switches dirty logging (through the drained barrier); the old bitmap view is dropped. */
+  private setDirtyLog(view: { mapping: number; offset: number; size: number } | null, enabled: boolean): void {
+    const old = this.logView;
+    this.logView = view === null ? null : native.viewMapping(view.mapping);
+    if (old !== null) native.unmap(old);
+    this.dirty = this.logView !== null && enabled ? new DirtyLog(new Uint8Array(this.logView, view!.offset, view!.size)) : null;
+    this.ringLog = null;
+    this.logOutsideWarned = false;
   }
 
   /** Installs a new inflight region mapping (or none) and unmaps the old one; nothing is in flight. */
@@ -498,6 +533,7 @@ class QueueWorker {
         const old = this.memory;
         this.memory = m.chunks.length > 0 ? new GuestMemory(m.chunks) : null;
         this.memoryLost = false;
+        this.ringLog = null;
         if (this.setup !== null) this.bindQueue(this.setup);
         old?.retire(); // unmapped once the requests started with it are done
         this.post({ type: 'ack', seq: m.seq });
@@ -516,6 +552,7 @@ class QueueWorker {
           old.availUserAddr === m.setup.availUserAddr &&
           old.usedUserAddr === m.setup.usedUserAddr;
         this.setup = m.setup;
+        this.ringLog = null;
         if (!sameRing) this.bindQueue(m.setup);
         // Completions published while the ring had no call fd (a frontend that enables the ring
         // before SET_VRING_CALL) would otherwise never interrupt the driver.
@@ -550,6 +587,11 @@ class QueueWorker {
         this.tracker = null;
         this.replaceInflightRegion(null);
         this.resubmit = [];
+        this.setDirtyLog(null, false);
+        this.post({ type: 'ack', seq: m.seq });
+        return;
+      case 'dirty-log':
+        this.setDirtyLog(m.log, m.enabled);
         this.post({ type: 'ack', seq: m.seq });
         return;
       case 'set-node':

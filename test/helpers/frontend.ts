@@ -10,6 +10,7 @@ import {
   memTablePayload,
   u64Payload,
   vringAddrPayload,
+  logPayload,
   vringStatePayload,
   type MemoryRegion,
 } from '../../src/protocol/codec.js';
@@ -516,6 +517,8 @@ export class Frontend {
       inflight?: { fd: number; size: number; queueSize: number } | 'new';
       /** offered feature bits this driver does not take (e.g. a guest without FLUSH or CONFIG_WCE) */
       without?: number[];
+      /** take LOG_SHMFD (dirty logging is turned on later, with setLogging, as QEMU does when migrating) */
+      log?: boolean;
     } = {},
   ): void {
     const offered = this.callU64(Request.GET_FEATURES);
@@ -523,6 +526,7 @@ export class Frontend {
     const pf = this.callU64(Request.GET_PROTOCOL_FEATURES);
     this.protocolFeatures = pf & (bit(PF.MQ) | bit(PF.REPLY_ACK) | bit(PF.CONFIG) | bit(PF.BACKEND_REQ) | bit(PF.CONFIGURE_MEM_SLOTS) | bit(PF.RESET_DEVICE));
     if (opts.inflight) this.protocolFeatures |= pf & bit(PF.INFLIGHT_SHMFD);
+    if (opts.log) this.protocolFeatures |= pf & bit(PF.LOG_SHMFD);
     this.send(Request.SET_PROTOCOL_FEATURES, u64Payload(this.protocolFeatures));
     this.callU64(Request.GET_QUEUE_NUM);
     this.callU64(Request.GET_MAX_MEM_SLOTS);
@@ -531,7 +535,8 @@ export class Frontend {
     if (this.ack(Request.SET_BACKEND_REQ_FD, new Uint8Array(0), [theirs]) !== 0n) throw new Error('SET_BACKEND_REQ_FD failed');
     native.close(theirs);
     this.send(Request.SET_OWNER);
-    let want = offered & ~(bit(F.RING_EVENT_IDX) | bit(F.RING_INDIRECT_DESC) | bit(F.RING_PACKED));
+    // LOG_ALL is not negotiated at start: QEMU sets it only while it migrates (setLogging).
+    let want = offered & ~(bit(F.RING_EVENT_IDX) | bit(F.RING_INDIRECT_DESC) | bit(F.RING_PACKED) | bit(F.LOG_ALL));
     if (opts.eventIdx ?? true) want |= offered & bit(F.RING_EVENT_IDX);
     if (opts.indirect ?? true) want |= offered & bit(F.RING_INDIRECT_DESC);
     if (opts.packed) {
@@ -588,12 +593,37 @@ export class Frontend {
     this.send(Request.SET_VRING_BASE, vringStatePayload(index, base));
     this.send(
       Request.SET_VRING_ADDR,
-      vringAddrPayload({ index, flags: 0, descUserAddr: this.ram.uva(ring.desc), usedUserAddr: this.ram.uva(ring.used), availUserAddr: this.ram.uva(ring.avail), logGuestAddr: 0 }),
+      vringAddrPayload({ index, flags: this.logRings ? 1 : 0, descUserAddr: this.ram.uva(ring.desc), usedUserAddr: this.ram.uva(ring.used), availUserAddr: this.ram.uva(ring.avail), logGuestAddr: this.logRings ? ring.used : 0 }),
     );
     if (restart) ring.reopenFds();
     this.send(Request.SET_VRING_KICK, u64Payload(index), [ring.kickFd]);
     this.send(Request.SET_VRING_CALL, u64Payload(index), [ring.callFd]);
     if (this.ack(Request.SET_VRING_ENABLE, vringStatePayload(index, 1)) !== 0n) throw new Error('SET_VRING_ENABLE failed');
+  }
+
+  /** rings' used areas are logged (VHOST_VRING_F_LOG in SET_VRING_ADDR) */
+  logRings = false;
+
+  /** SET_LOG_BASE with a dirty-log memfd; returns the reply's u64. */
+  setLogBase(fd: number, size: number, offset = 0): bigint {
+    const p = this.call(Request.SET_LOG_BASE, logPayload({ mmapSize: size, mmapOffset: offset }), [fd]);
+    if (p.length !== 8) throw new Error(`SET_LOG_BASE reply of ${p.length} bytes`);
+    return new DataView(p.buffer, p.byteOffset).getBigUint64(0, true);
+  }
+
+  /** QEMU's vhost_dev_set_log: SET_FEATURES with or without LOG_ALL, then every started ring's SET_VRING_ADDR. */
+  setLogging(on: boolean): void {
+    this.features = on ? this.features | bit(F.LOG_ALL) : this.features & ~bit(F.LOG_ALL);
+    if (this.ack(Request.SET_FEATURES, u64Payload(this.features)) !== 0n) throw new Error('SET_FEATURES failed');
+    this.logRings = on;
+    for (const ring of [...this.rings, ...this.packedRings]) {
+      if (ring !== undefined && ring !== null) this.sendRingAddr(ring, ring.index);
+    }
+  }
+
+  private sendRingAddr(ring: DriverRing, index: number): void {
+    const addr = { index, flags: this.logRings ? 1 : 0, descUserAddr: this.ram.uva(ring.desc), usedUserAddr: this.ram.uva(ring.used), availUserAddr: this.ram.uva(ring.avail), logGuestAddr: this.logRings ? ring.used : 0 };
+    if (this.ack(Request.SET_VRING_ADDR, vringAddrPayload(addr)) !== 0n) throw new Error('SET_VRING_ADDR failed');
   }
 
   getVringBase(index: number): number {

@@ -120,7 +120,12 @@ const protocolValue = fc.oneof(
 const NO_PAYLOAD = [Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_QUEUE_NUM, Request.SET_OWNER, Request.RESET_OWNER, Request.RESET_DEVICE, Request.GET_MAX_MEM_SLOTS, Request.GET_STATUS];
 const STATE = [Request.SET_VRING_NUM, Request.SET_VRING_BASE, Request.GET_VRING_BASE, Request.SET_VRING_ENABLE, Request.VRING_KICK];
 const FD_VRING = [Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR];
-const UNKNOWN = fc.oneof(fc.constantFrom(0, 6, 7, 19, 20, 22, 23, 26, 27, 28, 29, 30, 33, 41, 42, 100, 0xffff, 0xffffffff), fc.integer({ min: 41, max: 0xffffffff }));
+const UNKNOWN = fc.oneof(fc.constantFrom(0, 19, 20, 22, 23, 26, 27, 28, 29, 30, 33, 41, 42, 100, 0xffff, 0xffffffff), fc.integer({ min: 41, max: 0xffffffff }));
+
+/** a u64 as 8 little-endian bytes */
+function le64(v: bigint): number[] {
+  return Array.from({ length: 8 }, (_, i) => Number((v >> BigInt(8 * i)) & 0xffn));
+}
 
 type MsgOp = Extract<Op, { op: 'msg' }>;
 const msg = (request: fc.Arbitrary<number>, body: fc.Arbitrary<Body>, fds: fc.Arbitrary<FdKind[]>): fc.Arbitrary<Omit<MsgOp, 'mut'>> =>
@@ -191,6 +196,18 @@ const plainMessage: fc.Arbitrary<Omit<MsgOp, 'mut'>> = fc.oneof(
     ),
     weight: 2,
   },
+  {
+    // SET_LOG_BASE (mmap_size, mmap_offset) with a bitmap memfd or any fd; SET_LOG_FD with an eventfd or any fd
+    arbitrary: msg(
+      fc.constant(Request.SET_LOG_BASE),
+      fc
+        .tuple(fc.oneof(fc.constantFrom(0n, 1n, 8n, 4096n, 4097n, 2n ** 20n, 2n ** 32n, 2n ** 32n + 1n), u64Edge), fc.oneof(fc.constantFrom(0n, 0n, 1n, 4095n, 4096n), u64Edge))
+        .map(([size, off]): Body => ({ t: 'raw', bytes: [...le64(size), ...le64(off)] })),
+      fc.oneof(fc.constant(['memfd4k'] as FdKind[]), fc.constant(['memfd1m'] as FdKind[]), someFds(2)),
+    ),
+    weight: 2,
+  },
+  { arbitrary: msg(fc.constant(Request.SET_LOG_FD), fc.constant({ t: 'raw', bytes: [] } as Body), fc.oneof(fc.constant(['eventfd'] as FdKind[]), someFds(2))), weight: 1 },
   { arbitrary: msg(UNKNOWN, fc.array(fc.integer({ min: 0, max: 255 }), { maxLength: 48 }).map((bytes): Body => ({ t: 'raw', bytes })), someFds(2)), weight: 1 },
 );
 

@@ -27,6 +27,7 @@ import {
   vringAddrPayload,
   vringStatePayload,
   type Header,
+  logPayload,
   type MemoryRegion,
   type Message,
 } from '../../src/protocol/codec.js';
@@ -180,6 +181,12 @@ describe('round trips of the frontend encoders', () => {
     assert.deepEqual(one.request === Request.SET_CONFIG && { ...one.config, data: [...one.config.data] }, { offset: 255, size: 1, flags: 1, data: [0x5a] });
     const all = roundTrip(Request.GET_CONFIG, configPayload(0, 0, new Uint8Array(256))).m;
     assert.equal(all.request === Request.GET_CONFIG && all.config.size, 256);
+  });
+
+  test('logPayload -> SET_LOG_BASE (1 fd); SET_LOG_FD (1 fd, no payload)', () => {
+    const log = { mmapSize: 4096 * 3, mmapOffset: 8192 };
+    assert.deepEqual(roundTrip(Request.SET_LOG_BASE, logPayload(log), [9]).m, { request: Request.SET_LOG_BASE, log });
+    assert.deepEqual(roundTrip(Request.SET_LOG_FD, new Uint8Array(0), [9]).m, { request: Request.SET_LOG_FD });
   });
 
   test('inflightPayload -> GET_INFLIGHT_FD (no fd) and SET_INFLIGHT_FD (1 fd)', () => {
@@ -344,7 +351,15 @@ describe('rejects', () => {
     }
   });
 
-  for (const code of [0, 6, 7, 19, 20, 22, 23, 26, 33, 41, 99, 2 ** 31, 0xffff_ffff]) {
+  test('SET_LOG_BASE: exactly 16 bytes and one fd; SET_LOG_FD: no payload (or 8 zero bytes) and one fd', () => {
+    rejects(Request.SET_LOG_BASE, new Uint8Array(8), [3], /payload is 8 bytes, expected 16/);
+    rejects(Request.SET_LOG_BASE, new Uint8Array(16), [], /got 0 fds, expected 1/);
+    rejects(Request.SET_LOG_BASE, new Uint8Array(16), [3, 4], /got 2 fds, expected 1/);
+    rejects(Request.SET_LOG_FD, new Uint8Array(12), [3], /payload is 12 bytes/);
+    rejects(Request.SET_LOG_FD, new Uint8Array(0), [], /got 0 fds/);
+  });
+
+  for (const code of [0, 19, 20, 22, 23, 26, 33, 41, 99, 2 ** 31, 0xffff_ffff]) {
     test(`unknown or unsupported request code ${code}`, () => {
       rejects(code, new Uint8Array(0), [], /unsupported request/);
       rejects(code, new Uint8Array(8), [], /unsupported request/);
