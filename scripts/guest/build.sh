@@ -36,7 +36,8 @@ BUSYBOX="$(command -v busybox)"
 if ldd "$BUSYBOX" >/dev/null 2>&1; then die "$BUSYBOX is dynamically linked; install busybox-static"; fi
 FIO="$(command -v fio)"
 
-MODULES_WANTED="virtio_pci virtio_blk"
+# button + evdev: the ACPI power button as an input event, for busybox acpid (virsh shutdown)
+MODULES_WANTED="virtio_pci virtio_blk button evdev"
 
 # ---- cache check -----------------------------------------------------------
 pkgver() { dpkg-query -W -f='${Package}=${Version}' "$1" 2>/dev/null || echo "$1=?"; }
@@ -90,6 +91,7 @@ log "unpacking $(basename "$DEB")"
 mkdir -p "$WORK/k"
 dpkg-deb --fsys-tarfile "$DEB" | tar -x -C "$WORK/k" --wildcards \
   './boot/vmlinuz-*' './boot/config-*' '*/modules.builtin' '*/kernel/drivers/virtio/*' '*/kernel/drivers/block/virtio_blk.ko*' \
+  '*/kernel/drivers/acpi/button.ko*' '*/kernel/drivers/input/evdev.ko*' \
   2>/dev/null || dpkg -x "$DEB" "$WORK/k"
 VMLINUZ="$(ls "$WORK"/k/boot/vmlinuz-* | head -n1)"
 [[ -f "$VMLINUZ" ]] || die "no vmlinuz in $DEB"

@@ -1,0 +1,196 @@
+/**
+ * E2E: libvirt 9.0 as deployed, QEMU running as libvirt-qemu (not root). A
+ * transient domain (TCG, direct kernel boot, memfd shared memory) boots on a
+ * <disk type='vhostuser'> served by vubd (root; socket group libvirt-qemu,
+ * mode 0660); the guest (scripts/guest/tests/libvirt.sh) does I/O on it; a
+ * second vhostuser disk on a second vubd is hot-plugged and unplugged with
+ * virsh attach-device / detach-device; virsh shutdown powers it off through
+ * the ACPI power button (busybox acpid in the guest).
+ *
+ *   npx tsc -p tsconfig.json && node --test dist/test/e2e/libvirt.test.js
+ *
+ * Needs the Debian packages libvirt-daemon-system, libvirt-clients,
+ * libvirt-daemon-driver-qemu, qemu-system-x86, busybox-static and fio, and root.
+ * Without them the test is skipped, except under CI=true where it fails.
+ */
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import { existsSync, readFileSync, statSync } from "node:fs";
+import * as fsp from "node:fs/promises";
+import * as os from "node:os";
+import * as path from "node:path";
+import { test } from "node:test";
+import {
+  VUBD_MAIN,
+  createSparseImage,
+  e2eSkip,
+  ensureGuestImage,
+  guestPrerequisiteProblem,
+  startDaemon,
+  vubdDaemonCommand,
+  type DaemonHandle,
+} from "./guest.js";
+import { QEMU_GROUP, QEMU_USER, domainXml, libvirtPrerequisiteProblem, startLibvirt, vhostUserDiskXml } from "./libvirt.js";
+
+const IMAGE_BYTES = 256 * 1024 * 1024;
+const STEP_TIMEOUT_MS = 180_000; // boot to first I/O takes ~15 s under TCG on an idle machine
+/** libvirt.sh writes 1 MiB of "VUBD-LIBVIRT-<dev>\n" lines at this offset. */
+const DATA_OFFSET = 1024 * 1024;
+const DATA_LENGTH = 1024 * 1024;
+
+const problem = guestPrerequisiteProblem() ?? libvirtPrerequisiteProblem();
+const skip = e2eSkip(problem);
+
+function expectedData(dev: string): Buffer {
+  const line = `VUBD-LIBVIRT-${dev}\n`;
+  return Buffer.from(line.repeat(Math.ceil(DATA_LENGTH / line.length))).subarray(0, DATA_LENGTH);
+}
+
+async function readImage(image: string): Promise<Buffer> {
+  const fh = await fsp.open(image, "r");
+  try {
+    const buf = Buffer.alloc(DATA_LENGTH);
+    const { bytesRead } = await fh.read(buf, 0, DATA_LENGTH, DATA_OFFSET);
+    return buf.subarray(0, bytesRead);
+  } finally {
+    await fh.close();
+  }
+}
+
+/** vubd as root; its socket made reachable for libvirt-qemu only: group libvirt-qemu, mode 0660. */
+async function startVubd(socketPath: string, imagePath: string): Promise<DaemonHandle> {
+  const daemon = await startDaemon({
+    command: vubdDaemonCommand({ socketPath, imagePath, numQueues: 1 }),
+    socketPath,
+  });
+  // Stopgap until vubd has --socket-group/--socket-mode: QEMU connects only
+  // once the domain starts, after this.
+  const gid = Number(spawnSync("getent", ["group", QEMU_GROUP], { encoding: "utf8" }).stdout.split(":")[2]);
+  await fsp.chown(socketPath, 0, gid);
+  await fsp.chmod(socketPath, 0o660);
+  return daemon;
+}
+
+/** vubd log lines at error level or above (pino: 50 error, 60 fatal). */
+function errorLines(logs: string): string[] {
+  return logs.split("\n").filter((l) => /"level":(5|6)\d/.test(l));
+}
+
+test("libvirt: vhostuser disks on vubd, QEMU as libvirt-qemu, hot-plug, ACPI shutdown", { skip, timeout: 900_000 }, async (t) => {
+  // Under CI=true a missing prerequisite fails the test instead of skipping it.
+  if (problem !== null) assert.fail(problem);
+  assert.ok(existsSync(VUBD_MAIN), `${VUBD_MAIN} missing: build the daemon first (npx tsc -p tsconfig.json)`);
+  const image = await ensureGuestImage();
+
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), "vubd-libvirt-"));
+  // libvirt-qemu must reach the kernel and initrd (libvirt chowns them to it while the domain runs).
+  await fsp.chmod(dir, 0o755);
+  const sockDir = path.join(dir, "sock");
+  await fsp.mkdir(sockDir, { mode: 0o750 });
+  const qemuGid = Number(spawnSync("getent", ["group", QEMU_GROUP], { encoding: "utf8" }).stdout.split(":")[2]);
+  await fsp.chown(sockDir, 0, qemuGid);
+  const kernel = path.join(dir, "vmlinuz");
+  const initrd = path.join(dir, "initramfs.cpio.gz");
+  await fsp.copyFile(image.kernel, kernel);
+  await fsp.copyFile(image.initrd, initrd);
+  const imageA = path.join(dir, "a.img");
+  const imageB = path.join(dir, "b.img");
+  await createSparseImage(imageA, IMAGE_BYTES);
+  await createSparseImage(imageB, IMAGE_BYTES);
+  const sockA = path.join(sockDir, "vda.sock");
+  const sockB = path.join(sockDir, "vdb.sock");
+  const consoleLog = path.join(dir, "console.log");
+  const name = `vubd-e2e-libvirt-${process.pid}`;
+  const domainLog = `/var/log/libvirt/qemu/${name}.log`;
+
+  const daemons: DaemonHandle[] = [];
+  const libvirt = await startLibvirt(dir);
+  const virsh = async (...args: string[]) => {
+    const r = await libvirt.virsh(...args);
+    assert.equal(r.code, 0, `virsh ${args.join(" ")} failed: ${r.stderr}\nlibvirtd:\n${libvirt.logs()}`);
+    return r.stdout;
+  };
+  const consoleText = () => (existsSync(consoleLog) ? readFileSync(consoleLog, "utf8").replace(/\r/g, "") : "");
+  const waitConsole = async (re: RegExp, what: string) => {
+    const deadline = Date.now() + STEP_TIMEOUT_MS;
+    for (;;) {
+      const out = consoleText();
+      if (re.test(out)) return;
+      const failed = /^VUBD-STEP-FAIL .*$/m.exec(out);
+      if (failed || Date.now() > deadline) {
+        assert.fail(`${failed ? failed[0] : `timed out waiting for ${what}`}\nconsole:\n${out}\nvubd:\n${daemons.map((d) => d.logs()).join("")}`);
+      }
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  };
+  try {
+    daemons.push(await startVubd(sockA, imageA));
+    const xmlPath = path.join(dir, "domain.xml");
+    await fsp.writeFile(
+      xmlPath,
+      domainXml({
+        name,
+        kernel,
+        initrd,
+        cmdline: "console=ttyS0 quiet panic=-1 vubd.test=libvirt",
+        diskXml: vhostUserDiskXml(sockA, "vda"),
+        consoleLog,
+      }),
+    );
+    // Transient (create, not define): nothing stays in /etc/libvirt/qemu.
+    await virsh("create", xmlPath);
+
+    const qemuPid = Number(readFileSync(`/run/libvirt/qemu/${name}.pid`, "utf8").trim());
+    const user = spawnSync("ps", ["-o", "user=", "-p", String(qemuPid)], { encoding: "utf8" }).stdout.trim();
+    assert.equal(user, QEMU_USER, `QEMU (pid ${qemuPid}) runs as ${user}, not ${QEMU_USER}`);
+
+    await waitConsole(/^VUBD-LV vda-io ok sectors=524288$/m, "I/O on vda");
+    assert.ok((await readImage(imageA)).equals(expectedData("vda")), "the guest's vda data is not in the image");
+
+    daemons.push(await startVubd(sockB, imageB));
+    const vdbXml = path.join(dir, "vdb.xml");
+    await fsp.writeFile(vdbXml, vhostUserDiskXml(sockB, "vdb"));
+    await waitConsole(/^VUBD-LV waiting-vdb$/m, "the guest to wait for vdb");
+    await virsh("attach-device", name, vdbXml, "--live");
+    await waitConsole(/^VUBD-LV vdb-io ok sectors=524288$/m, "I/O on the hot-plugged vdb");
+    assert.ok((await readImage(imageB)).equals(expectedData("vdb")), "the guest's vdb data is not in the image");
+    assert.match(await virsh("domblklist", name), /vdb\s+\S*vdb\.sock/);
+
+    await virsh("detach-device", name, vdbXml, "--live");
+    await waitConsole(/^VUBD-LV vdb-gone$/m, "vdb to disappear from the guest");
+    assert.doesNotMatch(await virsh("domblklist", name), /vdb/);
+
+    await waitConsole(/^VUBD-LV waiting-power-button$/m, "the guest to wait for the power button");
+    await virsh("shutdown", name, "--mode", "acpi");
+    await waitConsole(/^VUBD-E2E-RESULT rc=0$/m, "the guest's result after the power button");
+    assert.match(consoleText(), /^VUBD-LV power-button$/m);
+    // A transient domain disappears once QEMU is gone; libvirt logs why.
+    const deadline = Date.now() + 60_000;
+    while ((await virsh("list", "--all", "--name")).split("\n").includes(name)) {
+      assert.ok(Date.now() < deadline, `domain ${name} still listed a minute after the guest powered off`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    assert.match(readFileSync(domainLog, "utf8"), /shutting down, reason=shutdown\s*$/);
+
+    for (const [d, sock] of [[daemons[0]!, sockA], [daemons[1]!, sockB]] as const) {
+      assert.equal(d.exited(), null, `vubd for ${sock} exited:\n${d.logs()}`);
+      assert.ok(statSync(sock).isSocket(), `${sock} is gone`);
+      assert.deepEqual(errorLines(d.logs()), [], `vubd for ${sock} logged errors`);
+    }
+    for (const d of daemons) {
+      const exit = await d.stop();
+      assert.ok(exit.code === 0 && !exit.killed, `vubd did not stop cleanly on SIGTERM: ${JSON.stringify(exit)}\n${d.logs()}`);
+    }
+    t.diagnostic(`boot to shutdown: console\n${consoleText().split("\n").filter((l) => l.startsWith("VUBD-")).join("\n")}`);
+  } finally {
+    const listed = await libvirt.virsh("list", "--all", "--name");
+    if (listed.stdout.split("\n").includes(name)) await libvirt.virsh("destroy", name);
+    for (const d of daemons) {
+      const exit = await d.stop();
+      if (exit.killed) t.diagnostic(`vubd needed SIGKILL:\n${d.logs()}`);
+    }
+    await libvirt.stop();
+    await fsp.rm(domainLog, { force: true });
+    await fsp.rm(dir, { recursive: true, force: true });
+  }
+});
