@@ -58,11 +58,12 @@ async function readImage(image: string): Promise<Buffer> {
 }
 
 /** vubd as root; its socket made reachable for libvirt-qemu only: group libvirt-qemu, mode 0660. */
-async function startVubd(socketPath: string, imagePath: string): Promise<DaemonHandle> {
+async function startVubd(socketPath: string, imagePath: string, opts: { forQemu?: boolean } = {}): Promise<DaemonHandle> {
   const daemon = await startDaemon({
     command: vubdDaemonCommand({ socketPath, imagePath, numQueues: 1 }),
     socketPath,
   });
+  if (opts.forQemu === false) return daemon;
   // Stopgap until vubd has --socket-group/--socket-mode: QEMU connects only
   // once the domain starts, after this.
   const gid = Number(spawnSync("getent", ["group", QEMU_GROUP], { encoding: "utf8" }).stdout.split(":")[2]);
@@ -124,6 +125,28 @@ test("libvirt: vhostuser disks on vubd, QEMU as libvirt-qemu, hot-plug, ACPI shu
     }
   };
   try {
+    // First a socket only root can use: libvirt leaves vhostuser sockets alone (no DAC relabel),
+    // so the unprivileged QEMU is refused. (Without <reconnect>: with it QEMU retries forever.)
+    const root = await startVubd(path.join(sockDir, "root-only.sock"), imageA, { forQemu: false });
+    daemons.push(root);
+    const deniedXml = path.join(dir, "denied.xml");
+    await fsp.writeFile(
+      deniedXml,
+      domainXml({
+        name: `${name}-denied`,
+        kernel,
+        initrd,
+        cmdline: "console=ttyS0",
+        diskXml: vhostUserDiskXml(path.join(sockDir, "root-only.sock"), "vda", { reconnect: false }),
+        consoleLog: path.join(dir, "denied.log"),
+      }),
+    );
+    const denied = await libvirt.virsh("create", deniedXml);
+    assert.notEqual(denied.code, 0, "QEMU connected to a socket only root may use: is it running as root?");
+    assert.match(denied.stderr, /Failed to connect to '.*root-only\.sock': Permission denied/);
+    assert.equal((await root.stop()).code, 0);
+    await fsp.rm(`/var/log/libvirt/qemu/${name}-denied.log`, { force: true });
+
     daemons.push(await startVubd(sockA, imageA));
     const xmlPath = path.join(dir, "domain.xml");
     await fsp.writeFile(
@@ -172,12 +195,12 @@ test("libvirt: vhostuser disks on vubd, QEMU as libvirt-qemu, hot-plug, ACPI shu
     }
     assert.match(readFileSync(domainLog, "utf8"), /shutting down, reason=shutdown\s*$/);
 
-    for (const [d, sock] of [[daemons[0]!, sockA], [daemons[1]!, sockB]] as const) {
+    for (const [d, sock] of [[daemons[1]!, sockA], [daemons[2]!, sockB]] as const) {
       assert.equal(d.exited(), null, `vubd for ${sock} exited:\n${d.logs()}`);
       assert.ok(statSync(sock).isSocket(), `${sock} is gone`);
       assert.deepEqual(errorLines(d.logs()), [], `vubd for ${sock} logged errors`);
     }
-    for (const d of daemons) {
+    for (const d of daemons.slice(1)) {
       const exit = await d.stop();
       assert.ok(exit.code === 0 && !exit.killed, `vubd did not stop cleanly on SIGTERM: ${JSON.stringify(exit)}\n${d.logs()}`);
     }

@@ -169,12 +169,16 @@ function run(bin: string, args: string[], timeoutMs = 120_000): Promise<{ code: 
 }
 
 /** A vhostuser disk as the README shows it: only the socket and the target; the rest is vubd's. */
-export function vhostUserDiskXml(socketPath: string, target: string): string {
+export function vhostUserDiskXml(socketPath: string, target: string, opts: { reconnect?: boolean } = {}): string {
+  const source =
+    opts.reconnect === false
+      ? `<source type='unix' path='${socketPath}'/>`
+      : `<source type='unix' path='${socketPath}'>
+    <reconnect enabled='yes' timeout='10'/>
+  </source>`;
   return `<disk type='vhostuser' device='disk'>
   <driver name='qemu' type='raw'/>
-  <source type='unix' path='${socketPath}'>
-    <reconnect enabled='yes' timeout='10'/>
-  </source>
+  ${source}
   <target dev='${target}' bus='virtio'/>
 </disk>
 `;
