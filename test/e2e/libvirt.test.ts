@@ -108,7 +108,9 @@ test("libvirt: vhostuser disks on vubd, QEMU as libvirt-qemu, hot-plug, ACPI shu
   const libvirt = await startLibvirt(dir);
   const virsh = async (...args: string[]) => {
     const r = await libvirt.virsh(...args);
-    assert.equal(r.code, 0, `virsh ${args.join(" ")} failed: ${r.stderr}\nlibvirtd:\n${libvirt.logs()}`);
+    // A virsh create that never returns is, most likely, QEMU retrying a socket it may not use (<reconnect>).
+    const why = r.code === null ? "did not return in 2 minutes (killed)" : `failed: ${r.stderr}`;
+    assert.equal(r.code, 0, `virsh ${args.join(" ")} ${why}\nlibvirtd:\n${libvirt.logs()}`);
     return r.stdout;
   };
   const consoleText = () => (existsSync(consoleLog) ? readFileSync(consoleLog, "utf8").replace(/\r/g, "") : "");
