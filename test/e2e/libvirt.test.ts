@@ -21,6 +21,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { test } from "node:test";
 import {
+  REPO_ROOT,
   VUBD_MAIN,
   createSparseImage,
   e2eSkip,
@@ -218,6 +219,60 @@ test("libvirt: vhostuser disks on vubd, QEMU as libvirt-qemu, hot-plug, ACPI shu
     }
     await libvirt.stop();
     await fsp.rm(domainLog, { force: true });
+    await fsp.rm(dir, { recursive: true, force: true });
+  }
+});
+
+/** The first ```xml block of the README's libvirt section. */
+function readmeDomainXml(): string {
+  const readme = readFileSync(path.join(REPO_ROOT, "README.md"), "utf8");
+  const section = readme.slice(readme.indexOf("### libvirt"));
+  const m = /```xml\n([\s\S]*?)```/.exec(section);
+  assert.ok(m, "no ```xml block in the README's libvirt section");
+  return m[1]!;
+}
+
+test("libvirt: the README's domain XML is accepted, and what it says libvirt refuses in a vhostuser disk is refused", { skip, timeout: 120_000 }, async () => {
+  if (problem !== null) assert.fail(problem);
+  const name = `vubd-e2e-readme-${process.pid}`;
+  const base = readmeDomainXml().replace(/<name>[^<]*<\/name>/, `<name>${name}</name>`);
+  const inDisk = (extra: string) => base.replace("<target dev='vda' bus='virtio'/>", `<target dev='vda' bus='virtio'/>\n      ${extra}`);
+  const driver = (attr: string) => base.replace("<driver name='qemu' type='raw'/>", `<driver name='qemu' type='raw' ${attr}/>`);
+  const refused: Array<[string, string, RegExp]> = [
+    ["<readonly/>", inDisk("<readonly/>"), /readonly is not supported with vhostuser disk/],
+    ["<serial>", inDisk("<serial>vubd0</serial>"), /serial is not supported with vhostuser disk/],
+    ["<iotune>", inDisk("<iotune><total_iops_sec>100</total_iops_sec></iotune>"), /iotune is not supported with vhostuser disk/],
+    ["discard=", driver("discard='unmap'"), /discard is not supported with vhostuser disk/],
+    ["cache=", driver("cache='none'"), /cache is not supported with vhostuser disk/],
+    ["io=", driver("io='native'"), /io is not supported with vhostuser disk/],
+    ["detect_zeroes=", driver("detect_zeroes='on'"), /detect_zeroes is not supported with vhostuser disk/],
+    ["<blockio>", inDisk("<blockio logical_block_size='4096'/>"), /blockio is not supported with vhostuser disk/],
+    ["<shareable/>", inDisk("<shareable/>"), /shareable is not supported with vhostuser disk/],
+    ["no <memoryBacking>", base.replace(/ *<memoryBacking>[\s\S]*?<\/memoryBacking>\n/, ""), /'vhostuser' requires shared memory/],
+  ];
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), "vubd-libvirt-readme-"));
+  const libvirt = await startLibvirt(dir);
+  try {
+    const define = async (xml: string) => {
+      const file = path.join(dir, "domain.xml");
+      await fsp.writeFile(file, xml);
+      return libvirt.virsh("define", file);
+    };
+    for (const [what, xml, error] of refused) {
+      const r = await define(xml);
+      assert.notEqual(r.code, 0, `libvirt accepted ${what} in a vhostuser disk`);
+      assert.match(r.stderr, error, `${what}: ${r.stderr}`);
+    }
+    for (const xml of [base, driver("queues='2'")]) {
+      const r = await define(xml);
+      assert.equal(r.code, 0, `virsh define of the README's domain failed: ${r.stderr}`);
+      const dumped = await libvirt.virsh("dumpxml", name);
+      assert.match(dumped.stdout, /<disk type='vhostuser' device='disk'/);
+      assert.equal((await libvirt.virsh("undefine", name)).code, 0);
+    }
+  } finally {
+    if ((await libvirt.virsh("list", "--all", "--name")).stdout.split("\n").includes(name)) await libvirt.virsh("undefine", name);
+    await libvirt.stop();
     await fsp.rm(dir, { recursive: true, force: true });
   }
 });
