@@ -12,7 +12,9 @@
         "src/eventfd.c",
         "src/uring.c",
         "src/sync_io.c",
-        "src/locks.c"
+        "src/locks.c",
+        "src/accounts.c",
+        "src/datagram.c"
       ],
       "defines": ["_GNU_SOURCE"],
       "cflags_c": ["-std=gnu11"],

@@ -248,13 +248,57 @@ static napi_value dup_fd(napi_env env, napi_callback_info info) {
   return vubd_int(env, nfd);
 }
 
+/* SO_PEERCRED of a connected unix socket, plus the peer's supplementary groups (SO_PEERGROUPS). */
+static napi_value peer_cred(napi_env env, napi_callback_info info) {
+  VUBD_ARGS(1);
+  int32_t fd;
+  if (!vubd_arg_i32(env, argv[0], "fd", &fd)) return NULL;
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return vubd_throw_errno(env, "getsockopt(SO_PEERCRED)", errno);
+  gid_t groups[256];
+  socklen_t glen = sizeof groups;
+  size_t ngroups = 0;
+  /* ERANGE (more than 256 groups) or an old kernel: only the primary gid is known */
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &glen) == 0) ngroups = glen / sizeof(gid_t);
+  napi_value res, jgroups;
+  if (napi_create_object(env, &res) != napi_ok || napi_create_array_with_length(env, ngroups, &jgroups) != napi_ok) return NULL;
+  for (size_t i = 0; i < ngroups; i++)
+    if (napi_set_element(env, jgroups, (uint32_t)i, vubd_num(env, (double)groups[i])) != napi_ok) return NULL;
+  if (napi_set_named_property(env, res, "pid", vubd_num(env, (double)cred.pid)) != napi_ok ||
+      napi_set_named_property(env, res, "uid", vubd_num(env, (double)cred.uid)) != napi_ok ||
+      napi_set_named_property(env, res, "gid", vubd_num(env, (double)cred.gid)) != napi_ok ||
+      napi_set_named_property(env, res, "groups", jgroups) != napi_ok)
+    return NULL;
+  return res;
+}
+
+/* What an inherited fd is: {domain, type, listening}; throws ENOTSOCK for a non-socket. */
+static napi_value socket_info(napi_env env, napi_callback_info info) {
+  VUBD_ARGS(1);
+  int32_t fd;
+  if (!vubd_arg_i32(env, argv[0], "fd", &fd)) return NULL;
+  int domain, type, acc;
+  socklen_t l1 = sizeof domain, l2 = sizeof type, l3 = sizeof acc;
+  if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &l1) < 0 || getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &l2) < 0 ||
+      getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &l3) < 0)
+    return vubd_throw_errno(env, "getsockopt", errno);
+  napi_value res;
+  if (napi_create_object(env, &res) != napi_ok) return NULL;
+  napi_set_named_property(env, res, "unix", vubd_bool(env, domain == AF_UNIX));
+  napi_set_named_property(env, res, "stream", vubd_bool(env, type == SOCK_STREAM));
+  napi_set_named_property(env, res, "listening", vubd_bool(env, acc != 0));
+  return res;
+}
+
 napi_status vubd_init_sockets(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       VUBD_FN("listenUnix", listen_unix), VUBD_FN("connectUnix", connect_unix),
       VUBD_FN("socketpair", socket_pair), VUBD_FN("accept", accept_conn),
       VUBD_FN("recvMsg", recv_msg),       VUBD_FN("sendMsg", send_msg),
       VUBD_FN("setBlocking", set_blocking), VUBD_FN("close", close_fd),
-      VUBD_FN("dup", dup_fd),
+      VUBD_FN("dup", dup_fd),             VUBD_FN("peerCred", peer_cred),
+      VUBD_FN("socketInfo", socket_info),
   };
   return napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
 }

@@ -25,6 +25,13 @@ export interface RecvResult {
   truncated: boolean;
 }
 
+export interface PeerCred {
+  pid: number;
+  uid: number;
+  gid: number;
+  groups: number[];
+}
+
 export interface PollHandle {
   start(events: number): void;
   stop(): void;
@@ -69,6 +76,17 @@ export interface Native {
   setBlocking(fd: number, blocking: boolean): void;
   close(fd: number): void;
   dup(fd: number): number;
+  /** SO_PEERCRED of a connected unix socket; groups: the peer's supplementary groups (SO_PEERGROUPS), [] if unknown */
+  peerCred(fd: number): PeerCred;
+  /** what an fd is (for inherited fds); throws ENOTSOCK for a non-socket */
+  socketInfo(fd: number): { unix: boolean; stream: boolean; listening: boolean };
+  /** NSS lookups (getpwnam_r/getgrnam_r); null when the name is unknown */
+  lookupUser(name: string): { uid: number; gid: number } | null;
+  lookupGroup(name: string): number | null;
+  /** one datagram to a unix socket path ("@name": abstract namespace) on a fresh socket, as sd_notify does */
+  sendDatagram(path: string, buf: Uint8Array): number;
+  /** a bound non-blocking unix datagram socket (read with recvMsg) */
+  bindDatagram(path: string): number;
 
   /** readiness on the Node event loop (uv_poll_t); cb(status, events) */
   poll(fd: number, events: number, cb: (status: number, events: number) => void): PollHandle;
