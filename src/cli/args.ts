@@ -1,6 +1,9 @@
 // Command-line options (vhost-user "backend program conventions" plus our own).
 import os from 'node:os';
 import { parseArgs } from 'node:util';
+import type { SocketAccess } from '../protocol/socket-file.js';
+import type { PeerPolicy } from '../protocol/peer-policy.js';
+import { ACCESS_OPTIONS, ACCESS_USAGE, AccessUsageError, peerPolicy, socketAccess } from './access-args.js';
 
 export interface Options {
   socketPath: string | null;
@@ -21,6 +24,10 @@ export interface Options {
   logicalBlockSize: 512 | 4096;
   serial: string | null;
   control: string | null;
+  socketAccess: SocketAccess;
+  controlAccess: SocketAccess;
+  /** --allow-uid/--allow-gid, null when neither is given */
+  peers: PeerPolicy | null;
   logLevel: string;
   help: boolean;
   version: boolean;
@@ -84,6 +91,8 @@ vubd options:
                            the image; the write lock is taken when the frontend starts the device
       --log-level=LEVEL    trace, debug, info (default), warn, error, fatal
       --default            serve ./vubd-disk.img (1 GiB, created sparse) on ./vubd.sock (npm start)
+${ACCESS_USAGE.trimStart()}
+
   -h, --help               this text
   -V, --version            print the version
 
@@ -136,6 +145,7 @@ export function parseOptions(argv: string[]): Options {
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean', short: 'V' },
         default: { type: 'boolean' },
+        ...ACCESS_OPTIONS,
       },
     });
   } catch (e) {
@@ -155,6 +165,13 @@ export function parseOptions(argv: string[]): Options {
   const levels = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
   const logLevel = v['log-level'] ?? 'info';
   if (!levels.includes(logLevel)) throw new UsageError(`--log-level must be one of ${levels.join(', ')}`);
+  let access: { socket: SocketAccess; control: SocketAccess; peers: PeerPolicy | null };
+  try {
+    access = { socket: socketAccess('socket', v), control: socketAccess('control', v), peers: peerPolicy(v) };
+  } catch (e) {
+    if (e instanceof AccessUsageError) throw new UsageError(e.message);
+    throw e;
+  }
   const opts: Options = {
     socketPath: v['socket-path'] ?? null,
     fd: v.fd === undefined ? null : int('fd', v.fd, 0, 0, 1 << 20),
@@ -174,6 +191,9 @@ export function parseOptions(argv: string[]): Options {
     logicalBlockSize: lbs === '4096' ? 4096 : 512,
     serial: v.serial ?? null,
     control: v.control ?? null,
+    socketAccess: access.socket,
+    controlAccess: access.control,
+    peers: access.peers,
     logLevel,
     help: v.help ?? false,
     version: v.version ?? false,
@@ -186,6 +206,12 @@ export function parseOptions(argv: string[]): Options {
   }
   if (opts.socketPath !== null && opts.fd !== null) throw new UsageError('--socket-path and --fd are mutually exclusive');
   if (opts.socketPath === null && opts.fd === null) throw new UsageError('one of --socket-path or --fd is required');
+  if (opts.fd !== null && ['socket-mode', 'socket-owner', 'socket-group'].some((o) => v[o as keyof typeof v] !== undefined)) {
+    throw new UsageError('--socket-mode/--socket-owner/--socket-group need --socket-path (with --fd the socket already exists; its creator sets them)');
+  }
+  if (opts.control === null && ['control-mode', 'control-owner', 'control-group'].some((o) => v[o as keyof typeof v] !== undefined)) {
+    throw new UsageError('--control-mode/--control-owner/--control-group need --control=PATH');
+  }
   if (opts.blkDriver === 'file' && opts.blkFile === null) throw new UsageError('--blk-file is required (or --blk-driver=null)');
   if (opts.blkDriver === 'null' && opts.blkFile !== null) throw new UsageError('--blk-file cannot be used with --blk-driver=null');
   if (opts.size % opts.logicalBlockSize !== 0) throw new UsageError(`--size must be a multiple of the logical block size (${opts.logicalBlockSize})`);

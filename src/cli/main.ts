@@ -166,7 +166,7 @@ async function main(): Promise<number> {
     });
     qmp = new QmpServer(opts.control, commands, version(), logger('qmp'));
     try {
-      await qmp.listen();
+      await qmp.listen(opts.controlAccess);
     } catch (e) {
       console.error(`vubd: cannot listen on the control socket ${opts.control}: ${(e as Error).message}`);
       await exp.close();
@@ -176,7 +176,10 @@ async function main(): Promise<number> {
 
   let server: VhostUserServer;
   try {
-    server = opts.socketPath !== null ? VhostUserServer.listen(opts.socketPath, exp, logger('vhost')) : VhostUserServer.fromFd(opts.fd!, exp, logger('vhost'));
+    server =
+      opts.socketPath !== null
+        ? VhostUserServer.listen(opts.socketPath, exp, logger('vhost'), { access: opts.socketAccess, peers: opts.peers })
+        : VhostUserServer.fromFd(opts.fd!, exp, logger('vhost'), { peers: opts.peers });
   } catch (e) {
     console.error(`vubd: cannot listen: ${(e as Error).message}`);
     await exp.close();
@@ -195,6 +198,9 @@ async function main(): Promise<number> {
       aio: opts.aio,
       cache: opts.cache,
       logicalBlockSize: opts.logicalBlockSize,
+      socketMode: opts.socketPath !== null ? '0' + opts.socketAccess.mode.toString(8) : undefined,
+      allowUids: opts.peers?.uids,
+      allowGids: opts.peers?.gids,
     },
     'vubd listening',
   );

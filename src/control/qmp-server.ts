@@ -1,9 +1,10 @@
-// The QMP wire protocol on a unix socket (mode 0600), so that QMP clients (qmp-shell, python
+// The QMP wire protocol on a unix socket (mode 0600 unless --control-mode), so that QMP clients (qmp-shell, python
 // qemu.qmp, socat) work: greeting, capabilities negotiation, {"execute","arguments","id"} ->
 // {"return"} or {"error":{"class","desc"}}, and timestamped events.
 import fs from 'node:fs';
 import net from 'node:net';
 import type { Logger } from '../log.js';
+import { createSocketFile, DEFAULT_SOCKET_ACCESS, type SocketAccess } from '../protocol/socket-file.js';
 
 export class QmpError extends Error {
   constructor(
@@ -70,7 +71,8 @@ export class QmpServer {
   private readonly clients = new Set<{ socket: net.Socket; ready: boolean }>();
 
   constructor(
-    readonly socketPath: string,
+    /** null for a socket passed by systemd (the file is not ours to remove) */
+    readonly socketPath: string | null,
     private readonly commands: ReadonlyMap<string, CommandHandler>,
     private readonly version: string,
     private readonly log: Logger,
@@ -78,15 +80,17 @@ export class QmpServer {
     this.server = net.createServer((s) => this.onConnection(s));
   }
 
-  listen(): Promise<void> {
-    if (fs.existsSync(this.socketPath)) {
-      if (!fs.lstatSync(this.socketPath).isSocket()) throw new Error(`${this.socketPath} exists and is not a socket`);
-      fs.unlinkSync(this.socketPath);
-    }
+  /** Creates the socket file with its mode and owner set before it appears (socket-file.ts). */
+  listen(access: SocketAccess = DEFAULT_SOCKET_ACCESS): Promise<void> {
+    if (this.socketPath === null) throw new Error('QmpServer.listen needs a socket path; use listenFd for an inherited socket');
+    return this.listenFd(createSocketFile(this.socketPath, access, 16));
+  }
+
+  /** Serves an already listening unix socket (created by listen(), or passed by systemd). */
+  listenFd(fd: number): Promise<void> {
     return new Promise((resolve, reject) => {
       this.server.once('error', reject);
-      this.server.listen(this.socketPath, () => {
-        fs.chmodSync(this.socketPath, 0o600);
+      this.server.listen({ fd }, () => {
         this.server.off('error', reject);
         resolve();
       });
@@ -101,7 +105,7 @@ export class QmpServer {
   async close(): Promise<void> {
     for (const c of this.clients) c.socket.destroy();
     await new Promise<void>((r) => this.server.close(() => r()));
-    fs.rmSync(this.socketPath, { force: true });
+    if (this.socketPath !== null) fs.rmSync(this.socketPath, { force: true });
   }
 
   private onConnection(socket: net.Socket): void {

@@ -3,7 +3,9 @@
 // served as soon as that session has ended, like qemu-storage-daemon, which stops accepting while
 // a client is connected. After a frontend disconnects the same socket serves the next one.
 import fs from 'node:fs';
-import { native, isErrno, READABLE, DISCONNECT, type PollHandle } from '../native/index.js';
+import { native, READABLE, DISCONNECT, type PollHandle } from '../native/index.js';
+import { createSocketFile, DEFAULT_SOCKET_ACCESS, type SocketAccess } from './socket-file.js';
+import { peerAllowed, type PeerPolicy } from './peer-policy.js';
 import type { Logger } from '../log.js';
 import type { VhostBackend } from './backend.js';
 import { Session } from './session.js';
@@ -14,6 +16,25 @@ export const LISTEN_BACKLOG = 64;
 export const MAX_WAITING = 16;
 /** pause before accepting again after accept() failed (EMFILE and the like): never a busy loop */
 const ACCEPT_RETRY_MS = 100;
+
+export interface ListenOptions {
+  /** mode and owner of the socket file (listen only) */
+  access?: SocketAccess;
+  /** --allow-uid/--allow-gid; null or absent: every peer that can open the socket */
+  peers?: PeerPolicy | null;
+}
+
+/** Throws a clear error unless fd is a listening unix stream socket (an inherited --fd or LISTEN_FDS fd). */
+export function assertListeningUnixStream(fd: number, what = `fd ${fd}`): void {
+  let info;
+  try {
+    info = native.socketInfo(fd);
+  } catch (e) {
+    throw new Error(`${what} is not a usable socket: ${(e as Error).message}`);
+  }
+  if (!info.unix || !info.stream) throw new Error(`${what} is not a unix stream socket`);
+  if (!info.listening) throw new Error(`${what} is a unix stream socket but not listening (pass a socket after listen(), not a connection)`);
+}
 
 interface WaitingPeer {
   fd: number;
@@ -38,31 +59,23 @@ export class VhostUserServer {
     readonly socketPath: string | null,
     private readonly backend: VhostBackend,
     private readonly log: Logger,
+    private readonly peers: PeerPolicy | null,
   ) {}
 
-  /** Binds the socket path; refuses a path a live process is serving, replaces a stale one. */
-  static listen(socketPath: string, backend: VhostBackend, log: Logger): VhostUserServer {
-    if (fs.existsSync(socketPath)) {
-      const st = fs.lstatSync(socketPath);
-      if (!st.isSocket()) throw new Error(`${socketPath} exists and is not a socket; refusing to replace it`);
-      let live = false;
-      try {
-        native.close(native.connectUnix(socketPath));
-        live = true;
-      } catch (e) {
-        if (!isErrno(e, 'ECONNREFUSED')) throw e;
-      }
-      if (live) throw new Error(`${socketPath} is in use by another process`);
-      fs.unlinkSync(socketPath);
-    }
-    const fd = native.listenUnix(socketPath, LISTEN_BACKLOG);
-    return new VhostUserServer(fd, socketPath, backend, log);
+  /**
+   * Binds the socket path with its mode and owner set before it appears (socket-file.ts); refuses
+   * a symlink, a non-socket or a path a live process is serving, replaces a stale socket.
+   */
+  static listen(socketPath: string, backend: VhostBackend, log: Logger, opts: ListenOptions = {}): VhostUserServer {
+    const fd = createSocketFile(socketPath, opts.access ?? DEFAULT_SOCKET_ACCESS, LISTEN_BACKLOG);
+    return new VhostUserServer(fd, socketPath, backend, log, opts.peers ?? null);
   }
 
-  /** Uses an already listening socket passed by the parent (--fd). */
-  static fromFd(fd: number, backend: VhostBackend, log: Logger): VhostUserServer {
+  /** Uses an already listening socket passed by the parent (--fd, systemd socket activation). */
+  static fromFd(fd: number, backend: VhostBackend, log: Logger, opts: ListenOptions = {}): VhostUserServer {
+    assertListeningUnixStream(fd);
     native.setBlocking(fd, false);
-    return new VhostUserServer(fd, null, backend, log);
+    return new VhostUserServer(fd, null, backend, log, opts.peers ?? null);
   }
 
   start(): void {
@@ -103,9 +116,32 @@ export class VhostUserServer {
       if (fd < 0) return;
       const id = ++this.connections;
       const log = this.log.child({ conn: id });
+      if (this.peers !== null && !this.admit(fd, log)) continue;
       if (this.session === null) this.serve(fd, log);
       else this.wait(fd, id, log);
     }
+  }
+
+  /** --allow-uid/--allow-gid: a refused peer is closed at once, before any message is read */
+  private admit(fd: number, log: Logger): boolean {
+    let cred;
+    try {
+      cred = native.peerCred(fd);
+    } catch (err) {
+      log.warn({ err }, 'frontend refused: cannot read its credentials (SO_PEERCRED)');
+      native.close(fd);
+      return false;
+    }
+    if (peerAllowed(this.peers!, cred)) {
+      log.debug({ peer: cred }, 'frontend allowed by --allow-uid/--allow-gid');
+      return true;
+    }
+    native.close(fd);
+    log.warn(
+      { peer: { uid: cred.uid, gid: cred.gid, pid: cred.pid, groups: cred.groups } },
+      `frontend refused: uid ${cred.uid} gid ${cred.gid} (pid ${cred.pid}) is not allowed by --allow-uid/--allow-gid`,
+    );
+    return false;
   }
 
   private wait(fd: number, id: number, log: Logger): void {
