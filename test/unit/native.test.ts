@@ -51,13 +51,47 @@ function fill(view: Uint8Array, off: number, len: number, seed: number): void {
 
 test('export list matches the Native interface', () => {
   const expected = [
-    'F_RDLCK', 'F_UNLCK', 'F_WRLCK', 'Ring', 'accept', 'addressOf', 'blockDeviceSize', 'close', 'connectUnix', 'dup', 'eventfd',
-    'eventfdRead', 'eventfdWrite', 'fallocate', 'fsync', 'listenUnix', 'liveMappings', 'mapShared',
-    'memfdCreate', 'mmap', 'ofdGetLock', 'ofdSetLock', 'poll', 'pollWait', 'preadv', 'pwritev', 'recvMsg', 'releaseMapping',
-    'retainMapping', 'sendMsg', 'setBlocking', 'sigbusRescues', 'socketpair', 'threadCpuMicros', 'unmap',
+    'F_RDLCK', 'F_UNLCK', 'F_WRLCK', 'Ring', 'accept', 'addressOf', 'bindDatagram', 'blockDeviceSize', 'close', 'connectUnix', 'dup', 'eventfd',
+    'eventfdRead', 'eventfdWrite', 'fallocate', 'fsync', 'listenUnix', 'liveMappings', 'lookupGroup', 'lookupUser', 'mapShared',
+    'memfdCreate', 'mmap', 'ofdGetLock', 'ofdSetLock', 'peerCred', 'poll', 'pollWait', 'preadv', 'pwritev', 'recvMsg', 'releaseMapping',
+    'retainMapping', 'sendDatagram', 'sendMsg', 'setBlocking', 'sigbusRescues', 'socketInfo', 'socketpair', 'threadCpuMicros', 'unmap',
     'viewMapping',
   ];
   assert.deepEqual(Object.keys(native).sort(), expected);
+});
+
+test('peerCred, socketInfo, NSS lookups and datagrams', () => {
+  const [a, b] = native.socketpair();
+  try {
+    const c = native.peerCred(a);
+    assert.deepEqual({ pid: c.pid, uid: c.uid, gid: c.gid }, { pid: process.pid, uid: process.getuid!(), gid: process.getgid!() });
+    assert.ok(Array.isArray(c.groups));
+    assert.deepEqual(native.socketInfo(a), { unix: true, stream: true, listening: false });
+  } finally {
+    native.close(a);
+    native.close(b);
+  }
+  const t = tmpFile('not-a-socket');
+  assertErrno(() => native.socketInfo(t.fd), 'ENOTSOCK', 88);
+  assertErrno(() => native.peerCred(t.fd), 'ENOTSOCK', 88);
+  assert.deepEqual(native.lookupUser('root'), { uid: 0, gid: 0 });
+  assert.equal(native.lookupUser('no-such-user-vubd'), null);
+  assert.equal(native.lookupGroup('root'), 0);
+  assert.equal(native.lookupGroup('no-such-group-vubd'), null);
+  for (const addr of ['@vubd-test-' + process.pid, path.join(path.dirname(t.file), 'dgram.sock')]) {
+    const rx = native.bindDatagram(addr);
+    try {
+      assert.equal(native.recvMsg(rx, new Uint8Array(64), 0, 64, 0), null, 'nothing yet: null, not a throw');
+      assert.equal(native.sendDatagram(addr, new TextEncoder().encode('READY=1')), 7);
+      const buf = new Uint8Array(64);
+      const r = native.recvMsg(rx, buf, 0, 64, 0);
+      assert.equal(new TextDecoder().decode(buf.subarray(0, r!.n)), 'READY=1');
+    } finally {
+      native.close(rx);
+    }
+  }
+  assertErrno(() => native.sendDatagram('@vubd-nobody-listens-' + process.pid, new Uint8Array(1)), 'ECONNREFUSED', 111);
+  t.cleanup();
 });
 
 test('OFD locks: a conflict is false (not thrown), F_OFD_GETLK names it, the same open file never conflicts with itself', () => {
