@@ -3,6 +3,7 @@ import os from 'node:os';
 import { parseArgs } from 'node:util';
 import type { SocketAccess } from '../protocol/socket-file.js';
 import type { PeerPolicy } from '../protocol/peer-policy.js';
+import type { ActivatedSockets } from './systemd.js';
 import { ACCESS_OPTIONS, ACCESS_USAGE, AccessUsageError, peerPolicy, socketAccess } from './access-args.js';
 
 export interface Options {
@@ -24,6 +25,8 @@ export interface Options {
   logicalBlockSize: 512 | 4096;
   serial: string | null;
   control: string | null;
+  /** the QMP socket passed by systemd (LISTEN_FDNAMES 'control') */
+  controlFd: number | null;
   socketAccess: SocketAccess;
   controlAccess: SocketAccess;
   /** --allow-uid/--allow-gid, null when neither is given */
@@ -60,6 +63,8 @@ vhost-user-blk backend: serves a QEMU guest's virtio-blk disk over a vhost-user 
 Backend program conventions:
   -s, --socket-path=PATH   listen on this unix socket (QEMU connects with -chardev socket,path=PATH)
   -f, --fd=N               use the already listening socket passed as file descriptor N
+                           (systemd socket activation, LISTEN_FDS/LISTEN_PID, needs neither;
+                           a second fd named 'control' in LISTEN_FDNAMES is the QMP socket)
   -b, --blk-file=PATH      image file or block device to serve
   -r, --read-only          offer the disk read-only (writes fail with IOERR)
   -c, --print-capabilities print the capabilities JSON and exit
@@ -115,7 +120,8 @@ function int(name: string, text: string | undefined, def: number, min: number, m
   return v;
 }
 
-export function parseOptions(argv: string[]): Options {
+/** activated: sockets passed by systemd (LISTEN_FDS), used where no --socket-path/--fd/--control says otherwise */
+export function parseOptions(argv: string[], activated: ActivatedSockets | null = null): Options {
   let parsed;
   try {
     parsed = parseArgs({
@@ -191,6 +197,7 @@ export function parseOptions(argv: string[]): Options {
     logicalBlockSize: lbs === '4096' ? 4096 : 512,
     serial: v.serial ?? null,
     control: v.control ?? null,
+    controlFd: null,
     socketAccess: access.socket,
     controlAccess: access.control,
     peers: access.peers,
@@ -204,8 +211,16 @@ export function parseOptions(argv: string[]): Options {
     opts.socketPath ??= 'vubd.sock';
     if (opts.blkDriver === 'file') opts.blkFile ??= 'vubd-disk.img';
   }
+  if (activated?.vhost != null) {
+    if (opts.socketPath !== null) throw new UsageError('systemd passed a listening socket (LISTEN_FDS): drop --socket-path, or use it without socket activation');
+    opts.fd ??= activated.vhost;
+  }
+  if (activated?.control != null) {
+    if (opts.control !== null) throw new UsageError("systemd passed a socket named 'control' (LISTEN_FDNAMES): drop --control, or do not pass that socket");
+    opts.controlFd = activated.control;
+  }
   if (opts.socketPath !== null && opts.fd !== null) throw new UsageError('--socket-path and --fd are mutually exclusive');
-  if (opts.socketPath === null && opts.fd === null) throw new UsageError('one of --socket-path or --fd is required');
+  if (opts.socketPath === null && opts.fd === null) throw new UsageError('one of --socket-path or --fd is required (or a socket passed by systemd: LISTEN_FDS)');
   if (opts.fd !== null && ['socket-mode', 'socket-owner', 'socket-group'].some((o) => v[o as keyof typeof v] !== undefined)) {
     throw new UsageError('--socket-mode/--socket-owner/--socket-group need --socket-path (with --fd the socket already exists; its creator sets them)');
   }

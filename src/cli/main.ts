@@ -7,13 +7,14 @@ import { createRequire } from 'node:module';
 import { cacheSemantics, parseOptions, UsageError, USAGE, type Options } from './args.js';
 import { flushLogs, logger, setLogLevel } from '../log.js';
 import { BlkExport } from '../worker/export.js';
-import { VhostUserServer } from '../protocol/server.js';
+import { VhostUserServer, assertListeningUnixStream } from '../protocol/server.js';
 import { openFileNode, nullNode, closeNode } from '../graph/open.js';
 import type { NodeDef } from '../graph/snapshot.js';
 import { BlockGraph } from '../graph/graph.js';
 import { QmpServer } from '../control/qmp-server.js';
 import { buildCommands } from '../control/commands.js';
 import { createBackgroundIo, type BackgroundIo } from '../graph/background-io.js';
+import { Notifier, takeListenFds, type ActivatedSockets } from './systemd.js';
 
 const DEFAULT_IMAGE_SIZE = 2 ** 30;
 
@@ -85,8 +86,15 @@ function qemuCommand(socketPath: string, opts: Options): string {
 
 async function main(): Promise<number> {
   let opts: Options;
+  let activated: ActivatedSockets | null;
   try {
-    opts = parseOptions(process.argv.slice(2));
+    activated = takeListenFds(process.env, process.pid);
+  } catch (e) {
+    console.error(`vubd: socket activation: ${(e as Error).message}`);
+    return 2;
+  }
+  try {
+    opts = parseOptions(process.argv.slice(2), activated);
   } catch (e) {
     if (e instanceof UsageError) {
       console.error(`vubd: ${e.message}\n(run vubd --help for usage)`);
@@ -108,6 +116,7 @@ async function main(): Promise<number> {
   }
   setLogLevel(opts.logLevel);
   const log = logger('vubd');
+  const notifier = new Notifier(process.env, logger('systemd'));
 
   let root: NodeDef;
   try {
@@ -153,7 +162,7 @@ async function main(): Promise<number> {
   let qmp: QmpServer | null = null;
   let stop: (signal: string) => void = () => {};
   let io: BackgroundIo | null = null;
-  if (opts.control !== null) {
+  if (opts.control !== null || opts.controlFd !== null) {
     io = createBackgroundIo(opts.aio, (m) => log.warn(m));
     const commands = buildCommands({
       graph,
@@ -166,20 +175,27 @@ async function main(): Promise<number> {
     });
     qmp = new QmpServer(opts.control, commands, version(), logger('qmp'));
     try {
-      await qmp.listen(opts.controlAccess);
+      if (opts.controlFd !== null) {
+        assertListeningUnixStream(opts.controlFd, `the control socket passed by systemd (fd ${opts.controlFd})`);
+        await qmp.listenFd(opts.controlFd);
+      } else await qmp.listen(opts.controlAccess);
     } catch (e) {
-      console.error(`vubd: cannot listen on the control socket ${opts.control}: ${(e as Error).message}`);
+      console.error(`vubd: cannot listen on the control socket ${opts.control ?? `fd ${opts.controlFd}`}: ${(e as Error).message}`);
       await exp.close();
       return 1;
     }
   }
 
+  const where = opts.socketPath ?? (activated?.vhost != null ? `socket fd ${opts.fd} from systemd` : `fd ${opts.fd}`);
+  const image = root.driver === 'file' ? root.filename : 'a null disk';
+  const onSessionChange = (connected: boolean, conn: number): void =>
+    notifier.status(connected ? `serving ${image} to frontend ${conn}` : `serving ${image} on ${where}; waiting for a frontend`);
   let server: VhostUserServer;
   try {
     server =
       opts.socketPath !== null
-        ? VhostUserServer.listen(opts.socketPath, exp, logger('vhost'), { access: opts.socketAccess, peers: opts.peers })
-        : VhostUserServer.fromFd(opts.fd!, exp, logger('vhost'), { peers: opts.peers });
+        ? VhostUserServer.listen(opts.socketPath, exp, logger('vhost'), { access: opts.socketAccess, peers: opts.peers, onSessionChange })
+        : VhostUserServer.fromFd(opts.fd!, exp, logger('vhost'), { peers: opts.peers, onSessionChange });
   } catch (e) {
     console.error(`vubd: cannot listen: ${(e as Error).message}`);
     await exp.close();
@@ -189,7 +205,7 @@ async function main(): Promise<number> {
   server.start();
   log.info(
     {
-      socket: opts.socketPath ?? `fd ${opts.fd}`,
+      socket: where,
       image: root.driver === 'file' ? root.filename : 'null',
       sizeBytes: spec.size,
       control: opts.control ?? undefined,
@@ -204,6 +220,8 @@ async function main(): Promise<number> {
     },
     'vubd listening',
   );
+  // After start(): the socket is served, so systemd may start the VM that connects to it.
+  notifier.ready(`serving ${image} on ${where}; waiting for a frontend`);
   if (opts.ringPacked) log.info('--ring-packed: packed rings offered, INFLIGHT_SHMFD not: crash recovery is off (a vubd restart hangs a packed-ring guest)');
   if (opts.defaults && opts.socketPath) {
     const sock = path.resolve(opts.socketPath);
@@ -216,6 +234,7 @@ async function main(): Promise<number> {
       if (stopping) return;
       stopping = true;
       log.info({ signal }, 'shutting down');
+      notifier.stopping();
       const hard = setTimeout(() => {
         log.warn('shutdown took too long; exiting now');
         resolve(0);

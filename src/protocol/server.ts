@@ -22,6 +22,8 @@ export interface ListenOptions {
   access?: SocketAccess;
   /** --allow-uid/--allow-gid; null or absent: every peer that can open the socket */
   peers?: PeerPolicy | null;
+  /** a frontend's session started (true) or ended (false): systemd STATUS= lines */
+  onSessionChange?: (connected: boolean, conn: number) => void;
 }
 
 /** Throws a clear error unless fd is a listening unix stream socket (an inherited --fd or LISTEN_FDS fd). */
@@ -60,6 +62,7 @@ export class VhostUserServer {
     private readonly backend: VhostBackend,
     private readonly log: Logger,
     private readonly peers: PeerPolicy | null,
+    private readonly onSessionChange: ((connected: boolean, conn: number) => void) | null,
   ) {}
 
   /**
@@ -68,14 +71,14 @@ export class VhostUserServer {
    */
   static listen(socketPath: string, backend: VhostBackend, log: Logger, opts: ListenOptions = {}): VhostUserServer {
     const fd = createSocketFile(socketPath, opts.access ?? DEFAULT_SOCKET_ACCESS, LISTEN_BACKLOG);
-    return new VhostUserServer(fd, socketPath, backend, log, opts.peers ?? null);
+    return new VhostUserServer(fd, socketPath, backend, log, opts.peers ?? null, opts.onSessionChange ?? null);
   }
 
   /** Uses an already listening socket passed by the parent (--fd, systemd socket activation). */
   static fromFd(fd: number, backend: VhostBackend, log: Logger, opts: ListenOptions = {}): VhostUserServer {
     assertListeningUnixStream(fd);
     native.setBlocking(fd, false);
-    return new VhostUserServer(fd, null, backend, log, opts.peers ?? null);
+    return new VhostUserServer(fd, null, backend, log, opts.peers ?? null, opts.onSessionChange ?? null);
   }
 
   start(): void {
@@ -117,7 +120,7 @@ export class VhostUserServer {
       const id = ++this.connections;
       const log = this.log.child({ conn: id });
       if (this.peers !== null && !this.admit(fd, log)) continue;
-      if (this.session === null) this.serve(fd, log);
+      if (this.session === null) this.serve(fd, id, log);
       else this.wait(fd, id, log);
     }
   }
@@ -169,14 +172,18 @@ export class VhostUserServer {
     this.setAccepting(true);
   }
 
-  private serve(fd: number, log: Logger, waitedMs?: number): void {
+  private serve(fd: number, id: number, log: Logger, waitedMs?: number): void {
     log.info(waitedMs === undefined ? {} : { waitedMs }, 'frontend connected');
     const s = new Session(fd, this.backend, log);
     this.session = s;
+    this.onSessionChange?.(true, id);
     void s.closed.then(() => {
       if (this.session === s) this.session = null;
       log.info('session ended; waiting for the next frontend');
-      if (!this.closing) this.serveNext();
+      if (!this.closing) {
+        this.onSessionChange?.(false, id);
+        this.serveNext();
+      }
     });
   }
 
@@ -185,7 +192,7 @@ export class VhostUserServer {
     const w = this.waiting.shift();
     if (w !== undefined) {
       w.poll.close(); // before the Session polls the same fd: one uv_poll per fd
-      this.serve(w.fd, w.log, Date.now() - w.since);
+      this.serve(w.fd, w.id, w.log, Date.now() - w.since);
     }
     if (this.retryTimer === null) this.setAccepting(true);
     // A frontend still in the kernel's queue is picked up by the listen poll (level-triggered).
