@@ -58,19 +58,13 @@ async function readImage(image: string): Promise<Buffer> {
   }
 }
 
-/** vubd as root; its socket made reachable for libvirt-qemu only: group libvirt-qemu, mode 0660. */
-async function startVubd(socketPath: string, imagePath: string, opts: { forQemu?: boolean } = {}): Promise<DaemonHandle> {
-  const daemon = await startDaemon({
-    command: vubdDaemonCommand({ socketPath, imagePath, numQueues: 1 }),
+/** vubd as root; its socket reachable for libvirt-qemu only (group libvirt-qemu, mode 0660), or for root only (the default 0600). */
+function startVubd(socketPath: string, imagePath: string, opts: { forQemu?: boolean; extraArgs?: string[] } = {}): Promise<DaemonHandle> {
+  const access = opts.forQemu === false ? [] : ["--socket-mode=0660", `--socket-group=${QEMU_GROUP}`, ...(opts.extraArgs ?? [])];
+  return startDaemon({
+    command: vubdDaemonCommand({ socketPath, imagePath, numQueues: 1, extraArgs: access }),
     socketPath,
   });
-  if (opts.forQemu === false) return daemon;
-  // Stopgap until vubd has --socket-group/--socket-mode: QEMU connects only
-  // once the domain starts, after this.
-  const gid = Number(spawnSync("getent", ["group", QEMU_GROUP], { encoding: "utf8" }).stdout.split(":")[2]);
-  await fsp.chown(socketPath, 0, gid);
-  await fsp.chmod(socketPath, 0o660);
-  return daemon;
 }
 
 /** vubd log lines at error level or above (pino: 50 error, 60 fatal). */
@@ -169,11 +163,18 @@ test("libvirt: vhostuser disks on vubd, QEMU as libvirt-qemu, hot-plug, ACPI shu
     const qemuPid = Number(readFileSync(`/run/libvirt/qemu/${name}.pid`, "utf8").trim());
     const user = spawnSync("ps", ["-o", "user=", "-p", String(qemuPid)], { encoding: "utf8" }).stdout.trim();
     assert.equal(user, QEMU_USER, `QEMU (pid ${qemuPid}) runs as ${user}, not ${QEMU_USER}`);
+    const creds = readFileSync(`/proc/${qemuPid}/status`, "utf8").split("\n").filter((l) => /^(Uid|Gid|Groups):/.test(l));
+    t.diagnostic(`QEMU credentials: ${creds.join("; ")}`);
+    // Its group is libvirt-qemu (qemu.conf's default on Debian), which only that user is in: the socket's group.
+    assert.equal(Number(/^Gid:\s+(\d+)/m.exec(creds.join("\n"))?.[1]), qemuGid, "QEMU's gid is not libvirt-qemu's");
+    const sockStat = statSync(sockA);
+    assert.deepEqual([sockStat.uid, sockStat.gid, sockStat.mode & 0o777], [0, qemuGid, 0o660], "vda socket owner, group, mode");
 
     await waitConsole(/^VUBD-LV vda-io ok sectors=524288$/m, "I/O on vda");
     assert.ok((await readImage(imageA)).equals(expectedData("vda")), "the guest's vda data is not in the image");
 
-    daemons.push(await startVubd(sockB, imageB));
+    // The hot-plugged disk's vubd also checks the peer: only libvirt-qemu's QEMU gets in.
+    daemons.push(await startVubd(sockB, imageB, { extraArgs: [`--allow-uid=${QEMU_USER}`] }));
     const vdbXml = path.join(dir, "vdb.xml");
     await fsp.writeFile(vdbXml, vhostUserDiskXml(sockB, "vdb"));
     await waitConsole(/^VUBD-LV waiting-vdb$/m, "the guest to wait for vdb");
