@@ -2,7 +2,7 @@
 // keeps the fds that arrived with each frame, and writes replies without ever blocking the event
 // loop (what the socket does not take waits in order for WRITABLE). It owns the socket fd, every
 // fd it received until it hands them to the caller with a frame, and its copies of queued fds.
-import { native, READABLE, WRITABLE, type PollHandle } from '../native/index.js';
+import { native, isErrno, READABLE, WRITABLE, type PollHandle } from '../native/index.js';
 import { HEADER_SIZE, MAX_FDS_PER_MESSAGE } from './constants.js';
 import { decodeHeader, ProtocolError, type Header } from './codec.js';
 
@@ -30,6 +30,9 @@ export interface ConnectionEvents {
   /** reason is null for an orderly close by the peer */
   closed(reason: Error | null): void;
 }
+
+/** A reply found the frontend gone (it hung up while its message was handled): a close, not a fault. */
+export class PeerGoneError extends Error {}
 
 export class Connection {
   readonly fd: number;
@@ -85,7 +88,13 @@ export class Connection {
     if (!this.open) throw new Error('connection closed');
     let off = 0;
     if (this.outgoing.length === 0) {
-      const n = native.sendMsg(this.fd, bytes, 0, bytes.byteLength, fds);
+      let n: number;
+      try {
+        n = native.sendMsg(this.fd, bytes, 0, bytes.byteLength, fds);
+      } catch (e) {
+        if (isErrno(e, 'EPIPE') || isErrno(e, 'ECONNRESET')) throw new PeerGoneError(`the frontend went away before the reply (${(e as Error).message})`);
+        throw e;
+      }
       if (n === bytes.byteLength) return;
       off = Math.max(n, 0);
     }

@@ -28,7 +28,7 @@ import {
   vringStatePayload,
   type Message,
 } from './codec.js';
-import { Connection, type Frame } from './connection.js';
+import { Connection, PeerGoneError, type Frame } from './connection.js';
 import { DeviceRefusal, type BackendChannel, type InflightRegion, type RegionWithFd, type VhostBackend, type VringSetup } from './backend.js';
 import { inflightQueueBytes } from '../virtio/inflight.js';
 
@@ -98,7 +98,7 @@ export class Session {
         else frame.fds.forEach((fd) => native.close(fd));
       } catch (e) {
         const err = e instanceof Error ? e : new Error(String(e));
-        if (!(err instanceof ProtocolError) && !(err instanceof DeviceRefusal)) this.log.error({ err }, 'internal error while handling a message');
+        if (!(err instanceof ProtocolError) && !(err instanceof DeviceRefusal) && !(err instanceof PeerGoneError)) this.log.error({ err }, 'internal error while handling a message');
         this.conn.close(err);
       } finally {
         if (--this.pending === 0) this.conn.resume();
@@ -339,9 +339,10 @@ export class Session {
         if (mmapSize === 0 || mmapSize > MAX_LOG_BYTES) throw new ProtocolError(`SET_LOG_BASE: a log of ${mmapSize} bytes is invalid (1..${MAX_LOG_BYTES})`);
         checkFileCovers(fds[0]!, mmapOffset, mmapSize, 'dirty log');
         await b.setDirtyLog({ fd: fds[0]!, mmapSize, mmapOffset });
-        native.close(fds[0]!); // mapped: the mapping keeps the file
+        native.close(fds.splice(0, 1)[0]!); // mapped (the mapping keeps the file); out of fds, so no error path closes it again
         this.log.info({ bytes: mmapSize }, 'dirty log mapped');
-        this.reply(m.request, u64Payload(0)); // QEMU waits for this reply before it frees the old log
+        // QEMU waits for this reply before it frees the old log
+        if (this.conn.isOpen) this.reply(m.request, u64Payload(0));
         return true;
       }
       case Request.SET_LOG_FD: {

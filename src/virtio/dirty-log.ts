@@ -15,23 +15,36 @@ export class DirtyLog {
   /** bitmap: the frontend's log region, starting at its mmap_offset */
   constructor(readonly bitmap: Uint8Array) {}
 
-  /** Marks every page of [gpa, gpa + len). */
+  /** Marks every page of [gpa, gpa + len); pages past the end of the bitmap are counted in `outside`. */
   mark(gpa: number, len: number): void {
     if (len <= 0) return;
-    const first = Math.floor(gpa / LOG_PAGE_SIZE);
-    const last = Math.floor((gpa + len - 1) / LOG_PAGE_SIZE);
     const bits = this.bitmap;
-    if (Math.floor(last / 8) >= bits.length) {
-      this.outside += last - first + 1;
-      return; // never write past the region the frontend named
+    let p = Math.floor(gpa / LOG_PAGE_SIZE);
+    let last = Math.floor((gpa + len - 1) / LOG_PAGE_SIZE);
+    const top = bits.length * 8 - 1;
+    if (last > top) {
+      this.outside += last - Math.max(p, top + 1) + 1;
+      last = top; // never write past the region the frontend named
     }
-    for (let p = first; p <= last; p++) Atomics.or(bits, Math.floor(p / 8), 1 << p % 8);
+    // Single bits up to a byte boundary, whole bytes, then single bits.
+    for (; p <= last && p % 8 !== 0; p++) Atomics.or(bits, Math.floor(p / 8), 1 << p % 8);
+    for (; p + 7 <= last; p += 8) Atomics.or(bits, p / 8, 0xff);
+    for (; p <= last; p++) Atomics.or(bits, Math.floor(p / 8), 1 << p % 8);
   }
 
-  /** Marks the device-writable buffers of a completed request (data and status byte). */
-  markChain(chain: DescriptorChain): void {
+  /**
+   * Marks what a completed request wrote: the first `usedLen - 1` bytes of its device-writable
+   * buffers (read data, GET_ID) and its status byte. Only what was written: a guest could name
+   * huge writable buffers for a request that fails at once.
+   */
+  markWritten(chain: DescriptorChain, usedLen: number): void {
     const regions = chain.memory!.regions;
-    for (let k = chain.readableCount; k < chain.count; k++) this.mark(regions[chain.region[k]!]!.gpa + chain.offset[k]!, chain.len[k]!);
+    let left = usedLen - 1;
+    for (let k = chain.readableCount; k < chain.count && left > 0; k++) {
+      const n = Math.min(chain.len[k]!, left);
+      this.mark(regions[chain.region[k]!]!.gpa + chain.offset[k]!, n);
+      left -= n;
+    }
     const status = chain.statusGpa();
     if (status >= 0) this.mark(status, 1);
   }

@@ -143,8 +143,12 @@ class QueueWorker {
     if (this.pollMs > 0 && this.busyPoll()) return true;
     if (this.canPop()) {
       try {
-        const pending = this.queue!.armKick();
-        if (this.dirty !== null) this.markRing(); // armKick wrote avail_event / the event area
+        let pending: boolean;
+        try {
+          pending = this.queue!.armKick();
+        } finally {
+          if (this.dirty !== null) this.markRing(); // armKick wrote avail_event / the event area
+        }
         if (pending) return true;
       } catch (e) {
         this.markBroken(e);
@@ -377,7 +381,7 @@ class QueueWorker {
     if (res === PENDING) return; // a node issued its next operation for this request
     const used = this.handler.complete(slot, res, this.ctx);
     if (used < 0) return; // another phase is running
-    if (this.dirty !== null) this.dirty.markChain(slot.chain); // after the data and status landed
+    if (this.dirty !== null) this.dirty.markWritten(slot.chain, used); // after the data and status landed
     const acc = this.acc;
     this.count(acc, slot, res);
     if (slot.generation !== this.generation) acc[StatIndex.STALE]!++;
@@ -446,7 +450,11 @@ class QueueWorker {
     if (this.queue === null) return;
     // Never report success for data that went to a zero page patched over truncated memory.
     this.checkSigbus();
-    if (!this.needNotify || this.memoryLost) return;
+    if (!this.needNotify) return;
+    if (this.memoryLost) {
+      if (this.dirty !== null) this.markRing(); // packed used descriptors are already in the ring
+      return;
+    }
     this.needNotify = false;
     Atomics.store(this.stats, StatIndex.IN_FLIGHT, this.inFlight);
     const notify = this.queue.publish();
@@ -475,9 +483,17 @@ class QueueWorker {
   /** Switches dirty logging (through the drained barrier); the old bitmap view is dropped. */
   private setDirtyLog(view: { mapping: number; offset: number; size: number } | null, enabled: boolean): void {
     const old = this.logView;
-    this.logView = view === null ? null : native.viewMapping(view.mapping);
+    const next = view === null ? null : native.viewMapping(view.mapping);
+    let dirty: DirtyLog | null = null;
+    try {
+      if (next !== null && enabled) dirty = new DirtyLog(new Uint8Array(next, view!.offset, view!.size));
+    } catch (e) {
+      if (next !== null) native.unmap(next);
+      throw e;
+    }
+    this.logView = next;
+    this.dirty = dirty;
     if (old !== null) native.unmap(old);
-    this.dirty = this.logView !== null && enabled ? new DirtyLog(new Uint8Array(this.logView, view!.offset, view!.size)) : null;
     this.ringLog = null;
     this.logOutsideWarned = false;
   }
@@ -576,6 +592,7 @@ class QueueWorker {
         this.stopSeq = m.seq; // acked from finishStopOrDrain once in-flight I/O completed
         return;
       case 'reset':
+        this.setDirtyLog(null, false); // the main thread forgets the log whatever happens next
         if (this.inFlight > 0) throw new Error('reset with requests in flight');
         this.notifyOwed = false;
         this.queue = null;
@@ -587,7 +604,6 @@ class QueueWorker {
         this.tracker = null;
         this.replaceInflightRegion(null);
         this.resubmit = [];
-        this.setDirtyLog(null, false);
         this.post({ type: 'ack', seq: m.seq });
         return;
       case 'dirty-log':

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { Frontend, BLK, type DriverRing } from '../helpers/frontend.js';
 import { startDaemon, tempDir, type Daemon } from '../helpers/daemon.js';
 import { dispose, fdsSettle, openSession, pattern, sessionEnded } from '../helpers/sessions.js';
+import { mountFuseFs } from '../helpers/fuse-fs.js';
 import { native } from '../../src/native/index.js';
 import { FLAG_NEED_REPLY, FLAG_VERSION, Request } from '../../src/protocol/constants.js';
 import { encodeMessage, logPayload, vringAddrPayload } from '../../src/protocol/codec.js';
@@ -118,6 +119,14 @@ describe('dirty logging (VHOST_F_LOG_ALL, LOG_SHMFD)', () => {
       assertMarked(log, pagesOf(w.status, 1), 'status byte of the write');
       assertMarked(log, usedRingPages(ring), 'used ring');
 
+      // A read that fails at once (past the end of the disk) writes only its status byte, however
+      // large the buffers it names: they are not marked.
+      log.bits.fill(0);
+      const bad = fe.run(ring, BLK.IN, 16 * 2048, 512 * 1024, { region: 1 });
+      assert.equal(fe.statusOf(bad), 1, 'IOERR');
+      assert.deepEqual([...marked(log)].filter((p) => pagesOf(bad.data, bad.dataLen).slice(0, -1).includes(p)), [], 'unwritten buffers not marked');
+      assertMarked(log, pagesOf(bad.status, 1), 'status byte of the failed read');
+
       // GET_ID writes its 20 bytes.
       log.bits.fill(0);
       const id = fe.run(ring, BLK.GET_ID, 0, 20, { region: 1 });
@@ -184,6 +193,37 @@ describe('dirty logging (VHOST_F_LOG_ALL, LOG_SHMFD)', () => {
     const deadline = Date.now() + 3000;
     while (/memfd:vubd-log-unmap-check/.test(fs.readFileSync(`/proc/${d.proc.pid}/maps`, 'utf8')) && Date.now() < deadline) await new Promise((x) => setTimeout(x, 20));
     assert.doesNotMatch(fs.readFileSync(`/proc/${d.proc.pid}/maps`, 'utf8'), /memfd:vubd-log-unmap-check/, 'no mapping of the log is left');
+  });
+
+  test('a frontend that disconnects while SET_LOG_BASE waits for the drain: its fd is closed once, no internal error', async () => {
+    const fuse = await mountFuseFs(dir, { slowReadMs: 400 });
+    const slowImage = path.join(fuse.mountpoint, 'slow.img');
+    fs.writeFileSync(path.join(fuse.backing, 'slow.img'), pattern(9, 4 * MiB));
+    // sync I/O: no io_uring fd appears with the first ring, so the fd count before and after compare
+    const sd = await startDaemon([`--blk-file=${slowImage}`, '--num-queues=1', '--aio=sync'], { dir: tempDir('vubd-dirty-log-slow-') });
+    try {
+      const fdsBefore = sd.fdCount();
+      const { fe, conn } = await openSession(sd);
+      const log = newLog();
+      try {
+        fe.negotiate({ log: true });
+        const ring = fe.setupRing(0, 128);
+        fe.blk(ring, BLK.IN, 0, 1024 * 1024, { region: 1 }); // ~3 s through the slow file system
+        ring.kick();
+        await new Promise((r) => setTimeout(r, 200));
+        fe.send(Request.SET_LOG_BASE, logPayload({ mmapSize: LOG_BYTES, mmapOffset: 0 }), [log.fd]);
+        await new Promise((r) => setTimeout(r, 200));
+      } finally {
+        dispose(fe); // gone while the drain waits for the read
+        log.close();
+      }
+      await sessionEnded(sd, conn);
+      assert.deepEqual(sd.logRecords().filter((r) => r.msg === 'internal error while handling a message'), [], 'no internal error (a second close of the log fd was one)');
+      assert.equal(await fdsSettle(sd, fdsBefore, 5000), fdsBefore, 'every fd closed, none twice');
+    } finally {
+      await sd.stop();
+      await fuse.unmount();
+    }
   });
 
   test('a log too small for the guest: an error line, never a write past it; requests still complete', async () => {
