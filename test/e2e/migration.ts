@@ -11,10 +11,12 @@ export const MIB = 1024 * 1024;
 const BLOCK = 4096;
 const FIO_HDR_MAGIC = 0xacca;
 
-/** migrate.sh's layout: the live fio region and the flag block the host writes. */
+/** migrate.sh's layout: the live fio region and the flag blocks the host writes. */
 export const LIVE_REGION = { offset: 0, bytes: 16 * MIB };
-export const FLAG_OFFSET = 96 * MIB;
-const FLAG_TEXT = "VUBD-MIG-HOST-DONE";
+const FLAGS = {
+  /** the host's part is over: the guest finishes */
+  done: { offset: 96 * MIB, text: "VUBD-MIG-HOST-DONE" },
+};
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -117,13 +119,13 @@ export async function vmStatus(qmp: QmpClient): Promise<string> {
   return (await qmp.execute<{ status: string }>("query-status")).status;
 }
 
-/** The host tells the guest its part is over: the flag block migrate.sh polls between passes. */
-export async function writeHostFlag(imagePath: string): Promise<void> {
+/** The host signals the guest through the image: flag blocks migrate.sh polls with O_DIRECT reads. */
+export async function writeHostFlag(imagePath: string, flag: keyof typeof FLAGS): Promise<void> {
   const block = Buffer.alloc(BLOCK, 0);
-  block.write(`${FLAG_TEXT}\n`, "ascii");
+  block.write(`${FLAGS[flag].text}\n`, "ascii");
   const fh = await fsp.open(imagePath, "r+");
   try {
-    await fh.write(block, 0, BLOCK, FLAG_OFFSET);
+    await fh.write(block, 0, BLOCK, FLAGS[flag].offset);
     await fh.datasync();
   } finally {
     await fh.close();
