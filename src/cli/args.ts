@@ -16,6 +16,8 @@ export interface Options {
   forceShare: boolean;
   incoming: boolean;
   printCapabilities: boolean;
+  installDescriptor: boolean;
+  prefix: string | null;
   numQueues: number;
   queueSize: number;
   aio: 'io_uring' | 'sync';
@@ -67,7 +69,11 @@ Backend program conventions:
                            a second fd named 'control' in LISTEN_FDNAMES is the QMP socket)
   -b, --blk-file=PATH      image file or block device to serve
   -r, --read-only          offer the disk read-only (writes fail with IOERR)
-  -c, --print-capabilities print the capabilities JSON and exit
+  -c, --print-capabilities print the capabilities JSON and exit (other options are ignored)
+      --install-descriptor [--prefix=DIR]
+                           write QEMU's vhost-user backend descriptor 50-vubd.json to DIR, or
+                           /usr/share/qemu/vhost-user (root), or $XDG_CONFIG_HOME/qemu/vhost-user
+                           (default ~/.config/qemu/vhost-user), and its launcher (dist/bin/vubd)
 
 vubd options:
       --blk-driver=DRIVER  file (default) or null (reads return zeroes; for benchmarks)
@@ -148,6 +154,8 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
         serial: { type: 'string' },
         control: { type: 'string' },
         'log-level': { type: 'string' },
+        'install-descriptor': { type: 'boolean' },
+        prefix: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean', short: 'V' },
         default: { type: 'boolean' },
@@ -188,6 +196,8 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
     forceShare: v['force-share'] ?? false,
     incoming: v.incoming ?? false,
     printCapabilities: v['print-capabilities'] ?? false,
+    installDescriptor: v['install-descriptor'] ?? false,
+    prefix: v.prefix ?? null,
     numQueues: int('num-queues', v['num-queues'], os.availableParallelism(), 1, 64),
     queueSize,
     aio,
@@ -206,7 +216,8 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
     version: v.version ?? false,
     defaults: v.default ?? false,
   };
-  if (opts.help || opts.version || opts.printCapabilities) return opts;
+  if (opts.prefix !== null && !opts.installDescriptor) throw new UsageError('--prefix goes with --install-descriptor');
+  if (opts.help || opts.version || opts.printCapabilities || opts.installDescriptor) return opts;
   if (opts.defaults) {
     opts.socketPath ??= 'vubd.sock';
     if (opts.blkDriver === 'file') opts.blkFile ??= 'vubd-disk.img';

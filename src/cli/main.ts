@@ -14,6 +14,7 @@ import { BlockGraph } from '../graph/graph.js';
 import { QmpServer } from '../control/qmp-server.js';
 import { buildCommands } from '../control/commands.js';
 import { createBackgroundIo, type BackgroundIo } from '../graph/background-io.js';
+import { CAPABILITIES, installDescriptor } from './descriptor.js';
 import { Notifier, takeListenFds, type ActivatedSockets } from './systemd.js';
 
 const DEFAULT_IMAGE_SIZE = 2 ** 30;
@@ -85,6 +86,11 @@ function qemuCommand(socketPath: string, opts: Options): string {
 }
 
 async function main(): Promise<number> {
+  // vhost-user.rst: with --print-capabilities "other options and arguments should be ignored"
+  if (process.argv.slice(2).some((a) => a === '--print-capabilities' || a === '-c')) {
+    console.log(JSON.stringify(CAPABILITIES));
+    return 0;
+  }
   let opts: Options;
   let activated: ActivatedSockets | null;
   try {
@@ -110,9 +116,15 @@ async function main(): Promise<number> {
     console.log(`vubd ${version()}`);
     return 0;
   }
-  if (opts.printCapabilities) {
-    console.log(JSON.stringify({ type: 'block', features: ['read-only', 'blk-file'] }));
-    return 0;
+  if (opts.installDescriptor) {
+    try {
+      const { file, binary } = installDescriptor(opts.prefix, version());
+      console.log(`vubd: wrote ${file} (binary ${binary})`);
+      return 0;
+    } catch (e) {
+      console.error(`vubd: cannot install the vhost-user descriptor: ${(e as Error).message}`);
+      return 1;
+    }
   }
   setLogLevel(opts.logLevel);
   const log = logger('vubd');
