@@ -14,18 +14,24 @@ function parse(spec: string | undefined): { kind: Kind; queue: number } | null {
 
 const planned = parse(process.env.VUBD_TEST_FAULT);
 
-/** Fires once per queue, across the workers that replace one another (the flag lives in the shared stats block). */
-function due(kind: Kind, queue: number, stats: Int32Array): boolean {
+/**
+ * Fires once per queue, across the workers that replace one another (the flag lives in the shared
+ * stats block), before the queue's first request is served: once it was kicked, or once a busy
+ * poll saw requests without reading the kick.
+ */
+function due(kind: Kind, queue: number, stats: Int32Array, pending: () => boolean): boolean {
   if (planned === null || planned.kind !== kind || planned.queue !== queue) return false;
-  if (Atomics.load(stats, StatIndex.KICKS) === 0) return false;
+  if (Atomics.load(stats, StatIndex.KICKS) === 0 && !pending()) return false;
   return Atomics.compareExchange(stats, StatIndex.FAULT_FIRED, 0, 1) === 0;
 }
 
 export const faultInjection = {
-  maybeThrow(queue: number, stats: Int32Array): void {
-    if (planned !== null && due('throw', queue, stats)) throw new Error('injected fault (VUBD_TEST_FAULT)');
+  /** false unless VUBD_TEST_FAULT is set: the worker loop calls nothing else then */
+  armed: planned !== null,
+  maybeThrow(queue: number, stats: Int32Array, pending: () => boolean): void {
+    if (due('throw', queue, stats, pending)) throw new Error('injected fault (VUBD_TEST_FAULT)');
   },
-  maybeDie(queue: number, stats: Int32Array): void {
-    if (planned !== null && due('die', queue, stats)) throw new Error('injected worker death (VUBD_TEST_FAULT)');
+  maybeDie(queue: number, stats: Int32Array, pending: () => boolean): void {
+    if (due('die', queue, stats, pending)) throw new Error('injected worker death (VUBD_TEST_FAULT)');
   },
 };

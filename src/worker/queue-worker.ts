@@ -120,7 +120,7 @@ class QueueWorker {
     for (;;) {
       this.handleControl();
       if (this.exiting) break;
-      faultInjection.maybeDie(this.init.queueIndex, this.stats);
+      if (faultInjection.armed) faultInjection.maybeDie(this.init.queueIndex, this.stats, () => this.hasRequests());
       try {
         if (this.step()) continue;
         this.sleep();
@@ -134,7 +134,7 @@ class QueueWorker {
 
   /** One pass of the loop; returns true to go round again without sleeping. */
   private step(): boolean {
-    faultInjection.maybeThrow(this.init.queueIndex, this.stats);
+    if (faultInjection.armed) faultInjection.maybeThrow(this.init.queueIndex, this.stats, () => this.hasRequests());
     // Draining or stopping (GET_VRING_BASE): throttled requests start now, not on schedule.
     let progressed = this.stopSeq >= 0 || this.drained ? this.ctx.runAllTimers() : this.ctx.runDueTimers();
     progressed = this.serviceRound() || progressed;
@@ -251,6 +251,15 @@ class QueueWorker {
     const why = 'guest memory shrank under vubd (the frontend truncated its memory file; SIGBUS caught)';
     if (!this.broken) this.markBroken(new BrokenQueueError(why));
     else this.log('error', why);
+  }
+
+  /** new avail entries are waiting (false where the ring cannot even be read) */
+  private hasRequests(): boolean {
+    try {
+      return this.canPop() && this.queue!.hasPending();
+    } catch {
+      return false;
+    }
   }
 
   private canPop(): boolean {
