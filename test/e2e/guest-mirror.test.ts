@@ -38,6 +38,7 @@ import {
   guestPrerequisiteProblem,
   e2eSkip,
 } from "./guest.js";
+import { Console, fioBlockProblems, readRegion, sleep } from "./migration.js";
 
 const MIB = 1024 * 1024;
 const NUM_QUEUES = 2;
@@ -63,7 +64,6 @@ const LIVE = { offset: 128 * MIB, bytes: 16 * MIB }; // meta + per-pass verify_p
 const GROWN = { offset: IMAGE_BYTES, bytes: 4 * MIB }; // written after the resize
 const MARKER_OFFSET = 100 * MIB;
 const BLOCK = 4096;
-const FIO_HDR_MAGIC = 0xacca;
 
 const EXPORT_ID = "export0";
 const OLD_NODE = "file0";
@@ -82,85 +82,6 @@ function markerBlock(name: "PRE-PIVOT" | "POSTPIVOT"): Buffer {
   assert.equal(b.length, BLOCK);
   return b;
 }
-
-async function readRegion(file: string, offset: number, bytes: number): Promise<Buffer> {
-  const fh = await fsp.open(file, "r");
-  try {
-    const buf = Buffer.alloc(bytes);
-    const { bytesRead } = await fh.read(buf, 0, bytes, offset);
-    return buf.subarray(0, bytesRead);
-  } finally {
-    await fh.close();
-  }
-}
-
-/**
- * Problems with fio's data in `buf` (read from `offset` of an image): every
- * 4 KiB block must carry fio's verify header (magic 0xacca, its own offset at
- * byte 16) and, when `pattern` is given, end with that 4-byte verify_pattern.
- */
-function fioBlockProblems(buf: Buffer, offset: number, bytes: number, pattern?: Buffer): string[] {
-  const problems: string[] = [];
-  if (buf.length !== bytes) return [`short read: ${buf.length} of ${bytes} bytes at ${offset}`];
-  for (let at = 0; at < bytes && problems.length < 5; at += BLOCK) {
-    const where = offset + at;
-    const magic = buf.readUInt16LE(at);
-    const hdrOffset = Number(buf.readBigUInt64LE(at + 16));
-    if (magic !== FIO_HDR_MAGIC) problems.push(`block at ${where}: magic 0x${magic.toString(16)}`);
-    else if (hdrOffset !== where) problems.push(`block at ${where}: header says offset ${hdrOffset}`);
-    else if (pattern && !buf.subarray(at + BLOCK - 4, at + BLOCK).equals(pattern)) {
-      problems.push(`block at ${where}: ends with ${buf.subarray(at + BLOCK - 4, at + BLOCK).toString("hex")}, want ${pattern.toString("hex")}`);
-    }
-  }
-  return problems;
-}
-
-/** Guest console as it streams in: wait for a line matching a regex. */
-class Console {
-  private text = "";
-  private ended = false;
-  private waiters: Array<{ re: RegExp; resolve: (m: RegExpExecArray) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }> = [];
-
-  push(chunk: string): void {
-    this.text += chunk;
-    this.waiters = this.waiters.filter((w) => {
-      const m = w.re.exec(this.text);
-      if (!m) return true;
-      clearTimeout(w.timer);
-      w.resolve(m);
-      return false;
-    });
-  }
-
-  end(): void {
-    this.ended = true;
-    for (const w of this.waiters) {
-      clearTimeout(w.timer);
-      w.reject(new Error(`guest console ended without ${w.re}`));
-    }
-    this.waiters = [];
-  }
-
-  /** Lines so far matching `re` (which needs the g and m flags). */
-  count(re: RegExp): number {
-    return [...this.text.matchAll(re)].length;
-  }
-
-  waitFor(re: RegExp, timeoutMs: number): Promise<RegExpExecArray> {
-    const m = re.exec(this.text);
-    if (m) return Promise.resolve(m);
-    if (this.ended) return Promise.reject(new Error(`guest console ended without ${re}`));
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.waiters = this.waiters.filter((w) => w.timer !== timer);
-        reject(new Error(`no ${re} on the guest console within ${timeoutMs} ms`));
-      }, timeoutMs);
-      this.waiters.push({ re, resolve, reject, timer });
-    });
-  }
-}
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 interface QueueStats {
   queue: number;
@@ -241,7 +162,7 @@ test(
 
       const abort = new AbortController();
       daemon.proc.once("exit", () => abort.abort()); // a dead daemon would hang the guest's I/O
-      const con = new Console();
+      const con = new Console("guest");
       const guestDone = bootGuest({
         socketPath,
         numQueues: NUM_QUEUES,

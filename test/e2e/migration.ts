@@ -146,9 +146,9 @@ export async function readRegion(file: string, offset: number, bytes: number): P
 /**
  * Problems with fio's data in `buf` (read from `offset` of an image): every
  * 4 KiB block must carry fio's verify header (magic 0xacca, its own offset at
- * byte 16) and end with the 4-byte verify_pattern.
+ * byte 16) and, when `pattern` is given, end with that 4-byte verify_pattern.
  */
-export function fioBlockProblems(buf: Buffer, offset: number, bytes: number, pattern: Buffer): string[] {
+export function fioBlockProblems(buf: Buffer, offset: number, bytes: number, pattern?: Buffer): string[] {
   const problems: string[] = [];
   if (buf.length !== bytes) return [`short read: ${buf.length} of ${bytes} bytes at ${offset}`];
   for (let at = 0; at < bytes && problems.length < 5; at += BLOCK) {
@@ -157,7 +157,7 @@ export function fioBlockProblems(buf: Buffer, offset: number, bytes: number, pat
     const hdrOffset = Number(buf.readBigUInt64LE(at + 16));
     if (magic !== FIO_HDR_MAGIC) problems.push(`block at ${where}: magic 0x${magic.toString(16)}`);
     else if (hdrOffset !== where) problems.push(`block at ${where}: header says offset ${hdrOffset}`);
-    else if (!buf.subarray(at + BLOCK - 4, at + BLOCK).equals(pattern)) {
+    else if (pattern && !buf.subarray(at + BLOCK - 4, at + BLOCK).equals(pattern)) {
       problems.push(`block at ${where}: ends with ${buf.subarray(at + BLOCK - 4, at + BLOCK).toString("hex")}, want ${pattern.toString("hex")}`);
     }
   }
