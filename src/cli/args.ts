@@ -19,6 +19,10 @@ export interface Options {
   installDescriptor: boolean;
   prefix: string | null;
   numQueues: number;
+  /** worker threads in the pool serving every export's queues */
+  workers: number;
+  /** false: start with no export (only --control; exports come by block-export-add) */
+  initialExport: boolean;
   queueSize: number;
   aio: 'io_uring' | 'sync';
   pollUs: number;
@@ -83,6 +87,8 @@ vubd options:
       --queue-size=N       largest virtqueue size accepted, power of two (default 1024)
       --aio=MODE           io_uring (default; falls back to sync with a warning) or sync
       --poll-us=N          busy-poll this long before sleeping (default 0)
+      --workers=N          worker threads serving the queues of every export (default: CPU
+                           count = ${os.availableParallelism()}); each queue is served by one of them
       --ring-packed        offer packed virtqueues (QEMU packed=on); turns crash recovery off:
                            INFLIGHT_SHMFD is not offered then. Without it a packed=on guest
                            gets split rings, which survive a vubd restart
@@ -148,6 +154,7 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
         'queue-size': { type: 'string' },
         aio: { type: 'string' },
         'poll-us': { type: 'string' },
+        workers: { type: 'string' },
         'ring-packed': { type: 'boolean' },
         cache: { type: 'string' },
         'logical-block-size': { type: 'string' },
@@ -199,6 +206,8 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
     installDescriptor: v['install-descriptor'] ?? false,
     prefix: v.prefix ?? null,
     numQueues: int('num-queues', v['num-queues'], os.availableParallelism(), 1, 64),
+    workers: int('workers', v.workers, os.availableParallelism(), 1, 256),
+    initialExport: true,
     queueSize,
     aio,
     pollUs: int('poll-us', v['poll-us'], 0, 0, 1_000_000),
@@ -231,7 +240,13 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
     opts.controlFd = activated.control;
   }
   if (opts.socketPath !== null && opts.fd !== null) throw new UsageError('--socket-path and --fd are mutually exclusive');
-  if (opts.socketPath === null && opts.fd === null) throw new UsageError('one of --socket-path or --fd is required (or a socket passed by systemd: LISTEN_FDS)');
+  const diskOptions = ['blk-file', 'blk-driver', 'size', 'read-only', 'num-queues', 'serial', 'ring-packed', 'incoming'];
+  if (opts.socketPath === null && opts.fd === null && (opts.control !== null || opts.controlFd !== null) && !diskOptions.some((o) => v[o as keyof typeof v] !== undefined)) {
+    // A daemon for many disks: nodes and exports are added over QMP (blockdev-add, block-export-add).
+    opts.initialExport = false;
+    return opts;
+  }
+  if (opts.socketPath === null && opts.fd === null) throw new UsageError('one of --socket-path or --fd is required (or a socket passed by systemd: LISTEN_FDS; or only --control, to add exports over QMP)');
   if (opts.fd !== null && ['socket-mode', 'socket-owner', 'socket-group'].some((o) => v[o as keyof typeof v] !== undefined)) {
     throw new UsageError('--socket-mode/--socket-owner/--socket-group need --socket-path (with --fd the socket already exists; its creator sets them)');
   }

@@ -7,6 +7,7 @@ import { createRequire } from 'node:module';
 import { cacheSemantics, parseOptions, UsageError, USAGE, type Options } from './args.js';
 import { flushLogs, logger, setLogLevel } from '../log.js';
 import { BlkExport } from '../worker/export.js';
+import { WorkerPool } from '../worker/pool.js';
 import { VhostUserServer, assertListeningUnixStream } from '../protocol/server.js';
 import { openFileNode, nullNode, closeNode } from '../graph/open.js';
 import type { NodeDef } from '../graph/snapshot.js';
@@ -144,6 +145,14 @@ async function main(): Promise<number> {
   graph.init((s) => s.addNode(root).addExport({ id: EXPORT_ID, root: root.name }));
   const spec = graph.snapshot.spec(root.name);
   const serial = opts.serial ?? (root.driver === 'file' ? path.basename(root.filename) : 'vubd-null');
+  const pool = new WorkerPool({ workers: opts.workers, pollUs: opts.pollUs, logLevel: opts.logLevel }, logger('pool'));
+  try {
+    await pool.ready();
+  } catch (e) {
+    console.error(`vubd: cannot start the worker threads: ${(e as Error).message}`);
+    await pool.close();
+    return 1;
+  }
   const exp = new BlkExport(
     {
       id: EXPORT_ID,
@@ -156,8 +165,7 @@ async function main(): Promise<number> {
       aio: opts.aio,
       blockSize: opts.logicalBlockSize,
       writeback: cacheSemantics(opts.cache).writeback,
-      pollUs: opts.pollUs,
-      logLevel: opts.logLevel,
+      pool,
       ringPacked: opts.ringPacked,
     },
     logger('export'),
@@ -168,6 +176,7 @@ async function main(): Promise<number> {
   } catch (e) {
     console.error(`vubd: cannot start the queue workers: ${(e as Error).message}`);
     await exp.close();
+    await pool.close();
     return 1;
   }
 
@@ -194,6 +203,7 @@ async function main(): Promise<number> {
     } catch (e) {
       console.error(`vubd: cannot listen on the control socket ${opts.control ?? `fd ${opts.controlFd}`}: ${(e as Error).message}`);
       await exp.close();
+      await pool.close();
       return 1;
     }
   }
@@ -211,6 +221,7 @@ async function main(): Promise<number> {
   } catch (e) {
     console.error(`vubd: cannot listen: ${(e as Error).message}`);
     await exp.close();
+    await pool.close();
     await qmp?.close();
     return 1;
   }
@@ -255,6 +266,7 @@ async function main(): Promise<number> {
       void (async () => {
         await Promise.race([Promise.all([server.close(), qmp?.close()]), new Promise((r) => setTimeout(r, 500))]);
         await exp.close();
+        await pool.close();
         for (const n of graph.snapshot.nodes.values()) closeNode(n);
         clearTimeout(hard);
         resolve(0);

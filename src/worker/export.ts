@@ -1,5 +1,5 @@
-// A vhost-user-blk export: the device the Session talks to. It owns the queue workers (spawned
-// at start-up), the block node they serve and the config space.
+// A vhost-user-blk export: the device the Session talks to. It places its queues on the worker
+// pool (threads made at start-up), and owns the block node they serve and the config space.
 import type { Logger } from '../log.js';
 import { DeviceRefusal, type BackendChannel, type DirtyLogRegion, type InflightRegion, type RegionWithFd, type VhostBackend, type VringSetup } from '../protocol/backend.js';
 import { blkConfigSpace, blkFeatures, blkProtocolFeatures, WCE_OFFSET } from '../blk/config.js';
@@ -8,7 +8,8 @@ import { DrainBarrier, type Drainable } from '../graph/drain.js';
 import type { GraphConsumer } from '../graph/graph.js';
 import { GuestMemoryMap, GuestMemoryMapError } from '../virtio/memory-map.js';
 import { ProtocolError } from '../protocol/codec.js';
-import { QueueWorkerHandle } from './handle.js';
+import type { QueueHandle } from './handle.js';
+import type { WorkerPool } from './pool.js';
 import { QueueState, StatIndex } from './messages.js';
 import { releaseSpec, retainSpec } from '../graph/fd-refs.js';
 import { F, hasBit } from '../protocol/constants.js';
@@ -26,8 +27,10 @@ export interface ExportOptions {
   serial: string;
   aio: 'io_uring' | 'sync';
   blockSize: number;
-  pollUs: number;
-  logLevel: string;
+  /** the worker threads its queues run on */
+  pool: WorkerPool;
+  /** per queue, the pool worker serving it (an iothread-vq-mapping); default round robin */
+  mapping?: readonly number[];
   /** offer RING_PACKED, and so not INFLIGHT_SHMFD (see blkFeatures) */
   ringPacked?: boolean;
   /** the configured write-cache mode (default write-back, as QEMU's block layer); a reset returns to it */
@@ -42,7 +45,9 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
   readonly readOnly: boolean;
   readonly features: bigint;
   readonly protocolFeatures: bigint;
-  readonly workers: QueueWorkerHandle[];
+  readonly workers: QueueHandle[];
+  /** per queue, the pool worker it is placed on */
+  readonly placement: readonly number[];
   private node: NodeSpec;
   private generation: number;
   /** the configured write-cache mode: what a new session or RESET_DEVICE starts from */
@@ -80,6 +85,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     this.features = blkFeatures(opts.readOnly, opts.ringPacked ?? false);
     this.protocolFeatures = blkProtocolFeatures(opts.ringPacked ?? false);
     this.serial = new TextEncoder().encode(opts.serial).subarray(0, 20);
+    this.placement = opts.pool.place(opts.numQueues, opts.mapping);
     this.workers = Array.from({ length: opts.numQueues }, (_, i) => this.spawn(i));
   }
 
@@ -90,12 +96,14 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
   /** the write lock on the images is held only while a frontend has the device started (live migration hands it over) */
   private readonly claim = new TreeClaim(() => this.node);
 
-  /** A queue worker serving the current node tree; `stats` keeps a dead predecessor's counters. */
-  private spawn(i: number, stats?: SharedArrayBuffer): QueueWorkerHandle {
+  /** Queue i on its worker, serving the current node tree; `stats` keeps a dead predecessor's counters. */
+  private spawn(i: number, stats?: SharedArrayBuffer): QueueHandle {
     retainSpec(this.node);
     this.held[i] = this.node;
-    return new QueueWorkerHandle(
+    return this.opts.pool.addQueue(
+      this.placement[i]!,
       {
+        exportId: this.id,
         queueIndex: i,
         aio: this.opts.aio,
         maxQueueSize: this.opts.maxQueueSize,
@@ -105,12 +113,10 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
         writeback: this.writeback,
         readOnly: this.opts.readOnly,
         logicalBlockSize: this.opts.blockSize,
-        logLevel: this.opts.logLevel,
-        pollUs: this.opts.pollUs,
       },
       this.log,
-      stats,
       (err) => this.workerDied(i, err),
+      stats,
     );
   }
 
@@ -142,23 +148,22 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
       Atomics.store(old.stats, StatIndex.IN_FLIGHT, 0);
       const w = this.spawn(i, old.stats.buffer as SharedArrayBuffer);
       this.workers[i] = w;
-      await w.request({ type: 'ready' });
-      this.log.info({ queue: i }, 'queue worker replaced');
+      await w.added;
+      this.log.info({ queue: i, worker: w.workerIndex }, 'queue worker replaced');
     }
   }
 
   /**
-   * Resolves once every queue worker runs its loop (threads are made ahead of time, and a
-   * worker that cannot start is a start-up failure, not a first-request failure). The default
-   * allows half a second per worker: 64 of them take over 10 s on a busy two-core machine.
+   * Resolves once every queue is placed on its worker (a queue that cannot be placed is a
+   * start-up failure, not a first-request failure).
    */
-  async ready(timeoutMs = Math.max(10000, 500 * this.workers.length)): Promise<void> {
+  async ready(timeoutMs = 10000): Promise<void> {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(() => reject(new Error(`queue workers did not start within ${timeoutMs} ms`)), timeoutMs);
     });
     try {
-      await Promise.race([Promise.all(this.workers.map((w) => w.request({ type: 'ready' }))), timeout]);
+      await Promise.race([Promise.all(this.workers.map((w) => w.added)), timeout]);
     } finally {
       clearTimeout(timer);
     }
@@ -402,6 +407,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
   stats(): Record<string, number | string | Record<string, number>>[] {
     return this.workers.map((w) => ({
       queue: w.index,
+      worker: w.workerIndex,
       readOps: Atomics.load(w.stats, StatIndex.READ_OPS),
       writeOps: Atomics.load(w.stats, StatIndex.WRITE_OPS),
       flushOps: Atomics.load(w.stats, StatIndex.FLUSH_OPS),
@@ -419,10 +425,11 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     }));
   }
 
+  /** Takes every queue off its worker (the workers stay in the pool for other exports). */
   async close(): Promise<void> {
-    await Promise.all(this.workers.map((w) => w.terminate()));
+    await Promise.all(this.workers.map((w) => w.remove()));
     this.workers.forEach((w, i) => {
-      if (!w.isDead || this.held[i] === undefined) return;
+      if (this.held[i] === undefined) return;
       releaseSpec(this.held[i]!);
       delete this.held[i];
     });

@@ -1,99 +1,68 @@
-// Main-thread handle of one queue worker: spawns it ahead of time, sends control messages (each
-// followed by a wake on the control eventfd) and matches acks to requests.
-import { Worker } from 'node:worker_threads';
-import { native } from '../native/index.js';
+// Main-thread handle of one queue placed on a pool worker: requests to it carry its queue id.
 import type { Logger } from '../log.js';
-import { StatIndex, type FromWorker, type ToWorker, type WorkerInit } from './messages.js';
+import type { PoolWorker, PlacedQueue, Without } from './pool-worker.js';
+import type { FromWorker, QueueInit, ToQueue } from './messages.js';
 
-type Pending = { resolve: (m: Extract<FromWorker, { type: 'ack' }>) => void; reject: (e: Error) => void };
-type Without<T, K extends keyof T> = T extends unknown ? Omit<T, K> : never;
+type Ack = Extract<FromWorker, { type: 'ack' }>;
 
-export class QueueWorkerHandle {
+export class QueueHandle implements PlacedQueue {
   readonly index: number;
   readonly stats: Int32Array;
-  private readonly worker: Worker;
-  private readonly ctrlFd: number;
-  private seq = 0;
-  private readonly pending = new Map<number, Pending>();
+  /** settles once the worker took the queue */
+  readonly added: Promise<void>;
   private dead: Error | null = null;
-  readonly exited: Promise<void>;
 
-  /**
-   * `stats` carries the counters over from a worker this one replaces; `onDeath` runs once if the
-   * thread ends without being asked to.
-   */
   constructor(
-    init: Omit<WorkerInit, 'ctrlFd' | 'stats'>,
-    private readonly log: Logger,
-    stats: SharedArrayBuffer = new SharedArrayBuffer(4 * StatIndex.COUNT),
-    private readonly onDeath: (err: Error) => void = () => {},
+    private readonly worker: PoolWorker,
+    readonly qid: number,
+    init: QueueInit,
+    readonly log: Logger,
+    private readonly onDeath: (err: Error) => void,
   ) {
     this.index = init.queueIndex;
-    this.ctrlFd = native.eventfd(true);
-    this.stats = new Int32Array(stats);
-    const workerInit: WorkerInit = { ...init, ctrlFd: this.ctrlFd, stats };
-    this.worker = new Worker(new URL('./queue-worker.js', import.meta.url), {
-      workerData: workerInit,
-      name: `vubd-queue-${init.queueIndex}`,
-    });
-    this.worker.on('message', (m: FromWorker) => this.onMessage(m));
-    this.worker.on('error', (err) => {
-      this.log.error({ err, queue: this.index }, 'queue worker crashed');
-      this.fail(err);
-    });
-    this.exited = new Promise((resolve) => {
-      this.worker.on('exit', (code) => {
-        if (code !== 0) this.log.error({ queue: this.index, code }, 'queue worker exited');
-        const asked = this.exitRequested;
-        this.fail(new Error(`queue worker ${this.index} exited with code ${code}`));
-        native.close(this.ctrlFd);
-        resolve();
-        if (!asked) this.onDeath(this.dead!);
-      });
-    });
+    this.stats = new Int32Array(init.stats);
+    worker.attach(this);
+    this.added = worker.request({ type: 'add-queue', qid, init }).then(
+      () => undefined,
+      (e: Error) => {
+        worker.detach(this);
+        this.dead ??= e;
+        throw e;
+      },
+    );
+    this.added.catch(() => undefined); // observed by ready() and every later request
   }
 
-  private exitRequested = false;
+  /** the pool worker serving this queue */
+  get workerIndex(): number {
+    return this.worker.index;
+  }
 
   get isDead(): boolean {
     return this.dead !== null;
   }
 
-  private fail(err: Error): void {
-    this.dead ??= err;
-    for (const p of this.pending.values()) p.reject(err);
-    this.pending.clear();
+  workerDied(err: Error): void {
+    if (this.dead) return;
+    this.dead = err;
+    this.onDeath(err);
   }
 
-  private onMessage(m: FromWorker): void {
-    if (m.type === 'log') {
-      this.log[m.level](m.data ?? {}, m.msg);
-      return;
+  /** Sends a control message to this queue and resolves with the worker's ack. */
+  async request(msg: Without<ToQueue, 'seq' | 'qid'>): Promise<Ack> {
+    if (this.dead) throw this.dead;
+    try {
+      return await this.worker.request({ ...msg, qid: this.qid } as Without<ToQueue, 'seq'>);
+    } catch (e) {
+      throw new Error(`queue ${this.index}: ${(e as Error).message}`);
     }
-    const p = this.pending.get(m.seq);
-    if (!p) return;
-    this.pending.delete(m.seq);
-    if (m.error) p.reject(new Error(`queue ${this.index}: ${m.error}`));
-    else p.resolve(m);
   }
 
-  /** Sends a control message and resolves with the worker's ack. */
-  request(msg: Without<ToWorker, 'seq'>): Promise<Extract<FromWorker, { type: 'ack' }>> {
-    if (this.dead) return Promise.reject(this.dead);
-    const seq = ++this.seq;
-    return new Promise((resolve, reject) => {
-      this.pending.set(seq, { resolve, reject });
-      this.worker.postMessage({ ...msg, seq } as ToWorker);
-      native.eventfdWrite(this.ctrlFd, 1);
-    });
-  }
-
-  async terminate(): Promise<void> {
-    this.exitRequested = true;
-    if (!this.dead) {
-      await Promise.race([this.request({ type: 'exit' }).catch(() => undefined), new Promise((r) => setTimeout(r, 500))]);
-    }
-    await Promise.race([this.exited, new Promise((r) => setTimeout(r, 500))]);
-    if (!this.dead) await this.worker.terminate();
+  /** Takes the queue off its worker (requests still in flight are abandoned); later requests fail. */
+  async remove(): Promise<void> {
+    if (this.dead) return;
+    this.dead = new Error(`queue worker ${this.index} exited (removed)`);
+    this.worker.detach(this);
+    await this.worker.request({ type: 'remove-queue', qid: this.qid }).catch(() => undefined);
   }
 }

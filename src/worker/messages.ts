@@ -1,11 +1,22 @@
-// Messages between the main thread and a queue worker. Plain data only: no shared mutable objects.
+// Messages between the main thread and a pool worker (and the queue contexts it serves). Plain data only: no shared mutable objects.
 import type { ChunkSpec } from '../virtio/memory.js';
 import type { InflightRegion, VringSetup } from '../protocol/backend.js';
 import type { NodeSpec } from '../graph/nodes.js';
 
+/** what a pool worker thread starts with */
 export interface WorkerInit {
-  queueIndex: number;
+  /** the worker's index in the pool (its name: worker0, worker1, ...) */
+  index: number;
   ctrlFd: number;
+  /** adaptive busy-poll window before sleeping (the thread's, covering all its queues) */
+  pollUs: number;
+  logLevel: string;
+}
+
+/** what a queue context starts with: one (export, queue) placed on a worker */
+export interface QueueInit {
+  exportId: string;
+  queueIndex: number;
   aio: 'io_uring' | 'sync';
   maxQueueSize: number;
   node: NodeSpec;
@@ -15,10 +26,8 @@ export interface WorkerInit {
   readOnly: boolean;
   /** bytes (512 or 4096): requests not aligned to it get IOERR */
   logicalBlockSize: number;
-  logLevel: string;
   /** Int32Array over a SharedArrayBuffer: see StatIndex */
   stats: SharedArrayBuffer;
-  pollUs: number;
 }
 
 /** the dirty-log bitmap: a process-wide mapping (native.mapShared) and where the bitmap lies in it */
@@ -28,9 +37,8 @@ export interface DirtyLogView {
   size: number;
 }
 
-export type ToWorker =
-  /** answered once the worker's loop runs: start-up waits for every worker before listening */
-  | { type: 'ready'; seq: number }
+/** Messages to one queue context on a worker, keyed by its pool-wide queue id. */
+export type ToQueue = { qid: number } & (
   /** views of the chunks the main thread mapped (ids, not fds: nothing to close) */
   | { type: 'memtable'; seq: number; chunks: readonly ChunkSpec[] }
   | { type: 'configure'; seq: number; setup: VringSetup }
@@ -43,11 +51,22 @@ export type ToWorker =
   | { type: 'dirty-log'; seq: number; log: DirtyLogView | null; enabled: boolean }
   | { type: 'drain'; seq: number }
   | { type: 'undrain'; seq: number }
-  | { type: 'exit'; seq: number };
+);
+
+export type ToWorker =
+  /** answered once the worker's loop runs: start-up waits for every worker before listening */
+  | { type: 'ready'; seq: number }
+  /** places a queue on this worker (an export starting, or a queue replacing a dead one) */
+  | { type: 'add-queue'; seq: number; qid: number; init: QueueInit }
+  /** the queue goes: requests still in flight are abandoned, its mappings dropped */
+  | { type: 'remove-queue'; seq: number; qid: number }
+  | { type: 'exit'; seq: number }
+  | ToQueue;
 
 export type FromWorker =
   | { type: 'ack'; seq: number; lastAvail?: number; error?: string }
-  | { type: 'log'; level: 'warn' | 'error' | 'info'; msg: string; data?: Record<string, unknown> };
+  /** qid: the queue the line is about (routed to its export's logger), absent for the worker itself */
+  | { type: 'log'; level: 'warn' | 'error' | 'info'; msg: string; qid?: number; data?: Record<string, unknown> };
 
 /** Int32 slots of the shared stats block (Atomics readable from the main thread). */
 export const enum StatIndex {

@@ -1,9 +1,8 @@
-// Worker thread entry: serves one virtqueue. It views the guest memory the main thread mapped, owns its ring indices
-// and in-flight table, and sleeps in one blocking poll covering kick, control and completions.
-// Control messages arrive on parentPort and are read synchronously after the control eventfd wakes us.
-import { parentPort, receiveMessageOnPort, workerData } from 'node:worker_threads';
+// One (export, queue) served by a pool worker: it views the guest memory the main thread mapped,
+// owns its ring indices, in-flight table and I/O engine. The worker loop (worker-loop.ts) steps
+// every context it holds and sleeps in one poll covering all their kicks and completions.
 import { performance } from 'node:perf_hooks';
-import { native, POLLERR, POLLIN, POLLNVAL } from '../native/index.js';
+import { native } from '../native/index.js';
 import { GuestMemory } from '../virtio/memory.js';
 import { DescriptorChain } from '../virtio/chain.js';
 import { BrokenQueueError, SplitQueue } from '../virtio/split-queue.js';
@@ -15,7 +14,7 @@ import { buildNode, flushNodeStats, PENDING, type BlockNode } from '../graph/nod
 import { createEngine, type IoEngine } from '../graph/io-engine.js';
 import { WorkerIoContext } from './io-context.js';
 import type { InflightRegion, VringSetup } from '../protocol/backend.js';
-import { QueueState, StatIndex, type FromWorker, type ToWorker, type WorkerInit } from './messages.js';
+import { QueueState, StatIndex, type FromWorker, type QueueInit, type ToQueue } from './messages.js';
 import { faultInjection } from './fault-injection.js';
 import { DirtyLog, ringLogRanges } from '../virtio/dirty-log.js';
 
@@ -27,19 +26,19 @@ const CHUNK = 8;
 /** requests started before control messages and timers are looked at again */
 const ROUND = 256;
 
-class QueueWorker {
-  private readonly init: WorkerInit;
-  private readonly port = parentPort!;
-  private readonly stats: Int32Array;
+export class QueueContext {
+  readonly qid: number;
+  readonly init: QueueInit;
+  readonly stats: Int32Array;
   private memory: GuestMemory | null = null;
-  private queue: SplitQueue | PackedQueue | null = null;
-  private setup: VringSetup | null = null;
+  queue: SplitQueue | PackedQueue | null = null;
+  setup: VringSetup | null = null;
   private node: BlockNode;
-  private engine: IoEngine | null = null;
+  engine: IoEngine | null = null;
   private readonly handler: BlkRequestHandler;
   private slots: BlkSlot[] = [];
   private freeTags: number[] = [];
-  private inFlight = 0;
+  inFlight = 0;
   private inflightRegion: { spec: InflightRegion; buffer: ArrayBuffer } | null = null;
   private tracker: SplitInflight | null = null;
   /** heads recovered from the inflight region, resubmitted before new avail entries */
@@ -48,28 +47,18 @@ class QueueWorker {
   private drainSeq = -1;
   private drained = false;
   private broken = false;
-  private exiting = false;
   private needNotify = false;
   /** a notification was due while the ring had no call fd */
   private notifyOwed = false;
   private readonly completions = new Float64Array(2 * BATCH);
-  /** per tag: continuations registered by nodes (IoContext.then), innermost last */
-
-  /** deferred starts (IoContext.defer), sorted by due time */
-
   /** graph generation of the node tree in use; requests remember the one they started under */
   private generation = 0;
-  private readonly ctx: WorkerIoContext;
-  private readonly pollFds = new Int32Array(3);
-  private readonly revents = new Int32Array(3);
+  readonly ctx: WorkerIoContext;
   /** stats counted since the last publish; added to the shared block before the used index moves */
   private readonly acc = new Int32Array(StatIndex.COUNT);
   private accDirty = false;
   /** performance.now() of the current pop chunk / reap call (one clock read per batch, not per request) */
   private reapMs = 0;
-  /** adaptive busy-poll window before sleeping, in ms (0 = off); at most init.pollUs */
-  private readonly pollMaxMs: number;
-  private pollMs: number;
   /** native.sigbusRescues() when last looked at */
   private sigbusSeen = native.sigbusRescues();
   /** a SIGBUS was caught while this queue served: completions may describe data that never landed */
@@ -82,23 +71,22 @@ class QueueWorker {
   private ringLog: number[] | null = null;
   private logOutsideWarned = false;
 
-  constructor(init: WorkerInit) {
+  constructor(
+    qid: number,
+    init: QueueInit,
+    private readonly post: (m: FromWorker) => void,
+  ) {
+    this.qid = qid;
     this.init = init;
     this.stats = new Int32Array(init.stats);
     this.node = buildNode(init.node);
     this.handler = new BlkRequestHandler({ serial: init.serial, writeback: init.writeback, readOnly: init.readOnly, logicalBlockSize: init.logicalBlockSize });
     this.generation = init.generation;
-    this.pollMaxMs = Math.max(0, init.pollUs) / 1000;
-    this.pollMs = this.pollMaxMs;
     this.ctx = new WorkerIoContext((msg, data) => this.log('error', msg, data));
   }
 
-  private post(m: FromWorker): void {
-    this.port.postMessage(m);
-  }
-
-  private log(level: 'warn' | 'error' | 'info', msg: string, data?: Record<string, unknown>): void {
-    this.post({ type: 'log', level, msg, data: { queue: this.init.queueIndex, ...data } });
+  log(level: 'warn' | 'error' | 'info', msg: string, data?: Record<string, unknown>): void {
+    this.post({ type: 'log', level, msg, qid: this.qid, data: { queue: this.init.queueIndex, ...data } });
   }
 
   private ensureEngine(queueSize: number): IoEngine {
@@ -116,45 +104,67 @@ class QueueWorker {
     return this.engine;
   }
 
-  run(): void {
-    for (;;) {
-      this.handleControl();
-      if (this.exiting) break;
-      if (faultInjection.armed) faultInjection.maybeDie(this.init.queueIndex, this.stats, () => this.hasRequests());
-      try {
-        if (this.step()) continue;
-        this.sleep();
-      } catch (e) {
-        // Whatever went wrong stays with this queue: the thread lives on and keeps answering control messages.
-        this.fault(e);
-      }
-    }
+  /** The queue leaves its worker: what is still in flight is abandoned, its mappings dropped. */
+  close(): void {
+    if (this.inFlight > 0) this.abandonInFlight();
     this.engine?.close();
+    this.engine = null;
+    this.setDirtyLog(null, false);
+    this.queue = null;
+    this.setup = null;
+    this.memory?.retire();
+    this.memory = null;
+    this.replaceInflightRegion(null);
   }
 
-  /** One pass of the loop; returns true to go round again without sleeping. */
-  private step(): boolean {
+  /**
+   * One pass: due timers, then pop/start/reap/publish rounds, then a stop or drain that became
+   * complete. Returns true if anything moved (the loop goes round again without sleeping).
+   */
+  step(): boolean {
     if (faultInjection.armed) faultInjection.maybeThrow(this.init.queueIndex, this.stats, () => this.hasRequests());
     // Draining or stopping (GET_VRING_BASE): throttled requests start now, not on schedule.
     let progressed = this.stopSeq >= 0 || this.drained ? this.ctx.runAllTimers() : this.ctx.runDueTimers();
     progressed = this.serviceRound() || progressed;
     this.finishStopOrDrain();
-    if (progressed) return true;
-    if (this.pollMs > 0 && this.busyPoll()) return true;
-    if (this.canPop()) {
+    return progressed;
+  }
+
+  /** Before sleeping: asks the driver for a kick; returns true if requests arrived meanwhile. */
+  armKick(): boolean {
+    if (!this.canPop()) return false;
+    try {
       try {
-        let pending: boolean;
-        try {
-          pending = this.queue!.armKick();
-        } finally {
-          if (this.dirty !== null) this.markRing(); // armKick wrote avail_event / the event area
-        }
-        if (pending) return true;
-      } catch (e) {
-        this.markBroken(e);
+        return this.queue!.armKick();
+      } finally {
+        if (this.dirty !== null) this.markRing(); // armKick wrote avail_event / the event area
       }
+    } catch (e) {
+      this.markBroken(e);
+      return false;
     }
-    return false;
+  }
+
+  /** The worker's busy poll: new avail entries, or completions reaped (published on the next step). */
+  pollOnce(): boolean {
+    if (this.canPop() && this.queue!.hasPending()) return true;
+    return this.inFlight > 0 && this.engine !== null && this.engine.pollFd >= 0 && this.reap();
+  }
+
+  /** the kick fd to sleep on, or -1 */
+  get kickFd(): number {
+    return this.canPop() ? this.setup!.kickFd : -1;
+  }
+
+  /** the engine's completion fd to sleep on, or -1 */
+  get ioFd(): number {
+    return this.inFlight > 0 && this.engine !== null ? this.engine.pollFd : -1;
+  }
+
+  /** The kick fd woke the worker. */
+  kicked(): void {
+    native.eventfdRead(this.setup!.kickFd);
+    Atomics.add(this.stats, StatIndex.KICKS, 1);
   }
 
   /**
@@ -163,7 +173,7 @@ class QueueWorker {
    * even finish those: they are abandoned (still recorded in the inflight region, so a later
    * session or a restarted vubd resubmits them) and the queue is left empty, so stop and drain complete.
    */
-  private fault(e: unknown): void {
+  fault(e: unknown): void {
     const err = e instanceof Error ? e : new Error(String(e));
     if (!this.broken) {
       this.markBroken(err, true);
@@ -214,31 +224,6 @@ class QueueWorker {
   }
 
   /**
-   * Spins for up to the poll window waiting for new avail entries, I/O completions or control
-   * messages; returns true if one arrived. The window adapts: it shrinks when polling did not pay.
-   */
-  private busyPoll(): boolean {
-    const q = this.canPop() ? this.queue! : null;
-    const start = performance.now();
-    const until = start + this.pollMs;
-    let spins = 0;
-    for (;;) {
-      if (q !== null && q.hasPending()) break;
-      if (this.inFlight > 0 && this.engine !== null && this.engine.pollFd >= 0 && this.reap()) break;
-      if ((++spins & 7) === 0) {
-        if (this.handleControl()) break;
-        if (this.ctx.hasDueTimer()) break;
-        if (performance.now() >= until) {
-          // Nothing came within the window: halve it (it regrows after short sleeps).
-          this.pollMs = this.pollMs / 2 < 0.001 ? 0.001 : this.pollMs / 2;
-          return false;
-        }
-      }
-    }
-    return true;
-  }
-
-  /**
    * A frontend truncated a file we map (the addon patched the faulting page with zeroes): this
    * queue's guest memory is no longer what the driver shares with us, so stop serving it.
    */
@@ -254,7 +239,7 @@ class QueueWorker {
   }
 
   /** new avail entries are waiting (false where the ring cannot even be read) */
-  private hasRequests(): boolean {
+  hasRequests(): boolean {
     try {
       return this.canPop() && this.queue!.hasPending();
     } catch {
@@ -266,35 +251,6 @@ class QueueWorker {
     return (
       this.queue !== null && this.setup !== null && this.setup.enabled && this.stopSeq < 0 && !this.drained && !this.broken && this.engine !== null
     );
-  }
-
-  private sleep(): void {
-    const fds = this.pollFds;
-    let n = 0;
-    fds[n++] = this.init.ctrlFd;
-    const kick = this.canPop() ? this.setup!.kickFd : -1;
-    if (kick >= 0) fds[n++] = kick;
-    const io = this.inFlight > 0 && this.engine !== null ? this.engine.pollFd : -1;
-    if (io >= 0) fds[n++] = io;
-    if (this.pollMaxMs > 0) {
-      const t0 = performance.now();
-      native.pollWait(fds, n, this.revents, this.ctx.msToNextTimer());
-      // A sleep shorter than the longest window would have been caught by polling: grow it.
-      if (performance.now() - t0 < this.pollMaxMs) this.pollMs = Math.min(this.pollMaxMs, this.pollMs * 2);
-    } else {
-      native.pollWait(fds, n, this.revents, this.ctx.msToNextTimer());
-    }
-    for (let i = 0; i < n; i++) {
-      const ev = this.revents[i]!;
-      // A kick fd that poll cannot wait on would turn this sleep into a spin.
-      if (fds[i] === kick && (ev & (POLLNVAL | POLLERR)) !== 0) throw new BrokenQueueError(`kick fd ${kick} cannot be polled (revents 0x${ev.toString(16)})`);
-      if ((ev & POLLIN) === 0) continue;
-      if (fds[i] === this.init.ctrlFd) native.eventfdRead(fds[i]!);
-      else if (fds[i] === kick) {
-        native.eventfdRead(kick);
-        Atomics.add(this.stats, StatIndex.KICKS, 1);
-      }
-    }
   }
 
   /** Starts up to `limit` requests (recovered ones first); returns how many were started. */
@@ -353,7 +309,7 @@ class QueueWorker {
   }
 
   /** `internal`: not a guest error but an unexpected exception (logged with its stack). */
-  private markBroken(e: unknown, internal = false): void {
+  markBroken(e: unknown, internal = false): void {
     if (!internal && !(e instanceof BrokenQueueError) && !(e instanceof RangeError)) throw e;
     this.broken = true;
     Atomics.store(this.stats, StatIndex.STATE, QueueState.BROKEN);
@@ -534,25 +490,8 @@ class QueueWorker {
     }
   }
 
-  /** Applies queued control messages; returns true if there were any. */
-  private handleControl(): boolean {
-    for (let any = false; ; any = true) {
-      const got = receiveMessageOnPort(this.port);
-      if (got === undefined) return any;
-      const m = got.message as ToWorker;
-      try {
-        this.apply(m);
-      } catch (e) {
-        this.post({ type: 'ack', seq: m.seq, error: (e as Error).message });
-      }
-    }
-  }
-
-  private apply(m: ToWorker): void {
+  apply(m: ToQueue): void {
     switch (m.type) {
-      case 'ready':
-        this.post({ type: 'ack', seq: m.seq });
-        return;
       case 'memtable': {
         this.publish();
         const old = this.memory;
@@ -640,10 +579,6 @@ class QueueWorker {
         Atomics.store(this.stats, StatIndex.STATE, this.queue ? QueueState.RUNNING : QueueState.IDLE);
         this.post({ type: 'ack', seq: m.seq });
         return;
-      case 'exit':
-        this.exiting = true;
-        this.post({ type: 'ack', seq: m.seq });
-        return;
     }
   }
 
@@ -691,5 +626,3 @@ class QueueWorker {
     }
   }
 }
-
-new QueueWorker(workerData as WorkerInit).run();
