@@ -94,3 +94,8 @@ Socket access (the socket file's mode and owner are set before it appears, never
                            logged. uid 0 is not implicitly allowed: list it if root's QEMU connects.
                            The mode/owner options apply to --socket-path; with --fd only the
                            allow lists apply (the socket's creator set its mode)`;
+
+/** block-export-add's socket-mode/-owner/-group and allow-uid/-gid (same strings as the options) */
+export function exportAccess(v: Readonly<Record<string, string | undefined>>): { access: SocketAccess; peers: PeerPolicy | null } {
+  return { access: socketAccess('socket', v), peers: peerPolicy(v) };
+}

@@ -6,9 +6,10 @@ import path from 'node:path';
 import { createRequire } from 'node:module';
 import { cacheSemantics, parseOptions, UsageError, USAGE, type Options } from './args.js';
 import { flushLogs, logger, setLogLevel } from '../log.js';
-import { BlkExport } from '../worker/export.js';
 import { WorkerPool } from '../worker/pool.js';
-import { VhostUserServer, assertListeningUnixStream } from '../protocol/server.js';
+import { assertListeningUnixStream } from '../protocol/server.js';
+import { ExportManager } from '../control/export-manager.js';
+import { exportAccess } from './access-args.js';
 import { openFileNode, nullNode, closeNode } from '../graph/open.js';
 import type { NodeDef } from '../graph/snapshot.js';
 import { BlockGraph } from '../graph/graph.js';
@@ -131,69 +132,68 @@ async function main(): Promise<number> {
   const log = logger('vubd');
   const notifier = new Notifier(process.env, logger('systemd'));
 
-  let root: NodeDef;
-  try {
-    root = openRootNode(opts);
-  } catch (e) {
-    console.error(`vubd: ${(e as Error).message}`);
-    return 1;
+  let root: NodeDef | null = null;
+  if (opts.initialExport) {
+    try {
+      root = openRootNode(opts);
+    } catch (e) {
+      console.error(`vubd: ${(e as Error).message}`);
+      return 1;
+    }
+    if (opts.forceShare && root.driver === 'file') {
+      log.warn({ image: root.filename }, 'image locking is off (--force-share): vubd takes no locks and another writer may use the image at the same time');
+    }
   }
-  if (opts.forceShare && root.driver === 'file') {
-    log.warn({ image: root.filename }, 'image locking is off (--force-share): vubd takes no locks and another writer may use the image at the same time');
-  }
-  const graph = new BlockGraph();
-  graph.init((s) => s.addNode(root).addExport({ id: EXPORT_ID, root: root.name }));
-  const spec = graph.snapshot.spec(root.name);
-  const serial = opts.serial ?? (root.driver === 'file' ? path.basename(root.filename) : 'vubd-null');
+  const closeRoot = (): void => {
+    if (root !== null) closeNode(root);
+  };
   const pool = new WorkerPool({ workers: opts.workers, pollUs: opts.pollUs, logLevel: opts.logLevel }, logger('pool'));
   try {
     await pool.ready();
   } catch (e) {
     console.error(`vubd: cannot start the worker threads: ${(e as Error).message}`);
     await pool.close();
+    closeRoot();
     return 1;
   }
-  const exp = new BlkExport(
-    {
-      id: EXPORT_ID,
-      generation: graph.snapshot.generation,
-      numQueues: opts.numQueues,
-      maxQueueSize: opts.queueSize,
-      node: spec,
-      readOnly: opts.readOnly,
-      serial,
-      aio: opts.aio,
-      blockSize: opts.logicalBlockSize,
-      writeback: cacheSemantics(opts.cache).writeback,
-      pool,
-      ringPacked: opts.ringPacked,
+  const graph = new BlockGraph();
+  if (root !== null) graph.init((s) => s.addNode(root!));
+
+  const where = opts.socketPath ?? (activated?.vhost != null ? `socket fd ${opts.fd} from systemd` : `fd ${opts.fd}`);
+  const image = root === null ? '' : root.driver === 'file' ? root.filename : 'a null disk';
+  const manager = new ExportManager({
+    graph,
+    pool,
+    aio: opts.aio,
+    log: logger('export'),
+    onSessionChange: (id, connected, conn) => {
+      if (id === EXPORT_ID && root !== null) notifier.status(connected ? `serving ${image} to frontend ${conn}` : `serving ${image} on ${where}; waiting for a frontend`);
+      else notifier.status(`export ${id}: ${connected ? `serving frontend ${conn}` : 'waiting for a frontend'}`);
     },
-    logger('export'),
-  );
-  graph.attach(exp);
-  try {
-    await exp.ready();
-  } catch (e) {
-    console.error(`vubd: cannot start the queue workers: ${(e as Error).message}`);
-    await exp.close();
-    await pool.close();
-    return 1;
-  }
+  });
 
   let qmp: QmpServer | null = null;
   let stop: (signal: string) => void = () => {};
-  let io: BackgroundIo | null = null;
+  const io: BackgroundIo = createBackgroundIo(opts.aio, (m) => log.warn(m));
+  const commands = buildCommands({
+    graph,
+    io,
+    exports: manager.exports,
+    manager,
+    poolSize: pool.size,
+    parseAccess: exportAccess,
+    emit: (event, data) => qmp?.emit(event, data),
+    quit: () => stop('quit'),
+    version: version(),
+    log: logger('control'),
+  });
+  const shutdown = async (): Promise<void> => {
+    await Promise.race([Promise.all([manager.closeAll(), qmp?.close()]), new Promise((r) => setTimeout(r, 500))]);
+    await pool.close();
+    for (const n of graph.snapshot.nodes.values()) closeNode(n);
+    io.close();
+  };
   if (opts.control !== null || opts.controlFd !== null) {
-    io = createBackgroundIo(opts.aio, (m) => log.warn(m));
-    const commands = buildCommands({
-      graph,
-      io,
-      exports: new Map([[exp.id, exp]]),
-      emit: (event, data) => qmp?.emit(event, data),
-      quit: () => stop('quit'),
-      version: version(),
-      log: logger('control'),
-    });
     qmp = new QmpServer(opts.control, commands, version(), logger('qmp'));
     try {
       if (opts.controlFd !== null) {
@@ -202,53 +202,62 @@ async function main(): Promise<number> {
       } else await qmp.listen(opts.controlAccess);
     } catch (e) {
       console.error(`vubd: cannot listen on the control socket ${opts.control ?? `fd ${opts.controlFd}`}: ${(e as Error).message}`);
-      await exp.close();
-      await pool.close();
+      qmp = null;
+      await shutdown();
       return 1;
     }
   }
 
-  const where = opts.socketPath ?? (activated?.vhost != null ? `socket fd ${opts.fd} from systemd` : `fd ${opts.fd}`);
-  const image = root.driver === 'file' ? root.filename : 'a null disk';
-  const onSessionChange = (connected: boolean, conn: number): void =>
-    notifier.status(connected ? `serving ${image} to frontend ${conn}` : `serving ${image} on ${where}; waiting for a frontend`);
-  let server: VhostUserServer;
-  try {
-    server =
-      opts.socketPath !== null
-        ? VhostUserServer.listen(opts.socketPath, exp, logger('vhost'), { access: opts.socketAccess, peers: opts.peers, onSessionChange })
-        : VhostUserServer.fromFd(opts.fd!, exp, logger('vhost'), { peers: opts.peers, onSessionChange });
-  } catch (e) {
-    console.error(`vubd: cannot listen: ${(e as Error).message}`);
-    await exp.close();
-    await pool.close();
-    await qmp?.close();
-    return 1;
+  if (root !== null) {
+    const serial = opts.serial ?? (root.driver === 'file' ? path.basename(root.filename) : 'vubd-null');
+    try {
+      await manager.add({
+        id: EXPORT_ID,
+        nodeName: root.name,
+        addr: opts.socketPath !== null ? { type: 'unix', path: opts.socketPath } : { type: 'fd', fd: opts.fd! },
+        writable: !opts.readOnly,
+        writethrough: !cacheSemantics(opts.cache).writeback,
+        numQueues: opts.numQueues,
+        queueSize: opts.queueSize,
+        logicalBlockSize: opts.logicalBlockSize,
+        serial,
+        access: opts.socketAccess,
+        peers: opts.peers,
+        ringPacked: opts.ringPacked,
+      });
+    } catch (e) {
+      console.error(`vubd: ${(e as Error).message}`);
+      await shutdown();
+      return 1;
+    }
+    log.info(
+      {
+        socket: where,
+        image: root.driver === 'file' ? root.filename : 'null',
+        sizeBytes: graph.snapshot.size(root.name),
+        control: opts.control ?? undefined,
+        queues: opts.numQueues,
+        workers: pool.size,
+        readOnly: opts.readOnly,
+        aio: opts.aio,
+        cache: opts.cache,
+        logicalBlockSize: opts.logicalBlockSize,
+        socketMode: opts.socketPath !== null ? '0' + opts.socketAccess.mode.toString(8) : undefined,
+        allowUids: opts.peers?.uids,
+        allowGids: opts.peers?.gids,
+      },
+      'vubd listening',
+    );
+    // After the export listens: the socket is served, so systemd may start the VM that connects to it.
+    notifier.ready(`serving ${image} on ${where}; waiting for a frontend`);
+  } else {
+    log.info({ control: opts.control ?? `fd ${opts.controlFd}`, workers: pool.size, aio: opts.aio }, 'vubd running with no export; add them with blockdev-add and block-export-add');
+    notifier.ready('no exports yet; add them over the control socket');
   }
-  server.start();
-  log.info(
-    {
-      socket: where,
-      image: root.driver === 'file' ? root.filename : 'null',
-      sizeBytes: spec.size,
-      control: opts.control ?? undefined,
-      queues: opts.numQueues,
-      readOnly: opts.readOnly,
-      aio: opts.aio,
-      cache: opts.cache,
-      logicalBlockSize: opts.logicalBlockSize,
-      socketMode: opts.socketPath !== null ? '0' + opts.socketAccess.mode.toString(8) : undefined,
-      allowUids: opts.peers?.uids,
-      allowGids: opts.peers?.gids,
-    },
-    'vubd listening',
-  );
-  // After start(): the socket is served, so systemd may start the VM that connects to it.
-  notifier.ready(`serving ${image} on ${where}; waiting for a frontend`);
   if (opts.ringPacked) log.info('--ring-packed: packed rings offered, INFLIGHT_SHMFD not: crash recovery is off (a vubd restart hangs a packed-ring guest)');
-  if (opts.defaults && opts.socketPath) {
+  if (opts.defaults && opts.socketPath && root !== null) {
     const sock = path.resolve(opts.socketPath);
-    console.log(`vubd is serving ${root.driver === 'file' ? root.filename : 'a null disk'} on ${sock}\nAttach a QEMU guest with:\n\n${qemuCommand(sock, opts)}\n`);
+    console.log(`vubd is serving ${image} on ${sock}\nAttach a QEMU guest with:\n\n${qemuCommand(sock, opts)}\n`);
   }
 
   return new Promise<number>((resolve) => {
@@ -261,16 +270,12 @@ async function main(): Promise<number> {
       const hard = setTimeout(() => {
         log.warn('shutdown took too long; exiting now');
         resolve(0);
-      }, 900);
+      }, 1500);
       hard.unref();
-      void (async () => {
-        await Promise.race([Promise.all([server.close(), qmp?.close()]), new Promise((r) => setTimeout(r, 500))]);
-        await exp.close();
-        await pool.close();
-        for (const n of graph.snapshot.nodes.values()) closeNode(n);
+      void shutdown().then(() => {
         clearTimeout(hard);
         resolve(0);
-      })();
+      });
     };
     process.on('SIGTERM', () => stop('SIGTERM'));
     process.on('SIGINT', () => stop('SIGINT'));

@@ -12,6 +12,8 @@ import type { BlkExport } from '../worker/export.js';
 import { QmpError, type CommandHandler } from './qmp-server.js';
 import { parseLockingMode } from '../graph/image-lock.js';
 import { logger } from '../log.js';
+import type { ExportManager } from './export-manager.js';
+import { exportCommands, type AccessParser } from './export-commands.js';
 
 const log = logger('control');
 
@@ -19,7 +21,13 @@ export interface ControlContext {
   graph: BlockGraph;
   /** storage I/O of jobs (mirror copy and flush), off the main thread's synchronous path */
   io: BackgroundIo;
+  /** live: exports come and go with block-export-add/del */
   exports: ReadonlyMap<string, BlkExport>;
+  /** present in the daemon: block-export-add/del and the full query-block-exports */
+  manager?: ExportManager;
+  /** workers in the pool (iothread-vq-mapping names worker0..N-1) */
+  poolSize?: number;
+  parseAccess?: AccessParser;
   emit(event: string, data: Record<string, unknown>): void;
   quit(): void;
   version: string;
@@ -389,6 +397,7 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
       },
     ],
   ];
+  if (ctx.manager) cmds.push(...exportCommands(ctx.manager, ctx.poolSize ?? 1, ctx.emit, ctx.parseAccess));
   const cmdMap = new Map(cmds);
   return cmdMap;
 }

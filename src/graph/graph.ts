@@ -3,7 +3,7 @@
 // barrier; changes are serialized.
 import type { NodeSpec } from './nodes.js';
 import { DrainBarrier } from './drain.js';
-import { Snapshot } from './snapshot.js';
+import { GraphError, Snapshot } from './snapshot.js';
 
 export interface GraphConsumer {
   readonly id: string;
@@ -25,6 +25,33 @@ export class BlockGraph {
   /** Registers an export whose root already is in the snapshot (start-up, nothing running yet). */
   attach(consumer: GraphConsumer): void {
     this.consumers.set(consumer.id, consumer);
+  }
+
+  /**
+   * Adds an export serving `root`, in line with other changes: `make` builds its consumer from
+   * the tree as it is at that moment, so no change can slip between the two.
+   */
+  addExport<C extends GraphConsumer>(id: string, root: string, make: (spec: NodeSpec, generation: number) => C): Promise<C> {
+    const run = this.chain.then(() => {
+      if (this.consumers.has(id) || this.current.exports.has(id)) throw new GraphError(`Export '${id}' already exists`);
+      const next = this.current.addExport({ id, root });
+      const c = make(next.spec(root), next.generation);
+      this.current = next;
+      this.consumers.set(id, c);
+      return c;
+    });
+    this.chain = run.catch(() => undefined);
+    return run;
+  }
+
+  /** Removes an export (its consumer no longer runs any of the tree); the nodes stay. */
+  removeExport(id: string): Promise<void> {
+    const run = this.chain.then(() => {
+      this.consumers.delete(id);
+      if (this.current.exports.has(id)) this.current = this.current.removeExport(id);
+    });
+    this.chain = run.catch(() => undefined);
+    return run;
   }
 
   /** Start-up only: installs a snapshot before any export runs I/O. */

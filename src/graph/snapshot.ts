@@ -141,6 +141,13 @@ export class Snapshot {
     return this.next(new Map(this.nodes), exports);
   }
 
+  removeExport(id: string): Snapshot {
+    if (!this.exports.has(id)) throw new GraphError(`Export '${id}' not found`);
+    const exports = new Map(this.exports);
+    exports.delete(id);
+    return this.next(new Map(this.nodes), exports);
+  }
+
   setExportRoot(id: string, root: string): Snapshot {
     const e = this.exports.get(id);
     if (!e) throw new GraphError(`Export '${id}' not found`);

@@ -198,6 +198,11 @@ export class VhostUserServer {
     // A frontend still in the kernel's queue is picked up by the listen poll (level-triggered).
   }
 
+  /** a frontend is being served or waits for its turn */
+  get hasFrontend(): boolean {
+    return this.session !== null || this.waiting.length > 0;
+  }
+
   async close(): Promise<void> {
     this.closing = true;
     if (this.retryTimer) clearTimeout(this.retryTimer);

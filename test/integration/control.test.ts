@@ -95,7 +95,15 @@ describe('control socket', () => {
     s.send('abilities"}');
     assert.deepEqual(await s.next(), { return: {} });
     s.send('{"execute":"query-block-exports","id":"x"}');
-    assert.deepEqual(await s.next(), { return: [{ id: 'export0', type: 'vhost-user-blk', 'node-name': 'file0', 'shutting-down': false }], id: 'x' });
+    const exports = (await s.next()) as { id: string; return: Record<string, unknown>[] };
+    assert.equal(exports.id, 'x');
+    assert.equal(exports.return.length, 1);
+    const { addr, 'iothread-vq-mapping': mapping, ...rest } = exports.return[0]!;
+    assert.deepEqual(rest, { id: 'export0', type: 'vhost-user-blk', 'node-name': 'file0', 'shutting-down': false, writable: true, 'num-queues': 2, 'frontend-connected': false });
+    assert.equal((addr as { type: string }).type, 'unix');
+    // QEMU's iothread-vq-mapping shape: every queue on exactly one worker.
+    const vqs = (mapping as { iothread: string; vqs: number[] }[]).flatMap((m) => m.vqs).sort();
+    assert.deepEqual(vqs, [0, 1]);
     s.send('{"execute":"no-such-command","id":2}');
     assert.deepEqual(await s.next(), { error: { class: 'CommandNotFound', desc: 'The command no-such-command has not been found' }, id: 2 });
     s.send('{"execute":"blockdev-del","arguments":{"node-name":"file0"},"id":3}');
