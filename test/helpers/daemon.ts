@@ -27,11 +27,11 @@ export function tempDir(prefix = 'vubd-test-'): string {
 /** readyTimeoutMs: how long start-up may take (default 10 s; many queues take longer on a busy machine) */
 export async function startDaemon(
   args: string[],
-  opts: { dir?: string; waitSocket?: boolean; env?: Record<string, string>; readyTimeoutMs?: number } = {},
+  opts: { dir?: string; waitSocket?: boolean; env?: Record<string, string>; readyTimeoutMs?: number; exportless?: boolean } = {},
 ): Promise<Daemon> {
   const dir = opts.dir ?? tempDir();
   const socketPath = path.join(dir, 'vubd.sock');
-  const proc = spawn(process.execPath, [vubdMain, `--socket-path=${socketPath}`, ...args], {
+  const proc = spawn(process.execPath, [vubdMain, ...(opts.exportless ? [] : [`--socket-path=${socketPath}`]), ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: opts.env ? { ...process.env, ...opts.env } : process.env,
   });
@@ -76,7 +76,10 @@ export async function startDaemon(
     },
     fdCount: () => fs.readdirSync(`/proc/${proc.pid}/fd`).length,
   };
-  if (opts.waitSocket ?? true) {
+  if (opts.exportless) {
+    // no vhost-user socket: ready once it says it runs with no export (exports come over QMP)
+    await d.waitForLog((r) => typeof r.msg === 'string' && r.msg.startsWith('vubd running with no export'), opts.readyTimeoutMs ?? 10000);
+  } else if (opts.waitSocket ?? true) {
     const deadline = Date.now() + (opts.readyTimeoutMs ?? 10000);
     while (!fs.existsSync(socketPath)) {
       if (proc.exitCode !== null) throw new Error(`vubd exited with ${proc.exitCode}: ${logs.join('\n')}`);
