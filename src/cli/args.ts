@@ -63,6 +63,8 @@ export function cacheSemantics(mode: CacheMode): { direct: boolean; noFlush: boo
 }
 
 export const USAGE = `Usage: vubd (--socket-path=PATH | --fd=N) [--blk-file=PATH | --blk-driver=null --size=8G] [options]
+       vubd --control=PATH [--workers=N] [options]   (no disk yet: add nodes and exports over QMP
+                                                     with blockdev-add and block-export-add)
 
 vhost-user-blk backend: serves a QEMU guest's virtio-blk disk over a vhost-user unix socket.
 
