@@ -1,4 +1,5 @@
-// Test-only fault injection, read once from VUBD_TEST_FAULT ("throw:Q" or "die:Q"): after queue Q
+// Test-only fault injection, read once from VUBD_TEST_FAULT ("throw:Q" or "die:Q", or with an
+// export id, "die:EXPORT:Q"; without one, queue Q of every export): after queue Q
 // saw its first kick, its worker throws a plain Error inside the I/O loop ("throw": must mark only
 // that queue broken) or outside it ("die": the thread really ends, as an uncaught bug would end
 // it). Every exception the worker can foresee is caught, so a real thread death cannot be
@@ -7,9 +8,9 @@ import { StatIndex } from './messages.js';
 
 type Kind = 'throw' | 'die';
 
-function parse(spec: string | undefined): { kind: Kind; queue: number } | null {
-  const m = /^(throw|die):(\d+)$/.exec(spec ?? '');
-  return m === null ? null : { kind: m[1] as Kind, queue: Number(m[2]) };
+function parse(spec: string | undefined): { kind: Kind; exportId: string | null; queue: number } | null {
+  const m = /^(throw|die):(?:([^:]+):)?(\d+)$/.exec(spec ?? '');
+  return m === null ? null : { kind: m[1] as Kind, exportId: m[2] ?? null, queue: Number(m[3]) };
 }
 
 const planned = parse(process.env.VUBD_TEST_FAULT);
@@ -19,8 +20,9 @@ const planned = parse(process.env.VUBD_TEST_FAULT);
  * stats block), before the queue's first request is served: once it was kicked, or once a busy
  * poll saw requests without reading the kick.
  */
-function due(kind: Kind, queue: number, stats: Int32Array, pending: () => boolean): boolean {
+function due(kind: Kind, exportId: string, queue: number, stats: Int32Array, pending: () => boolean): boolean {
   if (planned === null || planned.kind !== kind || planned.queue !== queue) return false;
+  if (planned.exportId !== null && planned.exportId !== exportId) return false;
   if (Atomics.load(stats, StatIndex.KICKS) === 0 && !pending()) return false;
   return Atomics.compareExchange(stats, StatIndex.FAULT_FIRED, 0, 1) === 0;
 }
@@ -28,10 +30,10 @@ function due(kind: Kind, queue: number, stats: Int32Array, pending: () => boolea
 export const faultInjection = {
   /** false unless VUBD_TEST_FAULT is set: the worker loop calls nothing else then */
   armed: planned !== null,
-  maybeThrow(queue: number, stats: Int32Array, pending: () => boolean): void {
-    if (due('throw', queue, stats, pending)) throw new Error('injected fault (VUBD_TEST_FAULT)');
+  maybeThrow(exportId: string, queue: number, stats: Int32Array, pending: () => boolean): void {
+    if (due('throw', exportId, queue, stats, pending)) throw new Error('injected fault (VUBD_TEST_FAULT)');
   },
-  maybeDie(queue: number, stats: Int32Array, pending: () => boolean): void {
-    if (due('die', queue, stats, pending)) throw new Error('injected worker death (VUBD_TEST_FAULT)');
+  maybeDie(exportId: string, queue: number, stats: Int32Array, pending: () => boolean): void {
+    if (due('die', exportId, queue, stats, pending)) throw new Error('injected worker death (VUBD_TEST_FAULT)');
   },
 };

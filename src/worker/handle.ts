@@ -38,12 +38,13 @@ export class QueueHandle implements PlacedQueue {
     return this.worker.index;
   }
 
+  /** true as soon as its thread failed (before the exit that tells the export) */
   get isDead(): boolean {
-    return this.dead !== null;
+    return this.dead !== null || this.worker.isDead;
   }
 
   workerDied(err: Error): void {
-    if (this.dead) return;
+    if (this.dead !== null) return;
     this.dead = err;
     this.onDeath(err);
   }
@@ -60,7 +61,7 @@ export class QueueHandle implements PlacedQueue {
 
   /** Takes the queue off its worker (requests still in flight are abandoned); later requests fail. */
   async remove(): Promise<void> {
-    if (this.dead) return;
+    if (this.isDead) return;
     this.dead = new Error(`queue worker ${this.index} exited (removed)`);
     this.worker.detach(this);
     await this.worker.request({ type: 'remove-queue', qid: this.qid }).catch(() => undefined);

@@ -122,7 +122,7 @@ export class QueueContext {
    * complete. Returns true if anything moved (the loop goes round again without sleeping).
    */
   step(): boolean {
-    if (faultInjection.armed) faultInjection.maybeThrow(this.init.queueIndex, this.stats, () => this.hasRequests());
+    if (faultInjection.armed) faultInjection.maybeThrow(this.init.exportId, this.init.queueIndex, this.stats, () => this.hasRequests());
     // Draining or stopping (GET_VRING_BASE): throttled requests start now, not on schedule.
     let progressed = this.stopSeq >= 0 || this.drained ? this.ctx.runAllTimers() : this.ctx.runDueTimers();
     progressed = this.serviceRound() || progressed;

@@ -41,7 +41,7 @@ class WorkerLoop {
       let progressed = false;
       for (const q of this.list) {
         // Outside the try: an injected death ends the thread, as an uncaught bug would.
-        if (faultInjection.armed) faultInjection.maybeDie(q.init.queueIndex, q.stats, () => q.hasRequests());
+        if (faultInjection.armed) faultInjection.maybeDie(q.init.exportId, q.init.queueIndex, q.stats, () => q.hasRequests());
         try {
           if (q.step()) progressed = true;
         } catch (e) {

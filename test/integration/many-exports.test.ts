@@ -241,3 +241,64 @@ test('block-export-add refuses bad exports with a reason, and an explicit iothre
     await d.stop();
   }
 });
+
+test('a worker thread that dies ends the session of every export with a queue on it; the others keep running, all are served again', { timeout: 120000 }, async () => {
+  const dir = tempDir('vubd-pooldeath-');
+  const control = path.join(dir, 'qmp.sock');
+  // worker0: queue 0 of e0, e1 and e2 (num-queues 1); worker1: queue 1 of e0 and e1.
+  const d = await startDaemon([`--control=${control}`, '--workers=2', '--aio=sync'], { dir, exportless: true, env: { VUBD_TEST_FAULT: 'die:e0:1' } });
+  const qmp = await QmpClient.connect(control);
+  try {
+    const socks: string[] = [];
+    for (const [i, queues] of [[0, 2], [1, 2], [2, 1]] as const) {
+      await qmp.execute('blockdev-add', { driver: 'null-co', 'node-name': `n${i}`, size: 4 * MiB });
+      socks.push(await addExport(qmp, dir, `e${i}`, `n${i}`, { 'num-queues': queues, 'iothread-vq-mapping': [{ iothread: 'worker0', vqs: [0] }, ...(queues === 2 ? [{ iothread: 'worker1', vqs: [1] }] : [])] }));
+    }
+    const fes = socks.map((s) => Frontend.connect(s));
+    try {
+      for (const fe of fes) fe.negotiate();
+      const ring2 = fes[2]!.setupRing(0, 64);
+      assert.equal(fes[2]!.statusOf(fes[2]!.run(ring2, BLK.IN, 0, 4096)), 0, 'e2 served before');
+      // Starting queue 1 of e0 and e1 (both on worker1): the first kick there kills worker1.
+      for (const fe of fes.slice(0, 2)) {
+        try {
+          fe.setupRing(0, 64);
+          const r = fe.setupRing(1, 64);
+          fe.blk(r, BLK.IN, 0, 4096);
+          r.kick();
+        } catch {
+          /* the session may already be gone */
+        }
+      }
+      await d.waitForLog((r) => r.msg === 'worker thread died; replacing it' && r.worker === 1, 10000);
+      assert.ok(fes[0]!.isClosedByPeer(5000), 'e0 (queue 1 on worker1) lost its session');
+      assert.ok(fes[1]!.isClosedByPeer(5000), 'e1 (queue 1 on worker1) lost its session');
+      assert.equal(fes[2]!.statusOf(fes[2]!.run(ring2, BLK.IN, 8, 4096)), 0, 'e2 (worker0 only) kept its session and is served');
+      for (const e of ['e0', 'e1']) await d.waitForLog((r) => r.msg === 'queue worker replaced' && r.export === e && r.queue === 1, 10000);
+      // A queue whose thread failed counts as dead at once: its session's reset does not send it requests.
+      assert.deepEqual(d.logRecords().filter((r) => r.msg === 'internal error while handling a message' || r.msg === 'error while resetting the device after disconnect'), []);
+      // Both are served again on both queues (worker1 is a new thread).
+      for (const i of [0, 1]) {
+        const fe = Frontend.connect(socks[i]!);
+        try {
+          fe.negotiate();
+          for (let q = 0; q < 2; q++) {
+            try {
+              assert.equal(fe.statusOf(fe.run(fe.setupRing(q, 64), BLK.IN, 16, 4096)), 0, `e${i} queue ${q} served after the reconnect`);
+            } catch (e) {
+              throw new Error(`e${i} queue ${q}: ${(e as Error).message}\n${d.logs.slice(-30).join("\n")}`);
+            }
+          }
+        } finally {
+          dispose(fe);
+        }
+      }
+    } finally {
+      for (const fe of fes) dispose(fe);
+    }
+  } finally {
+    qmp.close();
+    await d.stop();
+  }
+});
+
