@@ -3,7 +3,7 @@
  * transient domain (TCG, direct kernel boot, memfd shared memory) boots on a
  * <disk type='vhostuser'> served by vubd (root; socket group libvirt-qemu,
  * mode 0660); the guest (scripts/guest/tests/libvirt.sh) does I/O on it; a
- * second vhostuser disk on a second vubd is hot-plugged and unplugged with
+ * second vhostuser disk, added to the same vubd at run time (block-export-add), is hot-plugged and unplugged with
  * virsh attach-device / detach-device; virsh shutdown powers it off through
  * the ACPI power button (busybox acpid in the guest).
  *
@@ -15,6 +15,7 @@
  */
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
+import { QmpClient } from "../../src/control/qmp-client.js";
 import { existsSync, readFileSync, statSync } from "node:fs";
 import * as fsp from "node:fs/promises";
 import * as os from "node:os";
@@ -144,7 +145,9 @@ test("libvirt: vhostuser disks on vubd, QEMU as libvirt-qemu, hot-plug, ACPI shu
     assert.equal((await root.stop()).code, 0);
     await fsp.rm(`/var/log/libvirt/qemu/${name}-denied.log`, { force: true });
 
-    daemons.push(await startVubd(sockA, imageA));
+    // One vubd for every disk of the host: vda from its command line, vdb added over QMP later.
+    const control = path.join(dir, "control.sock");
+    daemons.push(await startVubd(sockA, imageA, { extraArgs: [`--control=${control}`] }));
     const xmlPath = path.join(dir, "domain.xml");
     await fsp.writeFile(
       xmlPath,
@@ -173,8 +176,16 @@ test("libvirt: vhostuser disks on vubd, QEMU as libvirt-qemu, hot-plug, ACPI shu
     await waitConsole(/^VUBD-LV vda-io ok sectors=524288$/m, "I/O on vda");
     assert.ok((await readImage(imageA)).equals(expectedData("vda")), "the guest's vda data is not in the image");
 
-    // The hot-plugged disk's vubd also checks the peer: only libvirt-qemu's QEMU gets in.
-    daemons.push(await startVubd(sockB, imageB, { extraArgs: [`--allow-uid=${QEMU_USER}`] }));
+    // The hot-plugged disk is a second export of the same vubd, which also checks the peer:
+    // only libvirt-qemu's QEMU gets in.
+    const qmp = await QmpClient.connect(control);
+    await qmp.execute("blockdev-add", { driver: "file", "node-name": "vdb", filename: imageB });
+    await qmp.execute("block-export-add", {
+      type: "vhost-user-blk", id: "vdb", "node-name": "vdb", addr: { type: "unix", path: sockB }, writable: true,
+      "socket-mode": "0660", "socket-group": QEMU_GROUP, "allow-uid": QEMU_USER,
+    });
+    const sockBStat = statSync(sockB);
+    assert.deepEqual([sockBStat.gid, sockBStat.mode & 0o777], [qemuGid, 0o660], "vdb socket group and mode");
     const vdbXml = path.join(dir, "vdb.xml");
     await fsp.writeFile(vdbXml, vhostUserDiskXml(sockB, "vdb"));
     await waitConsole(/^VUBD-LV waiting-vdb$/m, "the guest to wait for vdb");
@@ -186,6 +197,20 @@ test("libvirt: vhostuser disks on vubd, QEMU as libvirt-qemu, hot-plug, ACPI shu
     await virsh("detach-device", name, vdbXml, "--live");
     await waitConsole(/^VUBD-LV vdb-gone$/m, "vdb to disappear from the guest");
     assert.doesNotMatch(await virsh("domblklist", name), /vdb/);
+    // QEMU let go of vdb's socket: the export can be deleted in safe mode (retried while the session closes).
+    for (let tries = 0; ; tries++) {
+      try {
+        await qmp.execute("block-export-del", { id: "vdb", mode: "safe" });
+        break;
+      } catch (e) {
+        if (!/still in use/.test((e as Error).message) || tries > 500) throw e;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+    assert.ok(qmp.events.some((e) => e.event === "BLOCK_EXPORT_DELETED" && (e.data as { id?: string }).id === "vdb"), "BLOCK_EXPORT_DELETED for vdb");
+    assert.ok(!existsSync(sockB), "vdb's socket is removed with its export");
+    await qmp.execute("blockdev-del", { "node-name": "vdb" });
+    qmp.close();
 
     await waitConsole(/^VUBD-LV waiting-power-button$/m, "the guest to wait for the power button");
     await virsh("shutdown", name, "--mode", "acpi");
@@ -199,7 +224,7 @@ test("libvirt: vhostuser disks on vubd, QEMU as libvirt-qemu, hot-plug, ACPI shu
     }
     assert.match(readFileSync(domainLog, "utf8"), /shutting down, reason=shutdown\s*$/);
 
-    for (const [d, sock] of [[daemons[1]!, sockA], [daemons[2]!, sockB]] as const) {
+    for (const [d, sock] of [[daemons[1]!, sockA]] as const) {
       assert.equal(d.exited(), null, `vubd for ${sock} exited:\n${d.logs()}`);
       assert.ok(statSync(sock).isSocket(), `${sock} is gone`);
       assert.deepEqual(errorLines(d.logs()), [], `vubd for ${sock} logged errors`);
