@@ -112,6 +112,33 @@ export interface IoContext {
 
 export const PENDING = -0x7fffffff;
 
+/**
+ * Completions that do not come from the I/O engine: a network or library client's fd (librbd's
+ * event fd, an NBD socket). The worker's one poll covers pollFd; service() runs on every service
+ * round of the queue and completes requests with ctx.engine.done(tag, res), so they flow through
+ * the same reap path as io_uring completions. Never blocks.
+ */
+export interface CompletionSource {
+  /** the fd to wait on now (readable = work to do), or -1 */
+  readonly pollFd: number;
+  service(): void;
+  /** ms until service() is needed without an fd event (a reconnect backoff), or -1 */
+  msToNextWake(): number;
+  /** the node tree it belongs to is gone (swapped out while drained, or the queue removed) */
+  close(): void;
+}
+
+/** Where a node built in a worker registers its completion sources (one per queue context). */
+export interface SourceRegistry {
+  addSource(src: CompletionSource): void;
+}
+
+const NO_SOURCES: SourceRegistry = {
+  addSource() {
+    throw new Error('this node needs a worker to run in (no completion source registry)');
+  },
+};
+
 export interface BlockNode {
   readonly name: string;
   readonly size: number;
@@ -288,9 +315,9 @@ export class NullNode extends CountingNode implements BlockNode {
 export class ThrottleNode extends CountingNode implements BlockNode {
   private readonly child: BlockNode;
   private readonly state: SharedArrayBuffer;
-  constructor(spec: Extract<NodeSpec, { driver: 'throttle' }>) {
+  constructor(spec: Extract<NodeSpec, { driver: 'throttle' }>, sources: SourceRegistry) {
     super(spec);
-    this.child = buildNode(spec.child);
+    this.child = buildNode(spec.child, sources);
     this.state = spec.state;
   }
   read(ctx: IoContext, io: DataIo): void {
@@ -329,10 +356,10 @@ export class MirrorNode extends CountingNode implements BlockNode {
   private readonly target: BlockNode;
   private readonly chunks: Int32Array;
   private readonly chunkSize: number;
-  constructor(spec: Extract<NodeSpec, { driver: 'mirror' }>) {
+  constructor(spec: Extract<NodeSpec, { driver: 'mirror' }>, sources: SourceRegistry) {
     super(spec);
-    this.source = buildNode(spec.source);
-    this.target = buildNode(spec.target);
+    this.source = buildNode(spec.source, sources);
+    this.target = buildNode(spec.target, sources);
     this.chunks = new Int32Array(spec.chunks);
     this.chunkSize = spec.chunkSize;
   }
@@ -385,15 +412,15 @@ export class MirrorNode extends CountingNode implements BlockNode {
   }
 }
 
-export function buildNode(spec: NodeSpec): BlockNode {
+export function buildNode(spec: NodeSpec, sources: SourceRegistry = NO_SOURCES): BlockNode {
   switch (spec.driver) {
     case 'file':
       return new FileNode(spec);
     case 'null':
       return new NullNode(spec);
     case 'throttle':
-      return new ThrottleNode(spec);
+      return new ThrottleNode(spec, sources);
     case 'mirror':
-      return new MirrorNode(spec);
+      return new MirrorNode(spec, sources);
   }
 }

@@ -1,6 +1,6 @@
 // What block nodes use to run a request inside a queue worker: the I/O engine, deferred starts
 // (throttling) and continuations (a node chaining a second operation, as the mirror does).
-import { PENDING, type IoContext } from '../graph/nodes.js';
+import { PENDING, type CompletionSource, type IoContext, type SourceRegistry } from '../graph/nodes.js';
 import type { IoEngine } from '../graph/io-engine.js';
 
 interface Timer {
@@ -8,13 +8,31 @@ interface Timer {
   fn: () => void;
 }
 
-export class WorkerIoContext implements IoContext {
+export class WorkerIoContext implements IoContext, SourceRegistry {
   /** a plain field: the hot path reads it per request */
   engine: IoEngine = null as unknown as IoEngine; // set before the first request starts
   /** deferred starts, sorted by due time */
   private readonly timers: Timer[] = [];
   /** per tag: continuations registered by nodes, innermost last */
   private readonly conts: ((res: number) => number)[][] = [];
+
+  /** completion sources of the node tree in use (rbd, nbd); empty for file and null trees */
+  readonly sources: CompletionSource[] = [];
+
+  addSource(src: CompletionSource): void {
+    this.sources.push(src);
+  }
+
+  /** Lets every source complete what it can (through engine.done). */
+  serviceSources(): void {
+    const s = this.sources;
+    for (let i = 0; i < s.length; i++) s[i]!.service();
+  }
+
+  /** The tree they belong to is gone: nothing of it is in flight (swaps and removals are drained). */
+  closeSources(): void {
+    for (const src of this.sources.splice(0)) src.close();
+  }
 
   constructor(readonly logError: (msg: string, data: Record<string, unknown>) => void = () => {}) {}
 
@@ -78,8 +96,15 @@ export class WorkerIoContext implements IoContext {
 
   /** poll(2) timeout until the next deferred start: -1 when there is none */
   msToNextTimer(): number {
-    if (this.timers.length === 0) return -1;
-    const ns = this.timers[0]!.due - process.hrtime.bigint();
-    return ns <= 0n ? 0 : Math.ceil(Number(ns) / 1e6);
+    let ms = -1;
+    if (this.timers.length > 0) {
+      const ns = this.timers[0]!.due - process.hrtime.bigint();
+      ms = ns <= 0n ? 0 : Math.ceil(Number(ns) / 1e6);
+    }
+    for (const s of this.sources) {
+      const w = s.msToNextWake();
+      if (w >= 0 && (ms < 0 || w < ms)) ms = w;
+    }
+    return ms;
   }
 }

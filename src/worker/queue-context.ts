@@ -10,7 +10,7 @@ import { PackedQueue } from '../virtio/packed-queue.js';
 import { SplitInflight, inflightQueueBytes } from '../virtio/inflight.js';
 import { BlkRequestHandler, BlkSlot, BlkType } from '../blk/request.js';
 import { MAX_CHAIN_DESCRIPTORS } from '../blk/config.js';
-import { buildNode, flushNodeStats, PENDING, type BlockNode } from '../graph/nodes.js';
+import { buildNode, flushNodeStats, PENDING, type BlockNode, type NodeSpec } from '../graph/nodes.js';
 import { createEngine, type IoEngine } from '../graph/io-engine.js';
 import { WorkerIoContext } from './io-context.js';
 import type { InflightRegion, VringSetup } from '../protocol/backend.js';
@@ -34,6 +34,8 @@ export class QueueContext {
   queue: SplitQueue | PackedQueue | null = null;
   setup: VringSetup | null = null;
   private node: BlockNode;
+  /** what node was built from (rebuilt when in-flight requests are abandoned) */
+  private nodeSpec: NodeSpec;
   engine: IoEngine | null = null;
   private readonly handler: BlkRequestHandler;
   private slots: BlkSlot[] = [];
@@ -79,10 +81,11 @@ export class QueueContext {
     this.qid = qid;
     this.init = init;
     this.stats = new Int32Array(init.stats);
-    this.node = buildNode(init.node);
+    this.ctx = new WorkerIoContext((msg, data) => this.log('error', msg, data));
+    this.nodeSpec = init.node;
+    this.node = buildNode(init.node, this.ctx);
     this.handler = new BlkRequestHandler({ serial: init.serial, writeback: init.writeback, readOnly: init.readOnly, logicalBlockSize: init.logicalBlockSize });
     this.generation = init.generation;
-    this.ctx = new WorkerIoContext((msg, data) => this.log('error', msg, data));
   }
 
   log(level: 'warn' | 'error' | 'info', msg: string, data?: Record<string, unknown>): void {
@@ -107,6 +110,7 @@ export class QueueContext {
   /** The queue leaves its worker: what is still in flight is abandoned, its mappings dropped. */
   close(): void {
     if (this.inFlight > 0) this.abandonInFlight();
+    this.ctx.closeSources();
     this.engine?.close();
     this.engine = null;
     this.setDirtyLog(null, false);
@@ -148,7 +152,7 @@ export class QueueContext {
   /** The worker's busy poll: new avail entries, or completions reaped (published on the next step). */
   pollOnce(): boolean {
     if (this.canPop() && this.queue!.hasPending()) return true;
-    return this.inFlight > 0 && this.engine !== null && this.engine.pollFd >= 0 && this.reap();
+    return this.inFlight > 0 && this.engine !== null && (this.engine.pollFd >= 0 || this.ctx.sources.length > 0) && this.reap();
   }
 
   /** the kick fd to sleep on, or -1 */
@@ -198,6 +202,11 @@ export class QueueContext {
     this.needNotify = false;
     this.resubmit = [];
     this.ctx.reset();
+    if (this.ctx.sources.length > 0) {
+      // A client (rbd, nbd) may still complete the abandoned tags later: a fresh tree has no such late completions.
+      this.ctx.closeSources();
+      this.node = buildNode(this.nodeSpec, this.ctx);
+    }
     Atomics.store(this.stats, StatIndex.IN_FLIGHT, 0);
   }
 
@@ -327,6 +336,7 @@ export class QueueContext {
   private reap(): boolean {
     const engine = this.engine;
     if (engine === null || this.inFlight === 0) return false;
+    if (this.ctx.sources.length > 0) this.ctx.serviceSources();
     let any = false;
     const c = this.completions;
     for (;;) {
@@ -561,7 +571,9 @@ export class QueueContext {
       case 'set-node':
         if (this.inFlight > 0) throw new Error('node swap with requests in flight: drain first');
         flushNodeStats();
-        this.node = buildNode(m.node);
+        this.ctx.closeSources(); // the old tree's clients; nothing is in flight
+        this.nodeSpec = m.node;
+        this.node = buildNode(m.node, this.ctx);
         this.generation = m.generation;
         this.post({ type: 'ack', seq: m.seq });
         return;

@@ -91,7 +91,8 @@ class WorkerLoop {
   }
 
   private sleep(): void {
-    const need = 1 + 2 * this.list.length;
+    let need = 1;
+    for (const q of this.list) need += 2 + q.ctx.sources.length;
     if (this.pollFds.length < need) {
       this.pollFds = new Int32Array(need);
       this.revents = new Int32Array(need);
@@ -115,6 +116,14 @@ class WorkerLoop {
         owners[n] = q;
         kickSlot[n] = false;
         fds[n++] = io;
+      }
+      // rbd/nbd clients: readable means completions (or a connection event) to service
+      for (const src of q.ctx.sources) {
+        const fd = src.pollFd;
+        if (fd < 0) continue;
+        owners[n] = q;
+        kickSlot[n] = false;
+        fds[n++] = fd;
       }
       const t = q.ctx.msToNextTimer();
       if (t >= 0 && (timeout < 0 || t < timeout)) timeout = t;
