@@ -21,10 +21,14 @@ export class QmpClient {
   readonly events: QmpEvent[] = [];
   greeting: Record<string, unknown> | null = null;
   private readonly waiters = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
-  private eventWaiters: { match: (e: QmpEvent) => boolean; resolve: (e: QmpEvent) => void }[] = [];
+  private eventWaiters: { match: (e: QmpEvent) => boolean; resolve: (e: QmpEvent) => void; reject: (e: Error) => void }[] = [];
   private nextId = 1;
   /** called for every event as it arrives */
   onEvent: ((e: QmpEvent) => void) | null = null;
+  /** set once the connection is gone (the daemon exited or closed it); later commands fail at once */
+  closedReason: string | null = null;
+  /** called once when the connection goes away */
+  onClose: ((reason: string) => void) | null = null;
 
   private constructor(private readonly socket: net.Socket) {}
 
@@ -44,9 +48,18 @@ export class QmpClient {
           } else c.onMessage(msg);
         }
       });
+      let lastError: Error | null = null;
+      // Kept after the greeting too: without a listener a reset connection is an uncaught error.
+      socket.on('error', (e) => (lastError = e));
       socket.on('close', () => {
-        for (const w of c.waiters.values()) w.reject(new Error('QMP connection closed'));
+        const reason = lastError ? `QMP connection closed: ${lastError.message}` : 'QMP connection closed by the daemon';
+        c.closedReason = reason;
+        for (const w of c.waiters.values()) w.reject(new Error(reason));
         c.waiters.clear();
+        for (const w of c.eventWaiters) w.reject(new Error(reason));
+        c.eventWaiters = [];
+        reject(new Error(reason)); // before the greeting; a no-op after it
+        c.onClose?.(reason);
       });
     });
     await greeted;
@@ -78,6 +91,7 @@ export class QmpClient {
 
   execute<T = unknown>(command: string, args?: Record<string, unknown>): Promise<T> {
     const id = this.nextId++;
+    if (this.closedReason !== null) return Promise.reject(new Error(this.closedReason));
     return new Promise<T>((resolve, reject) => {
       this.waiters.set(id, { resolve: resolve as (v: unknown) => void, reject });
       this.socket.write(JSON.stringify({ execute: command, ...(args ? { arguments: args } : {}), id }) + '\n');
@@ -88,15 +102,24 @@ export class QmpClient {
   waitEvent(name: string, match: (e: QmpEvent) => boolean = () => true, timeoutMs = 30000): Promise<QmpEvent> {
     const seen = this.events.find((e) => e.event === name && match(e));
     if (seen) return Promise.resolve(seen);
+    if (this.closedReason !== null) return Promise.reject(new Error(this.closedReason));
     return new Promise((resolve, reject) => {
-      const t = setTimeout(() => reject(new Error(`no ${name} event within ${timeoutMs} ms`)), timeoutMs);
-      this.eventWaiters.push({
-        match: (e) => e.event === name && match(e),
-        resolve: (e) => {
+      const t = setTimeout(() => {
+        this.eventWaiters = this.eventWaiters.filter((w) => w !== waiter);
+        reject(new Error(`no ${name} event within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const waiter = {
+        match: (e: QmpEvent) => e.event === name && match(e),
+        resolve: (e: QmpEvent) => {
           clearTimeout(t);
           resolve(e);
         },
-      });
+        reject: (e: Error) => {
+          clearTimeout(t);
+          reject(e);
+        },
+      };
+      this.eventWaiters.push(waiter);
     });
   }
 
