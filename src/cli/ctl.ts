@@ -2,14 +2,28 @@
 // vubd-ctl: a human front end for vubd's QMP control socket.
 import { parseSize } from './args.js';
 import { QmpClient, QmpCommandError } from '../control/qmp-client.js';
+import { parseTopArgs, runTop } from './ctl-top.js';
+import { waitForJobReady } from './progress.js';
+import { exportAddArgs, exportDel, exportsTable } from './ctl-exports.js';
 
 const USAGE = `Usage: vubd-ctl --control=PATH COMMAND [ARGS]
 
 Commands (QMP command in brackets):
   graph [--dot]                      show the block graph as JSON or Graphviz  [x-query-block-graph]
   nodes                              list block nodes                           [query-named-block-nodes]
-  exports                            list exports and the node each one serves  [query-block-exports]
+  exports [--json]                   list exports: node, queues, state, socket and which worker
+                                     serves each queue (a table; --json: as QMP returns it)
+                                                                                [query-block-exports]
+  export-add ID NODE SOCKET [--writable] [--num-queues=N] [--logical-block-size=N]
+                                     serve NODE as vhost-user-blk export ID on unix socket SOCKET
+                                     (fd:NAME: a socket passed with getfd)     [block-export-add]
+  export-del ID [--hard] [--timeout=SECONDS]
+                                     delete export ID and wait (default 30 s) until it is gone;
+                                     --hard disconnects its frontend           [block-export-del]
   stats                              per-queue and per-node counters, drains    [query-stats]
+  top [--interval=SECONDS] [--once]  live view: IOPS, MB/s, p50/p99 latency, in flight, drain state
+                                     per export and queue (q quits); on a pipe, or with --once, a
+                                     plain snapshot per interval (default 1 s)  [query-stats]
   jobs                               list block jobs                            [query-jobs]
   add-file NODE FILE [--read-only]   open an image as a new node                [blockdev-add]
   add-null NODE SIZE                 add a null node (reads return zeroes)      [blockdev-add]
@@ -20,8 +34,11 @@ Commands (QMP command in brackets):
   resize NODE SIZE                   grow NODE; the guest sees the new size     [block_resize]
   throttle NODE|EXPORT [K=V...]      set limits: iops, iops_rd, iops_wr, bps, bps_rd, bps_wr and
                                      their _max bursts; 0 = unlimited           [block_set_io_throttle]
-  mirror JOB SOURCE TARGET [SPEED]   copy SOURCE (node or export) to node TARGET, at most
+  mirror JOB SOURCE TARGET [SPEED] [--wait]
+                                     copy SOURCE (node or export) to node TARGET, at most
                                      SPEED bytes/s (e.g. 100M; default unlimited) [blockdev-mirror]
+                                     --wait: show progress (percent, rate, ETA) until the job is
+                                     ready; exit 1 if it fails or is cancelled
   speed JOB SPEED                    change a running mirror's copy rate (0 = unlimited)
                                                                                 [block-job-set-speed]
   complete JOB                       pivot a ready mirror to its target         [job-complete]
@@ -60,8 +77,10 @@ async function main(argv: string[]): Promise<number> {
     console.error(`vubd-ctl: ${!control ? '--control=PATH is required' : 'no command given'}\n\n${USAGE}`);
     return 2;
   }
+  // positional arguments; options (--x) are read by each command
+  const pos = args.filter((a) => !a.startsWith('--'));
   const need = (n: number): void => {
-    if (args.filter((a) => !a.startsWith('--')).length < n) throw new Error(`'${cmd}' needs ${n} argument(s); see vubd-ctl --help`);
+    if (pos.length < n) throw new Error(`'${cmd}' needs ${n} argument(s); see vubd-ctl --help`);
   };
   let client: QmpClient;
   try {
@@ -84,9 +103,19 @@ async function main(argv: string[]): Promise<number> {
       case 'nodes':
         out = await run('query-named-block-nodes');
         break;
-      case 'exports':
-        out = await run('query-block-exports');
+      case 'exports': {
+        const list = await run('query-block-exports');
+        out = args.includes('--json') ? list : exportsTable(list as Parameters<typeof exportsTable>[0]);
         break;
+      }
+      case 'export-add':
+        out = await run('block-export-add', exportAddArgs(args));
+        break;
+      case 'export-del':
+        out = await exportDel(client, args);
+        break;
+      case 'top':
+        return await runTop(client, control, parseTopArgs(args));
       case 'stats':
         out = await run('query-stats');
         break;
@@ -95,57 +124,58 @@ async function main(argv: string[]): Promise<number> {
         break;
       case 'add-file':
         need(2);
-        out = await run('blockdev-add', { driver: 'file', 'node-name': args[0], filename: args[1], 'read-only': args.includes('--read-only') });
+        out = await run('blockdev-add', { driver: 'file', 'node-name': pos[0], filename: pos[1], 'read-only': args.includes('--read-only') });
         break;
       case 'add-null':
         need(2);
-        out = await run('blockdev-add', { driver: 'null-co', 'node-name': args[0], size: parseSize(args[1]!) });
+        out = await run('blockdev-add', { driver: 'null-co', 'node-name': pos[0], size: parseSize(pos[1]!) });
         break;
       case 'add-throttle':
         need(2);
-        out = await run('blockdev-add', { driver: 'throttle', 'node-name': args[0], file: args[1], limits: kv(args.slice(2), isBps) });
+        out = await run('blockdev-add', { driver: 'throttle', 'node-name': pos[0], file: pos[1], limits: kv(pos.slice(2), isBps) });
         break;
       case 'del':
         need(1);
-        out = await run('blockdev-del', { 'node-name': args[0] });
+        out = await run('blockdev-del', { 'node-name': pos[0] });
         break;
       case 'swap':
         need(2);
-        out = await run('block-export-set-node', { id: args[0], 'node-name': args[1] });
+        out = await run('block-export-set-node', { id: pos[0], 'node-name': pos[1] });
         break;
       case 'resize':
         need(2);
-        out = await run('block_resize', { 'node-name': args[0], size: parseSize(args[1]!) });
+        out = await run('block_resize', { 'node-name': pos[0], size: parseSize(pos[1]!) });
         break;
       case 'throttle':
         need(1);
-        out = await run('block_set_io_throttle', { id: args[0], ...kv(args.slice(1), isBps) });
+        out = await run('block_set_io_throttle', { id: pos[0], ...kv(pos.slice(1), isBps) });
         break;
       case 'mirror':
         need(3);
         out = await run('blockdev-mirror', {
-          'job-id': args[0],
-          device: args[1],
-          target: args[2],
+          'job-id': pos[0],
+          device: pos[1],
+          target: pos[2],
           sync: 'full',
-          ...(args[3] !== undefined ? { speed: parseSize(args[3]) } : {}),
+          ...(pos[3] !== undefined ? { speed: parseSize(pos[3]) } : {}),
         });
+        if (args.includes('--wait')) return await waitForJobReady(client, pos[0]!, { out: process.stdout, err: process.stderr });
         break;
       case 'speed':
         need(2);
-        out = await run('block-job-set-speed', { device: args[0], speed: args[1] === '0' ? 0 : parseSize(args[1]!) });
+        out = await run('block-job-set-speed', { device: pos[0], speed: pos[1] === '0' ? 0 : parseSize(pos[1]!) });
         break;
       case 'complete':
         need(1);
-        out = await run('job-complete', { id: args[0] });
+        out = await run('job-complete', { id: pos[0] });
         break;
       case 'cancel':
         need(1);
-        out = await run('job-cancel', { id: args[0] });
+        out = await run('job-cancel', { id: pos[0] });
         break;
       case 'raw':
         need(1);
-        out = await run(args[0]!, args[1] ? (JSON.parse(args[1]) as Record<string, unknown>) : undefined);
+        out = await run(pos[0]!, pos[1] ? (JSON.parse(pos[1]) as Record<string, unknown>) : undefined);
         break;
       case 'watch':
         client.onEvent = (e) => console.log(JSON.stringify(e));

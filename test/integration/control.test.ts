@@ -126,7 +126,7 @@ describe('control socket', () => {
     assert.equal((await ctl(control, 'add-file', 'file1', image)).code, 0);
     assert.equal((await ctl(control, 'add-throttle', 'thr0', 'file1', 'iops-total=5000', 'bps-total=100M')).code, 0);
     assert.equal((await ctl(control, 'swap', 'export0', 'thr0')).code, 0);
-    const exports = JSON.parse((await ctl(control, 'exports')).stdout) as { 'node-name': string }[];
+    const exports = JSON.parse((await ctl(control, 'exports', '--json')).stdout) as { 'node-name': string }[];
     assert.equal(exports[0]!['node-name'], 'thr0');
     const graph = JSON.parse((await ctl(control, 'graph')).stdout) as { generation: number; nodes: { 'node-name': string; children: string[] }[] };
     assert.deepEqual(graph.nodes.find((n) => n['node-name'] === 'thr0')!.children, ['file1']);

@@ -1,0 +1,90 @@
+// vubd-ctl export-add, export-del and exports: qemu-storage-daemon's block-export-add/-del
+// arguments from a short command line, and a table of the exports with their queue->worker mapping.
+import type { QmpClient } from '../control/qmp-client.js';
+
+function intFlag(name: string, v: string): number {
+  if (!/^\d+$/.test(v)) throw new Error(`--${name} must be a whole number, got '${v}'`);
+  return Number(v);
+}
+
+/** export-add ID NODE SOCKET [--writable] [--num-queues=N] [--logical-block-size=N]; SOCKET 'fd:NAME' passes a monitor fd */
+export function exportAddArgs(args: string[]): Record<string, unknown> {
+  const pos: string[] = [];
+  const out: Record<string, unknown> = { type: 'vhost-user-blk', writable: false };
+  for (const a of args) {
+    if (a === '--writable') out.writable = true;
+    else if (a.startsWith('--num-queues=')) out['num-queues'] = intFlag('num-queues', a.slice('--num-queues='.length));
+    else if (a.startsWith('--logical-block-size=')) out['logical-block-size'] = intFlag('logical-block-size', a.slice('--logical-block-size='.length));
+    else if (a.startsWith('--')) throw new Error(`export-add: unknown option '${a}'`);
+    else pos.push(a);
+  }
+  if (pos.length !== 3) throw new Error(`export-add needs ID NODE SOCKET; see vubd-ctl --help`);
+  const [id, node, socket] = pos as [string, string, string];
+  const addr = socket.startsWith('fd:') ? { type: 'fd', str: socket.slice(3) } : { type: 'unix', path: socket };
+  return { ...out, id, 'node-name': node, addr };
+}
+
+/**
+ * block-export-del, then waits for BLOCK_EXPORT_DELETED: the command returns once deletion has
+ * started, the export is gone only when its frontend has let go.
+ */
+export async function exportDel(client: QmpClient, args: string[]): Promise<string> {
+  const pos = args.filter((a) => !a.startsWith('--'));
+  const bad = args.find((a) => a.startsWith('--') && a !== '--hard' && !a.startsWith('--timeout='));
+  if (bad) throw new Error(`export-del: unknown option '${bad}'`);
+  if (pos.length !== 1) throw new Error('export-del needs ID; see vubd-ctl --help');
+  const id = pos[0]!;
+  const mode = args.includes('--hard') ? 'hard' : 'safe';
+  const t = args.find((a) => a.startsWith('--timeout='))?.slice('--timeout='.length);
+  const timeoutS = t === undefined ? 30 : Number(t);
+  if (!Number.isFinite(timeoutS) || timeoutS <= 0 || t?.trim() === '') throw new Error(`export-del: --timeout must be a positive number of seconds, got '${t}'`);
+  const timeoutMs = timeoutS * 1000;
+  const since = client.events.length;
+  await client.execute('block-export-del', { id, mode });
+  try {
+    // only events after the command: an export of the same id deleted earlier does not count
+    await client.waitEvent('BLOCK_EXPORT_DELETED', (e) => e.data.id === id && client.events.indexOf(e) >= since, timeoutMs);
+  } catch {
+    if (client.closedReason !== null) throw new Error(`export ${id}: lost the daemon before BLOCK_EXPORT_DELETED: ${client.closedReason}`);
+    throw new Error(
+      `export ${id}: deletion (${mode}) started but BLOCK_EXPORT_DELETED did not arrive within ${timeoutMs / 1000} s; ` +
+        `its frontend may still hold it ('vubd-ctl exports' shows it shutting down${mode === 'safe' ? "; 'export-del --hard' disconnects it" : ''})`,
+    );
+  }
+  return `export ${id} deleted (${mode})`;
+}
+
+interface ExportEntry {
+  id: string;
+  type?: string;
+  'node-name': string;
+  'shutting-down'?: boolean;
+  'num-queues'?: number;
+  'iothread-vq-mapping'?: { iothread: string; vqs: number[] }[];
+  addr?: { type: string; path?: string; str?: string };
+}
+
+/** "0->worker0 1->worker1" */
+export function queueMapping(e: ExportEntry): string {
+  const m = e['iothread-vq-mapping'];
+  if (!m) return '';
+  const pairs = m.flatMap((x) => x.vqs.map((q) => [q, x.iothread] as const)).sort((a, b) => a[0] - b[0]);
+  return pairs.map(([q, w]) => `${q}->${w}`).join(' ');
+}
+
+/** One line per export; a QUEUE->WORKER column when the daemon reports iothread-vq-mapping. */
+export function exportsTable(list: ExportEntry[]): string {
+  if (list.length === 0) return '(no exports)';
+  const withMap = list.some((e) => e['iothread-vq-mapping'] !== undefined);
+  const head = ['ID', 'NODE', 'QUEUES', 'STATE', 'ADDRESS', ...(withMap ? ['QUEUE->WORKER'] : [])];
+  const rows = list.map((e) => [
+    e.id,
+    e['node-name'],
+    e['num-queues'] === undefined ? '-' : String(e['num-queues']),
+    e['shutting-down'] ? 'deleting' : 'serving',
+    e.addr ? (e.addr.type === 'unix' ? (e.addr.path ?? '-') : `${e.addr.type}:${e.addr.str ?? ''}`) : '-',
+    ...(withMap ? [queueMapping(e) || '-'] : []),
+  ]);
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  return [head, ...rows].map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  ')).join('\n');
+}
