@@ -15,6 +15,20 @@ export type DrainState = 'running' | 'draining' | 'drained';
 
 const KEEP_SAMPLES = 4096;
 
+/** Upper bounds (ms) of the drain-duration histogram; the drain timeout is 5 s. */
+export const DRAIN_BUCKETS_MS: readonly number[] = [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
+
+export interface DrainLatency {
+  count: number;
+  p50: number;
+  p99: number;
+  max: number;
+  /** every completed drain since start, unlike p50/p99/max (the last KEEP_SAMPLES only) */
+  'sum-ms': number;
+  /** cumulative: drains that took at most `le-ms`; the +Inf bucket is `count` */
+  buckets: { 'le-ms': number; count: number }[];
+}
+
 export class DrainBarrier {
   private depth = 0;
   private pending: Promise<void> | null = null;
@@ -23,6 +37,9 @@ export class DrainBarrier {
   readonly samples: number[] = [];
   drains = 0;
   timeouts = 0;
+  /** non-cumulative counts per DRAIN_BUCKETS_MS bucket, and one past the last for longer drains */
+  private readonly bucketCounts = new Array<number>(DRAIN_BUCKETS_MS.length + 1).fill(0);
+  private sumMs = 0;
 
   constructor(private readonly target: Drainable) {}
 
@@ -51,7 +68,11 @@ export class DrainBarrier {
     try {
       await this.pending;
       this.drains++;
-      this.samples.push(performance.now() - t0);
+      const ms = performance.now() - t0;
+      this.samples.push(ms);
+      this.sumMs += ms;
+      const b = DRAIN_BUCKETS_MS.findIndex((le) => ms <= le);
+      this.bucketCounts[b < 0 ? DRAIN_BUCKETS_MS.length : b]!++;
       if (this.samples.length > KEEP_SAMPLES) this.samples.shift();
     } catch (e) {
       this.depth = 0;
@@ -68,10 +89,12 @@ export class DrainBarrier {
     if (--this.depth === 0) await this.target.undrainQueues();
   }
 
-  /** p50/p99/max of the recorded drain latencies, in milliseconds */
-  latency(): { count: number; p50: number; p99: number; max: number } {
+  /** p50/p99/max of the recorded drain latencies and a histogram of all of them, in milliseconds */
+  latency(): DrainLatency {
     const s = [...this.samples].sort((a, b) => a - b);
     const at = (q: number): number => (s.length ? s[Math.min(s.length - 1, Math.floor(q * s.length))]! : 0);
-    return { count: this.drains, p50: at(0.5), p99: at(0.99), max: s.length ? s[s.length - 1]! : 0 };
+    let cum = 0;
+    const buckets = DRAIN_BUCKETS_MS.map((le, i) => ({ 'le-ms': le, count: (cum += this.bucketCounts[i]!) }));
+    return { count: this.drains, p50: at(0.5), p99: at(0.99), max: s.length ? s[s.length - 1]! : 0, 'sum-ms': this.sumMs, buckets };
   }
 }
