@@ -1,4 +1,5 @@
 // Command-line options (vhost-user "backend program conventions" plus our own).
+import net from 'node:net';
 import os from 'node:os';
 import { parseArgs } from 'node:util';
 import type { SocketAccess } from '../protocol/socket-file.js';
@@ -31,6 +32,8 @@ export interface Options {
   logicalBlockSize: 512 | 4096;
   serial: string | null;
   control: string | null;
+  /** --metrics: where the Prometheus endpoint listens, null when off */
+  metrics: MetricsAddress | null;
   /** the QMP socket passed by systemd (LISTEN_FDNAMES 'control') */
   controlFd: number | null;
   socketAccess: SocketAccess;
@@ -44,6 +47,36 @@ export interface Options {
 }
 
 export class UsageError extends Error {}
+
+export interface MetricsAddress {
+  host: string;
+  port: number;
+}
+
+/**
+ * --metrics=[ADDR:]PORT: loopback unless an address is given; ADDR is an IPv4 address, an IPv6
+ * address in brackets, or a host name. Port 0 (any free port) is refused: a scraper needs to know it.
+ */
+export function parseMetricsAddress(text: string): MetricsAddress {
+  const m = /^(?:(\[[^\]]*\]|[^:[\]]*):)?([^:]*)$/.exec(text);
+  const hint = "expected [ADDR:]PORT, e.g. 9400, 127.0.0.1:9400 or [::1]:9400";
+  if (!m) throw new UsageError(`--metrics: cannot parse '${text}' (${hint})`);
+  const [, addr, portText] = m;
+  if (!/^\d+$/.test(portText!)) throw new UsageError(`--metrics: port must be a number, got '${portText}' (${hint})`);
+  const port = Number(portText);
+  if (port < 1 || port > 65535) throw new UsageError(`--metrics: port must be between 1 and 65535, got ${port}`);
+  if (addr === undefined) return { host: '127.0.0.1', port };
+  let host = addr;
+  if (host.startsWith('[')) {
+    host = host.slice(1, -1);
+    if (net.isIPv6(host) === false) throw new UsageError(`--metrics: '${host}' in brackets is not an IPv6 address`);
+  } else if (host === '') {
+    throw new UsageError(`--metrics: empty address in '${text}' (${hint}; 0.0.0.0:PORT listens on every address)`);
+  } else if (!net.isIPv4(host) && !/^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$/.test(host)) {
+    throw new UsageError(`--metrics: '${host}' is neither an IPv4 address nor a host name (an IPv6 address goes in brackets: [::1]:${port})`);
+  }
+  return { host, port };
+}
 
 /** QEMU's -drive cache= names */
 export type CacheMode = 'none' | 'writeback' | 'writethrough' | 'directsync' | 'unsafe';
@@ -103,6 +136,8 @@ vubd options:
                            not aligned to it fail. A 4k-sector device with --cache=none needs 4096
       --serial=ID          serial reported by GET_ID (default: image file name, max 20 bytes)
       --control=PATH       QMP-compatible management socket
+      --metrics=[ADDR:]PORT  serve Prometheus metrics over HTTP at /metrics (default off;
+                           ADDR defaults to 127.0.0.1; 0.0.0.0 or [::] for every address)
       --force-share        take no image locks and ignore other processes' (QEMU's locking=off);
                            by default vubd takes QEMU's image locks and refuses an image another
                            writer (QEMU, qemu-io, another vubd) uses
@@ -162,6 +197,7 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
         'logical-block-size': { type: 'string' },
         serial: { type: 'string' },
         control: { type: 'string' },
+        metrics: { type: 'string' },
         'log-level': { type: 'string' },
         'install-descriptor': { type: 'boolean' },
         prefix: { type: 'string' },
@@ -218,6 +254,7 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
     logicalBlockSize: lbs === '4096' ? 4096 : 512,
     serial: v.serial ?? null,
     control: v.control ?? null,
+    metrics: v.metrics === undefined ? null : parseMetricsAddress(v.metrics),
     controlFd: null,
     socketAccess: access.socket,
     controlAccess: access.control,

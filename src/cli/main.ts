@@ -15,6 +15,7 @@ import type { NodeDef } from '../graph/snapshot.js';
 import { BlockGraph } from '../graph/graph.js';
 import { QmpServer } from '../control/qmp-server.js';
 import { buildCommands } from '../control/commands.js';
+import { startMetrics, type MetricsServer } from '../control/metrics.js';
 import { createBackgroundIo, type BackgroundIo } from '../graph/background-io.js';
 import { CAPABILITIES, installDescriptor } from './descriptor.js';
 import { Notifier, takeListenFds, type ActivatedSockets } from './systemd.js';
@@ -173,6 +174,7 @@ async function main(): Promise<number> {
   });
 
   let qmp: QmpServer | null = null;
+  let metrics: MetricsServer | null = null;
   let stop: (signal: string) => void = () => {};
   const io: BackgroundIo = createBackgroundIo(opts.aio, (m) => log.warn(m));
   const commands = buildCommands({
@@ -188,11 +190,20 @@ async function main(): Promise<number> {
     log: logger('control'),
   });
   const shutdown = async (): Promise<void> => {
-    await Promise.race([Promise.all([manager.closeAll(), qmp?.close()]), new Promise((r) => setTimeout(r, 500))]);
+    await Promise.race([Promise.all([manager.closeAll(), qmp?.close(), metrics?.close()]), new Promise((r) => setTimeout(r, 500))]);
     await pool.close();
     for (const n of graph.snapshot.nodes.values()) closeNode(n);
     io.close();
   };
+  if (opts.metrics !== null) {
+    try {
+      metrics = await startMetrics(opts.metrics, commands, logger('metrics'));
+    } catch (e) {
+      console.error(`vubd: cannot serve --metrics: ${(e as Error).message}`);
+      await shutdown();
+      return 1;
+    }
+  }
   if (opts.control !== null || opts.controlFd !== null) {
     qmp = new QmpServer(opts.control, commands, version(), logger('qmp'));
     try {
