@@ -1,14 +1,15 @@
 // --metrics: a Prometheus endpoint over HTTP. A scrape calls the query-stats and query-jobs
-// handlers once (the same data as QMP: Atomics loads of the queues' shared stats blocks), and
-// prom-client turns that one snapshot into the text format. Nothing is counted on the I/O path
-// for it, and nothing runs between scrapes except prom-client's event-loop-delay monitor.
+// handlers once (the same data as QMP: Atomics loads of the queues' shared stats blocks) and
+// writes that one snapshot in the text format (metrics-text.ts says why not through prom-client's
+// registry). prom-client provides the process metrics, refreshed at most once a second. Nothing is
+// counted on the I/O path for this; between scrapes only prom-client's event-loop-delay monitor runs.
 import http from 'node:http';
 import net from 'node:net';
-import type { Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { CommandHandler } from './qmp-server.js';
 import type { MetricsAddress } from '../cli/args.js';
-import { registerVubdMetrics, type JobInfo, type Scrape, type StatsReply } from './metrics-registry.js';
+import { TextWriter } from './metrics-text.js';
+import { writeVubdMetrics, type JobInfo, type Scrape, type StatsReply } from './metrics-vubd.js';
 
 export interface MetricsServer {
   /** where it listens (the port the kernel gave when asked for one) */
@@ -18,15 +19,53 @@ export interface MetricsServer {
 
 /** a scraper or two (Prometheus HA pairs) plus a person with curl; more only hold fds */
 const MAX_CONNECTIONS = 16;
+/**
+ * prom-client's process metrics cost about 0.8 ms of CPU to collect here (most of it the event
+ * loop delay histogram's statistics); scraped faster than this, the last ones are served again.
+ */
+const PROCESS_METRICS_MAX_AGE_MS = 1000;
 
-/** The registry with vubd's metrics and prom-client's process metrics, all prefixed vubd_. */
-export async function createMetricsRegistry(current: () => Scrape): Promise<Registry> {
+export interface Exposition {
+  contentType: string;
+  /** the whole text: prom-client's process metrics, then vubd's; `families` gets vubd's family names and types */
+  render(families?: Map<string, string>): Promise<string>;
+}
+
+/** The metrics of one snapshot source, all prefixed vubd_. */
+export async function createExposition(snapshot: () => Scrape | Promise<Scrape>): Promise<Exposition> {
   // Loaded only when --metrics is given: the daemon without it does not carry prom-client.
   const prom = await import('prom-client');
   const registry = new prom.Registry();
   prom.collectDefaultMetrics({ register: registry, prefix: 'vubd_' });
-  registerVubdMetrics(prom, registry, current);
-  return registry;
+  let processText = '';
+  let processAt = -Infinity;
+  let refreshing: Promise<string> | null = null;
+  const processMetrics = (): Promise<string> => {
+    if (performance.now() - processAt < PROCESS_METRICS_MAX_AGE_MS) return Promise.resolve(processText);
+    refreshing ??= registry.metrics().then(
+      (text) => {
+        processText = text;
+        processAt = performance.now();
+        refreshing = null;
+        return text;
+      },
+      (e: unknown) => {
+        refreshing = null;
+        throw e;
+      },
+    );
+    return refreshing;
+  };
+  return {
+    contentType: registry.contentType,
+    async render(families) {
+      const [head, snap] = await Promise.all([processMetrics(), snapshot()]);
+      const w = new TextWriter();
+      writeVubdMetrics(w, snap);
+      if (families) for (const [name, type] of w.families) families.set(name, type);
+      return head + w.text();
+    },
+  };
 }
 
 function listenError(addr: MetricsAddress, e: NodeJS.ErrnoException): Error {
@@ -50,27 +89,10 @@ export async function startMetrics(addr: MetricsAddress, commands: ReadonlyMap<s
   const queryStats = commands.get('query-stats');
   const queryJobs = commands.get('query-jobs');
   if (!queryStats || !queryJobs) throw new Error('the query-stats and query-jobs commands are missing');
-  let snapshot: Scrape | null = null;
-  const registry = await createMetricsRegistry(() => {
-    if (snapshot === null) throw new Error('metrics collected outside a scrape');
-    return snapshot;
-  });
-
-  // One scrape at a time: each metric's collect() reads the snapshot its scrape took.
-  let queue: Promise<unknown> = Promise.resolve();
-  const scrape = (): Promise<string> => {
-    const run = async (): Promise<string> => {
-      snapshot = { stats: (await queryStats({})) as StatsReply, jobs: (await queryJobs({})) as JobInfo[] };
-      try {
-        return await registry.metrics();
-      } finally {
-        snapshot = null;
-      }
-    };
-    const p = queue.then(run, run);
-    queue = p.catch(() => {});
-    return p;
-  };
+  const exposition = await createExposition(async () => ({
+    stats: (await queryStats({})) as StatsReply,
+    jobs: (await queryJobs({})) as JobInfo[],
+  }));
 
   const server = http.createServer({ requestTimeout: 10_000, headersTimeout: 5_000 }, (req, res) => {
     const path = (req.url ?? '/').split('?')[0];
@@ -86,9 +108,9 @@ export async function startMetrics(addr: MetricsAddress, commands: ReadonlyMap<s
       res.writeHead(404, { 'Content-Type': 'text/plain' }).end('not found: the metrics are at /metrics\n');
       return;
     }
-    scrape().then(
+    exposition.render().then(
       (body) => {
-        res.writeHead(200, { 'Content-Type': registry.contentType, 'Content-Length': Buffer.byteLength(body) });
+        res.writeHead(200, { 'Content-Type': exposition.contentType, 'Content-Length': Buffer.byteLength(body) });
         res.end(req.method === 'HEAD' ? undefined : body);
       },
       (e: unknown) => {

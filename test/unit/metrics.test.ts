@@ -4,8 +4,8 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { createMetricsRegistry } from '../../src/control/metrics.js';
-import type { Scrape } from '../../src/control/metrics-registry.js';
+import { createExposition } from '../../src/control/metrics.js';
+import type { Scrape } from '../../src/control/metrics-vubd.js';
 import { parseMetricsAddress, UsageError } from '../../src/cli/args.js';
 import { DrainBarrier, DRAIN_BUCKETS_MS } from '../../src/graph/drain.js';
 import { parseExposition, select, value } from '../helpers/prom-text.js';
@@ -40,7 +40,7 @@ function snapshot(): Scrape {
 
 describe('metrics registry', () => {
   test('a query-stats snapshot as Prometheus series', async () => {
-    const e = parseExposition(await (await createMetricsRegistry(snapshot)).metrics());
+    const e = parseExposition(await (await createExposition(snapshot)).render());
     const q = { export: 'e0', queue: '0', worker: '3' };
     assert.equal(value(e, 'vubd_queue_requests_total', { ...q, type: 'read' }), 2 ** 32 - 5, 'an int32 that wrapped reads as unsigned');
     assert.equal(value(e, 'vubd_queue_read_bytes_total', q), 12 * 1024);
@@ -75,12 +75,25 @@ describe('metrics registry', () => {
     assert.match(e.help.get('vubd_queue_request_duration_seconds')!, /_sum is estimated from the bucket midpoints/);
   });
 
+  test('hostile export, node and job names are escaped, never break a line', async () => {
+    const s = snapshot();
+    const evil = 'e"0\\x\ny} 1\nvubd_fake 2';
+    s.stats.exports[0]!.id = evil;
+    s.stats.nodes[0]!['node-name'] = evil;
+    s.jobs[0]!.id = evil;
+    const e = parseExposition(await (await createExposition(() => s)).render());
+    assert.equal(select(e, 'vubd_fake').length, 0);
+    assert.equal(value(e, 'vubd_queue_in_flight', { export: evil }), 4, 'the label reads back as given');
+    assert.equal(value(e, 'vubd_node_flush_errno', { node: evil }), 28);
+    assert.equal(value(e, 'vubd_job_total_progress', { job: evil }), 10);
+  });
+
   test('the next snapshot replaces the last: vanished exports and jobs leave no series', async () => {
     let s = snapshot();
-    const reg = await createMetricsRegistry(() => s);
-    await reg.metrics();
+    const x = await createExposition(() => s);
+    await x.render();
     s = { stats: { generation: 8, exports: [], nodes: [] }, jobs: [] };
-    const e = parseExposition(await reg.metrics());
+    const e = parseExposition(await x.render());
     assert.equal(select(e, 'vubd_queue_requests_total').length, 0);
     assert.equal(select(e, 'vubd_job_status').length, 0);
     assert.equal(select(e, 'vubd_queue_request_duration_seconds_bucket').length, 0);
@@ -124,15 +137,16 @@ describe('docs/grafana-vubd.json', () => {
   const dash = JSON.parse(fs.readFileSync(path.join(repoRoot, 'docs/grafana-vubd.json'), 'utf8'));
 
   test('uses only metrics the registry exposes', async () => {
-    const reg = await createMetricsRegistry(snapshot);
-    const exposed = new Set<string>();
-    for (const m of reg.getMetricsAsArray()) {
-      const { name, type } = m as unknown as { name: string; type: string };
+    const families = new Map<string, string>();
+    const e = parseExposition(await (await createExposition(() => ({ stats: { generation: 1, exports: [], nodes: [] }, jobs: [] }))).render(families));
+    assert.ok(families.size >= 25, `${families.size} vubd families`);
+    // every family announced (vubd's even with no series: no export here), and what a scrape shows
+    const exposed = new Set<string>(e.samples.map((s) => s.name));
+    for (const [name, type] of e.types) {
       if (type === 'histogram') for (const s of ['_bucket', '_sum', '_count']) exposed.add(name + s);
       else exposed.add(name);
     }
-    // and what a scrape shows (prom-client's process metrics name some series unlike their family)
-    for (const s of parseExposition(await reg.metrics()).samples) exposed.add(s.name);
+    for (const [name, type] of families) assert.equal(e.types.get(name), type, `${name} announced as ${type}`);
     const names = dashboardMetricNames(dash);
     assert.ok(names.size >= 15, `${names.size} metrics used`);
     for (const n of names) assert.ok(exposed.has(n), `the dashboard uses ${n}, which vubd does not expose`);
