@@ -3,7 +3,7 @@
 // a C vhost-user front-end that plays QEMU + guest driver (split or packed rings, EVENT_IDX, indirect descriptors).
 //
 //   node scripts/bench/run.mjs [--quick] [--time S] [--wait eventfd|spin] [--pin] [--write] [--rss-60]
-//                              [--backends vubd,qsd] [--rows null,file|ROWID,...] [--img PATH]
+//                              [--backends vubd,qsd] [--rows null,file|ROWID,...] [--img PATH] [--scrape HZ,...]
 //
 //   --quick      3 s per row (also env BENCH_QUICK=1); default 10 s (+1 s ramp, not measured)
 //   --time S     seconds per row
@@ -14,17 +14,22 @@
 //   --backends   subset/order of backends (default vubd,qsd)
 //   --rows       row ids or groups to run (default all): null-qd1,null-qd32,null-qd32-2q,file-randread,
 //                file-randwrite,file-seqread64k,direct-randread,direct-randwrite,null-qd1-packed,
-//                null-qd32-packed, null-qd32-log, or null / file / direct / packed / log (direct: O_DIRECT,
-//                vubd --cache=none; log: dirty logging on, as during a live migration)
+//                null-qd32-packed, null-qd32-log, null-qd32-scrape, or null / file / direct / packed / log / scrape
+//                (direct: O_DIRECT, vubd --cache=none; log: dirty logging on, as during a live migration;
+//                scrape: vubd only, see --scrape)
 //                (packed rows: vubd only, loadgen --packed; their ratio columns are vubd packed ÷ vubd split)
 //   --img PATH   raw image for the file rows (default /var/tmp/vubd-bench-1g.img; created once, 1 GiB)
 //   --repeat N   run every row N times (fresh backend each time) and report the run with the median IOPS
 //   --vubd-args 'ARGS'  extra vubd options for every vubd run, e.g. '--poll-us=20' (shown in the header)
+//   --scrape HZ,...  rates of the null-qd32-scrape row (default 10,100): the same load with --metrics off, with
+//                --metrics on and not scraped, and scraped at each rate (scripts/bench/scraper.mjs, one keep-alive
+//                connection, on the loadgen's CPU with --pin); runs interleaved, IOPS ratios vs not scraped
 //
 // The backend is started fresh for every row. Backend CPU time comes from /proc/PID/stat (utime+stime,
 // all threads) sampled over the measured window; RSS is VmRSS at the end of the run.
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -43,7 +48,7 @@ const GiB = 2 ** 30;
 function parseArgs(argv) {
   const o = {
     time: 10, quick: process.env.BENCH_QUICK === '1', wait: 'eventfd', pin: false, write: false, rss60: false,
-    backends: ['vubd', 'qsd'], rows: null, img: '/var/tmp/vubd-bench-1g.img', repeat: 1, vubdArgs: [],
+    backends: ['vubd', 'qsd'], rows: null, img: '/var/tmp/vubd-bench-1g.img', repeat: 1, vubdArgs: [], scrape: [10, 100],
   };
   let timeGiven = false;
   for (let i = 0; i < argv.length; i++) {
@@ -62,8 +67,9 @@ function parseArgs(argv) {
       case '--img': o.img = val(); break;
       case '--repeat': o.repeat = Number(val()); break;
       case '--vubd-args': o.vubdArgs = val().split(/\s+/).filter(Boolean); break;
+      case '--scrape': o.scrape = val().split(',').map(Number); break;
       case '-h': case '--help':
-        console.log(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n').slice(1, 22).join('\n'));
+        console.log(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n').slice(1, 27).join('\n'));
         process.exit(0);
       default: throw new Error(`unknown option ${a}`);
     }
@@ -72,6 +78,7 @@ function parseArgs(argv) {
   if (!['eventfd', 'spin'].includes(o.wait)) throw new Error('--wait must be eventfd or spin');
   if (!(Number.isInteger(o.repeat) && o.repeat >= 1)) throw new Error('--repeat must be a positive integer');
   if (!(o.time > 0)) throw new Error('--time must be > 0');
+  if (!o.scrape.every((hz) => hz > 0 && hz <= 1000)) throw new Error('--scrape takes rates between 1 and 1000 per second');
   for (const b of o.backends) if (!['vubd', 'qsd'].includes(b)) throw new Error(`unknown backend ${b}`);
   o.ramp = o.quick ? 0.5 : 1;
   return o;
@@ -92,7 +99,38 @@ const ROWS = [
   { id: 'direct-randread', group: 'direct', label: 'O_DIRECT 4k randread QD32', disk: 'direct', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
   { id: 'direct-randwrite', group: 'direct', label: 'O_DIRECT 4k randwrite QD32', disk: 'direct', lg: { rw: 'randwrite', bs: 4096, qd: 32, queues: 1 } },
   { id: 'file-seqread64k', group: 'file', label: 'file 64k seq read QD32', disk: 'file', lg: { rw: 'read', bs: 65536, qd: 32, queues: 1 } },
+  // The cost of scraping --metrics: expanded into one row per variant by scrapeVariants().
+  { id: 'null-qd32-scrape', group: 'scrape', label: 'null 4k randread QD32 1q', disk: 'null', backends: ['vubd'], scrape: true, lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
 ];
+
+/** The scrape row's variants: --metrics off, on and not scraped, and scraped at each rate; ratios vs not scraped. */
+function scrapeVariants(row, rates) {
+  const base = `${row.id}@0`;
+  return [
+    { ...row, id: `${row.id}@off`, label: `${row.label}, --metrics off`, metrics: false, hz: 0, vs: base, vsNote: ' vs not scraped' },
+    { ...row, id: base, label: `${row.label}, --metrics on, not scraped`, metrics: true, hz: 0 },
+    ...rates.map((hz) => ({ ...row, id: `${row.id}@${hz}`, label: `${row.label}, scraped ${hz}/s`, metrics: true, hz, vs: base, vsNote: ' vs not scraped' })),
+  ];
+}
+
+async function freePort() {
+  const s = net.createServer();
+  await new Promise((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+function runScraper(port, hz, opts, seconds) {
+  const argv = [process.execPath, path.join(HERE, 'scraper.mjs'), String(port), String(hz), String(seconds)];
+  const cmd = opts.pin ? ['taskset', '-c', '0', ...argv] : argv;
+  const p = spawn(cmd[0], cmd.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  p.stdout.on('data', (d) => (out += d));
+  return new Promise((res) => p.on('close', () => {
+    try { res(JSON.parse(out.trim().split('\n').pop())); } catch { res({ error: `scraper printed ${JSON.stringify(out)}` }); }
+  }));
+}
 
 // ---------------------------------------------------------------- helpers
 function ensureLoadgen() {
@@ -215,11 +253,15 @@ async function runRow(row, backend, opts, tmp) {
   fs.rmSync(sock, { force: true });
   const argv = backendArgv(backend, row.disk, sock, opts.img);
   if (row.lg?.packed && backend === 'vubd') argv.push('--ring-packed'); // vubd offers packed rings only when asked
-  const be = new Backend(backend, argv, opts, `${row.id}-${backend}`);
+  const metricsPort = row.metrics ? await freePort() : 0;
+  if (row.metrics) argv.push(`--metrics=127.0.0.1:${metricsPort}`);
+  const be = new Backend(backend, argv, opts, `${row.id.replace('@', '-')}-${backend}`);
   const res = { row, backend };
   try {
     await be.waitSocket(sock);
     const lg = runLoadgen(sock, row.lg, opts, opts.time);
+    // From the start of the ramp to the end of the measured window, so every measured second is scraped.
+    const scraper = row.hz > 0 ? runScraper(metricsPort, row.hz, opts, opts.ramp + opts.time) : null;
     // Sample backend CPU over the loadgen's measured window (after ramp, until just before the end).
     const t0 = performance.now();
     const win0 = opts.ramp * 1000 + 100, win1 = (opts.ramp + opts.time) * 1000 - 100;
@@ -236,12 +278,16 @@ async function runRow(row, backend, opts, tmp) {
     })();
     const r = await lg.done;
     await sampler;
+    if (scraper) res.scrape = await scraper;
     res.loadgen = r;
     if (be.exited) res.backendExit = be.exited;
     if (r.json && !r.json.error && r.code === 0 && cpu1 !== undefined) {
       const cpuS = cpu1 - cpu0, wallS = (w1 - w0) / 1000;
       Object.assign(res, r.json, { ok: true, cpuPct: (100 * cpuS) / wallS, iopsPerCpuS: cpuS > 0 ? r.json.iops / (cpuS / wallS) : Infinity });
       if (r.json.errors > 0 || r.json.vring_base_mismatch > 0) res.warn = `errors=${r.json.errors} vring_base_mismatch=${r.json.vring_base_mismatch}`;
+      if (res.scrape && (res.scrape.error || res.scrape.failures > 0)) {
+        res.warn = (res.warn ? res.warn + '; ' : '') + `scrapes failed: ${res.scrape.error ?? `${res.scrape.failures} (${res.scrape.lastError})`}`;
+      }
     } else {
       res.ok = false;
       res.failure = r.json?.stalled_queue >= 0 ? `stall on queue ${r.json.stalled_queue}` : `loadgen exit ${r.code ?? r.sig}`;
@@ -331,7 +377,7 @@ function table(results, opts, extras) {
     const v = rs.find((r) => r.backend === 'vubd' && r.ok);
     // packed rows compare to vubd on the split row they mirror; the others to QSD on the same row
     const q = row.vs ? results.find((r) => r.row.id === row.vs && r.backend === 'vubd' && r.ok) : rs.find((r) => r.backend === 'qsd' && r.ok);
-    const vsNote = row.vs ? ' vs split' : '';
+    const vsNote = row.vs ? (row.vsNote ?? ' vs split') : '';
     for (const r of rs) {
       const name = r.backend === 'qsd' ? 'QSD 7.2' : 'vubd';
       if (!r.ok) {
@@ -359,6 +405,23 @@ function table(results, opts, extras) {
   return out.join('\n') + '\n';
 }
 
+/** IOPS of each scraped variant ÷ the same load with --metrics on and not scraped (medians). */
+function scrapeSummary(results) {
+  const rs = results.filter((r) => r.row.scrape && r.ok);
+  const base = rs.find((r) => r.row.metrics && r.row.hz === 0);
+  if (!base) return null;
+  const pct = (r) => `${((r.iops / base.iops - 1) * 100).toFixed(1)} %`;
+  const parts = rs.filter((r) => r !== base).map((r) => {
+    if (!r.row.metrics) return `--metrics off ${fmt(r.iops)} IOPS (${pct(r)})`;
+    const s = r.scrape ?? {};
+    return `${r.row.hz}/s ${fmt(r.iops)} IOPS (${pct(r)}; CPU ${fmt(r.cpuPct - base.cpuPct, 1)} points; ${fmt(s.hz, 1)} scrapes/s done, ` +
+      `p50 ${fmt(s.p50_ms, 2)} ms p99 ${fmt(s.p99_ms, 2)} ms, ${fmt(s.bytes / 1024, 1)} KiB each${s.failures ? `, ${s.failures} failed` : ''})`;
+  });
+  return `Scrape cost (${base.row.label.replace(/, --metrics.*$/, '')}, median IOPS of interleaved runs): --metrics on, not scraped ${fmt(base.iops)} IOPS; ` +
+    `${parts.join(' · ')}. Percentages: IOPS vs not scraped (negative is a cost); CPU: backend CPU % minus the unscraped run's. ` +
+    'Scraper: scripts/bench/scraper.mjs, one keep-alive connection, on the loadgen\'s CPU when pinned.';
+}
+
 // ---------------------------------------------------------------- main
 async function main() {
   const opts = parseArgs(process.argv.slice(2));
@@ -366,38 +429,60 @@ async function main() {
   ensureLoadgen();
   fs.mkdirSync(LOGS, { recursive: true });
   if (opts.backends.includes('vubd') && !fs.existsSync(path.join(ROOT, 'dist/src/cli/main.js'))) throw new Error('dist/src/cli/main.js missing: run npm run build');
-  const rows = ROWS.filter((r) => !opts.rows || opts.rows.includes(r.id) || opts.rows.includes(r.group));
+  // The scrape row becomes its variants, run interleaved (off, 0, 10/s, 100/s, off, 0, ...) so that a
+  // machine getting busier during the run does not land on one variant.
+  const at = ROWS.findIndex((r) => r.scrape);
+  const scrapeRow = ROWS[at];
+  ROWS.splice(at, 1, ...scrapeVariants(scrapeRow, opts.scrape));
+  const picked = (r) => !opts.rows || opts.rows.includes(r.id) || opts.rows.includes(r.group) || (r.scrape && opts.rows.includes(scrapeRow.id));
+  const rows = ROWS.filter(picked);
+  const groups = [];
+  for (const row of rows) {
+    if (row.scrape && groups.at(-1)?.[0].scrape) groups.at(-1).push(row);
+    else groups.push([row]);
+  }
   if (rows.some((r) => r.disk === 'file' || r.disk === 'direct')) ensureImage(opts.img);
   const dist0 = distStamp();
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'vubd-bench-'));
   const results = [];
   try {
-    for (const row of rows) {
+    for (const group of groups) {
       for (const backend of opts.backends) {
-        if (row.backends && !row.backends.includes(backend)) continue;
-        const runs = [];
+        const members = group.filter((row) => !row.backends || row.backends.includes(backend));
+        if (!members.length) continue;
+        const runs = new Map(members.map((row) => [row, []]));
         for (let k = 0; k < opts.repeat; k++) {
-          process.stderr.write(`${row.label} / ${backend}${opts.repeat > 1 ? ` [${k + 1}/${opts.repeat}]` : ''} ... `);
-          const one = await runRow(row, backend, opts, tmp);
-          runs.push(one);
-          if (one.ok && opts.repeat > 1) process.stderr.write(`${fmt(one.iops)} IOPS p50 ${fmt(one.p50_us, 1)} µs CPU ${fmt(one.cpuPct)} %\n`);
-          if (!one.ok) break;
+          for (const row of members) {
+            const mine = runs.get(row);
+            if (mine.some((x) => !x.ok)) continue;
+            process.stderr.write(`${row.label} / ${backend}${opts.repeat > 1 ? ` [${k + 1}/${opts.repeat}]` : ''} ... `);
+            const one = await runRow(row, backend, opts, tmp);
+            mine.push(one);
+            const scraped = one.scrape ? `, ${fmt(one.scrape.hz, 1)} scrapes/s p50 ${fmt(one.scrape.p50_ms, 2)} ms` : '';
+            if (one.ok && (opts.repeat > 1 || members.length > 1)) process.stderr.write(`${fmt(one.iops)} IOPS p50 ${fmt(one.p50_us, 1)} µs CPU ${fmt(one.cpuPct)} %${scraped}\n`);
+            else if (!one.ok) process.stderr.write('\n');
+          }
         }
-        // median by IOPS (any failure wins: it is what gets reported)
-        const failed = runs.find((x) => !x.ok);
-        const r = failed ?? runs.sort((a, b) => a.iops - b.iops)[Math.floor((runs.length - 1) / 2)];
-        if (!failed && runs.length > 1) r.spread = `${fmt(runs[0].iops)}–${fmt(runs.at(-1).iops)}`;
-        if (opts.repeat > 1) process.stderr.write(`  => median `);
-        results.push(r);
-        if (r.ok) process.stderr.write(`${fmt(r.iops)} IOPS p50 ${fmt(r.p50_us, 1)} µs p99 ${fmt(r.p99_us, 1)} µs CPU ${fmt(r.cpuPct)} %${r.warn ? ' ⚠ ' + r.warn : ''}\n`);
-        else {
-          process.stderr.write(`FAILED: ${r.failure}\n`);
-          if (r.loadgen?.stderr) process.stderr.write(`  loadgen stderr: ${r.loadgen.stderr.split('\n').join('\n  ')}\n`);
-          process.stderr.write(`  ${backend} log tail: ${r.logTail}\n`);
+        for (const row of members) {
+          const mine = runs.get(row);
+          // median by IOPS (any failure wins: it is what gets reported)
+          const failed = mine.find((x) => !x.ok);
+          const r = failed ?? mine.sort((a, b) => a.iops - b.iops)[Math.floor((mine.length - 1) / 2)];
+          if (!failed && mine.length > 1) r.spread = `${fmt(mine[0].iops)}–${fmt(mine.at(-1).iops)}`;
+          if (opts.repeat > 1 || members.length > 1) process.stderr.write(`  => ${members.length > 1 ? row.label + ': ' : ''}median `);
+          results.push(r);
+          if (r.ok) process.stderr.write(`${fmt(r.iops)} IOPS p50 ${fmt(r.p50_us, 1)} µs p99 ${fmt(r.p99_us, 1)} µs CPU ${fmt(r.cpuPct)} %${r.warn ? ' ⚠ ' + r.warn : ''}\n`);
+          else {
+            process.stderr.write(`FAILED: ${r.failure}\n`);
+            if (r.loadgen?.stderr) process.stderr.write(`  loadgen stderr: ${r.loadgen.stderr.split('\n').join('\n  ')}\n`);
+            process.stderr.write(`  ${backend} log tail: ${r.logTail}\n`);
+          }
         }
       }
     }
     const extras = [];
+    const scrapeLine = scrapeSummary(results);
+    if (scrapeLine) extras.push(scrapeLine);
     if (opts.backends.length) {
       const idle = [];
       for (const b of opts.backends) {
