@@ -55,11 +55,11 @@ async function freePort(): Promise<number> {
 }
 
 /** Starts vubd with --metrics on a free port; retries when another process took the port first. */
-async function startWithMetrics(args: string[], dir: string): Promise<{ d: Daemon; port: number }> {
+async function startWithMetrics(args: string[], dir: string, exportless = false): Promise<{ d: Daemon; port: number }> {
   for (let attempt = 1; ; attempt++) {
     const port = await freePort();
     try {
-      return { d: await startDaemon([...args, `--metrics=${port}`], { dir }), port };
+      return { d: await startDaemon([...args, `--metrics=${port}`], { dir, exportless }), port };
     } catch (e) {
       if (attempt >= 5 || !/is in use/.test((e as Error).message)) throw e;
     }
@@ -131,8 +131,9 @@ describe('--metrics endpoint', () => {
     assert.equal(fe.statusOf(fe.run(q1, 99, 0, 0)), UNSUPP);
 
     const e = await scrape(port);
-    const l0 = { export: 'export0', queue: '0', worker: '0' };
-    const l1 = { export: 'export0', queue: '1', worker: '1' };
+    const workers = (await qmp.execute<{ exports: { queues: { worker: number }[] }[] }>('query-stats')).exports[0]!.queues.map((q) => String(q.worker));
+    const l0 = { export: 'export0', queue: '0', worker: workers[0]! };
+    const l1 = { export: 'export0', queue: '1', worker: workers[1]! };
     const req = (l: Record<string, string>, type: string): number => value(e, 'vubd_queue_requests_total', { ...l, type });
     assert.deepEqual(['read', 'write', 'flush', 'other'].map((t) => req(l0, t)), [7, 5, 2, 0], 'queue 0 requests by type');
     assert.deepEqual(['read', 'write', 'flush', 'other'].map((t) => req(l1, t)), [4, 0, 0, 2], 'queue 1 requests by type');
@@ -337,6 +338,49 @@ describe('--metrics at start-up', () => {
       return;
     }
   });
+});
+
+test('exports added and deleted at run time appear in and leave the metrics', { timeout: 60000 }, async (t) => {
+  const dir = tempDir();
+  const control = path.join(dir, 'qmp.sock');
+  const { d, port } = await startWithMetrics([`--control=${control}`, '--workers=2'], dir, true);
+  const qmp = await QmpClient.connect(control);
+  t.after(async () => {
+    qmp.close();
+    await d.stop();
+  });
+  assert.equal(select(await scrape(port), 'vubd_queue_requests_total').length, 0, 'no export, no queue series');
+  for (const n of ['n0', 'n1']) await qmp.execute('blockdev-add', { driver: 'null-co', 'node-name': n, size: 64 * MiB });
+  const add = (id: string, node: string, queues: number): Promise<unknown> =>
+    qmp.execute('block-export-add', { type: 'vhost-user-blk', id, 'node-name': node, addr: { type: 'unix', path: path.join(dir, `${id}.sock`) }, writable: true, 'num-queues': queues });
+  await add('e0', 'n0', 2);
+  await add('e1', 'n1', 1);
+  const fe = Frontend.connect(path.join(dir, 'e1.sock'));
+  t.after(() => fe.close());
+  fe.negotiate();
+  const q = fe.setupRing(0, 64);
+  for (let i = 0; i < 3; i++) assert.equal(fe.statusOf(fe.run(q, BLK.IN, 8 * i, 4096)), OK);
+  const e = await scrape(port);
+  const mapping = await qmp.execute<{ id: string; 'iothread-vq-mapping': { iothread: string; vqs: number[] }[] }[]>('query-block-exports');
+  for (const x of mapping) {
+    for (const m of x['iothread-vq-mapping']) {
+      for (const vq of m.vqs) {
+        const worker = m.iothread.replace(/^worker/, '');
+        assert.equal(select(e, 'vubd_queue_in_flight', { export: x.id, queue: String(vq), worker }).length, 1, `${x.id} queue ${vq} on ${m.iothread}`);
+      }
+    }
+  }
+  assert.equal(value(e, 'vubd_queue_requests_total', { export: 'e1', queue: '0', type: 'read' }), 3);
+  assert.equal(value(e, 'vubd_queue_requests_total', { export: 'e0', queue: '1', type: 'read' }), 0);
+  assert.equal(value(e, 'vubd_node_ops_total', { node: 'n1', type: 'read' }), 3);
+  assert.equal(value(e, 'vubd_export_root', { export: 'e0', node: 'n0' }), 1);
+  assert.equal(select(e, 'vubd_queue_request_duration_seconds_count').length, 3, 'three queues');
+  await qmp.execute('block-export-del', { id: 'e0', mode: 'safe' });
+  await qmp.waitEvent('BLOCK_EXPORT_DELETED', (ev) => ev.data['id'] === 'e0', 10000);
+  const after = await scrape(port);
+  assert.equal(select(after, 'vubd_queue_requests_total', { export: 'e0' }).length, 0, 'a deleted export leaves no series');
+  assert.equal(select(after, 'vubd_drains_total', { export: 'e0' }).length, 0);
+  assert.equal(value(after, 'vubd_queue_requests_total', { export: 'e1', queue: '0', type: 'read' }), 3, 'the other export keeps its counts');
 });
 
 test('a failed flush shows as the node\'s flush error with its errno', { timeout: 60000 }, async (t) => {
