@@ -44,6 +44,10 @@ export interface Options {
   help: boolean;
   version: boolean;
   defaults: boolean;
+  /** --config=FILE: the nodes and exports come from this JSON file (see config.ts) */
+  config: string | null;
+  /** the long names of the options given on the command line (with --config they override the file) */
+  given: ReadonlySet<string>;
 }
 
 export class UsageError extends Error {}
@@ -98,6 +102,7 @@ export function cacheSemantics(mode: CacheMode): { direct: boolean; noFlush: boo
 export const USAGE = `Usage: vubd (--socket-path=PATH | --fd=N) [--blk-file=PATH | --blk-driver=null --size=8G] [options]
        vubd --control=PATH [--workers=N] [options]   (no disk yet: add nodes and exports over QMP
                                                      with blockdev-add and block-export-add)
+       vubd --config=FILE [--control=PATH] [--log-level=LEVEL] [--aio=MODE] [--poll-us=N] [--incoming]
 
 vhost-user-blk backend: serves a QEMU guest's virtio-blk disk over a vhost-user unix socket.
 
@@ -115,6 +120,10 @@ Backend program conventions:
                            (default ~/.config/qemu/vhost-user), and its launcher (dist/bin/vubd)
 
 vubd options:
+      --config=FILE        serve the nodes and exports a JSON file describes (README "Config
+                           file"); it replaces the disk options above and below (--socket-path,
+                           --fd, --blk-file, --blk-driver, --size, --num-queues, --cache, ...);
+                           --control, --log-level, --aio, --poll-us, --incoming override the file's
       --blk-driver=DRIVER  file (default) or null (reads return zeroes; for benchmarks)
       --size=SIZE          disk size for --blk-driver=null (default 8G; suffixes K M G T)
       --num-queues=N       queues offered (default: CPU count = ${os.availableParallelism()}; QEMU's default
@@ -204,6 +213,7 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean', short: 'V' },
         default: { type: 'boolean' },
+        config: { type: 'string' },
         ...ACCESS_OPTIONS,
       },
     });
@@ -263,9 +273,12 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
     help: v.help ?? false,
     version: v.version ?? false,
     defaults: v.default ?? false,
+    config: v.config ?? null,
+    given: new Set(Object.keys(v)),
   };
   if (opts.prefix !== null && !opts.installDescriptor) throw new UsageError('--prefix goes with --install-descriptor');
   if (opts.help || opts.version || opts.printCapabilities || opts.installDescriptor) return opts;
+  if (opts.config !== null) return configOptions(opts, v, activated);
   if (opts.defaults) {
     opts.socketPath ??= 'vubd.sock';
     if (opts.blkDriver === 'file') opts.blkFile ??= 'vubd-disk.img';
@@ -295,5 +308,41 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
   if (opts.blkDriver === 'file' && opts.blkFile === null) throw new UsageError('--blk-file is required (or --blk-driver=null)');
   if (opts.blkDriver === 'null' && opts.blkFile !== null) throw new UsageError('--blk-file cannot be used with --blk-driver=null');
   if (opts.size % opts.logicalBlockSize !== 0) throw new UsageError(`--size must be a multiple of the logical block size (${opts.logicalBlockSize})`);
+  return opts;
+}
+
+/** Command-line options that describe the one disk; with --config the file says this per node or export. */
+const DISK_OPTIONS: Record<string, string> = {
+  'socket-path': "an export's addr {\"type\": \"unix\", \"path\": ...}",
+  fd: "an export's addr {\"type\": \"fd\", \"str\": ...}",
+  'blk-file': 'a node {"driver": "file", "filename": ...}',
+  'blk-driver': "a node's driver",
+  size: 'a null-co node\'s size',
+  'read-only': 'a node\'s read-only or an export\'s writable',
+  'force-share': 'a file node\'s "locking": "off"',
+  'num-queues': 'an export\'s num-queues',
+  'queue-size': 'an export\'s queue-size',
+  'ring-packed': 'an export\'s ring-packed',
+  cache: 'a file node\'s cache {direct, no-flush} and an export\'s writethrough',
+  'logical-block-size': 'an export\'s logical-block-size',
+  serial: 'an export\'s serial',
+  'socket-mode': 'an export\'s socket {mode, owner, group}',
+  'socket-owner': 'an export\'s socket {mode, owner, group}',
+  'socket-group': 'an export\'s socket {mode, owner, group}',
+  'allow-uid': 'an export\'s allow-uid',
+  'allow-gid': 'an export\'s allow-gid',
+  default: 'nothing (--default serves one disk on ./vubd.sock)',
+};
+
+function configOptions(opts: Options, v: Readonly<Record<string, unknown>>, activated: ActivatedSockets | null): Options {
+  for (const [name, instead] of Object.entries(DISK_OPTIONS)) {
+    if (v[name] !== undefined) throw new UsageError(`--${name} cannot be used with --config: the file describes every disk (use ${instead} there)`);
+  }
+  // A vhost-user socket passed by systemd must be named by an export's addr {"type": "fd"} (config.ts checks).
+  if (activated?.vhost != null) opts.fd = activated.vhost;
+  if (activated?.control != null) {
+    if (opts.control !== null) throw new UsageError("systemd passed a socket named 'control' (LISTEN_FDNAMES): drop --control, or do not pass that socket");
+    opts.controlFd = activated.control;
+  }
   return opts;
 }

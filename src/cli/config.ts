@@ -1,0 +1,333 @@
+// --config=FILE: a JSON file describing the daemon, its block nodes and its exports, validated
+// with ajv against config-schema.ts (JSON Schema 2020-12) and the cross-field checks of
+// config-checks.ts, then translated into a DaemonConfig: blockdev-add and block-export-add
+// argument objects as QMP takes them. The single-disk command line is a DaemonConfig too
+// (configFromOptions), so the daemon starts the same way from either.
+import fs from 'node:fs';
+import path from 'node:path';
+import Ajv2020 from 'ajv/dist/2020.js';
+import type { SocketAccess } from '../protocol/socket-file.js';
+import type { PeerPolicy } from '../protocol/peer-policy.js';
+import { cacheSemantics, parseSize, type Options } from './args.js';
+import { AccessUsageError, resolveGroup, resolveUser } from './access-args.js';
+import { CONFIG_SCHEMA, BPS_LIMITS, IOPS_LIMITS } from './config-schema.js';
+import { ConfigError, jsonSyntaxProblem, pointer, schemaProblems, type Problem } from './config-errors.js';
+import { crossChecks, type RawConfig, type RawExport, type RawNode, type RawSocketFile, type Size } from './config-checks.js';
+
+export { ConfigError } from './config-errors.js';
+
+export interface FileNodeArgs {
+  'node-name': string;
+  driver: 'file' | 'host_device';
+  /** absolute (a relative filename is taken from the config file's directory) */
+  filename: string;
+  'read-only': boolean;
+  cache: { direct: boolean; 'no-flush': boolean };
+  locking: 'auto' | 'on' | 'off';
+}
+export interface NullNodeArgs {
+  'node-name': string;
+  driver: 'null-co' | 'null';
+  size: number;
+  'read-only': boolean;
+}
+export interface ThrottleNodeArgs {
+  'node-name': string;
+  driver: 'throttle';
+  file: string;
+  /** throttle-group property names (iops-total, bps-read-max, ...), in bytes or ops per second */
+  limits: Record<string, number>;
+}
+/** blockdev-add's arguments */
+export type NodeArgs = FileNodeArgs | NullNodeArgs | ThrottleNodeArgs;
+
+export type ExportAddr = { type: 'unix'; path: string } | { type: 'fd'; str: string };
+
+/** block-export-add's arguments (qemu-storage-daemon's names), with vubd's extras after them */
+export interface ExportArgs {
+  type: 'vhost-user-blk';
+  id: string;
+  'node-name': string;
+  addr: ExportAddr;
+  writable: boolean;
+  /** QEMU's writethrough: every write durable before it completes (the guest sees no write cache) */
+  writethrough: boolean;
+  'num-queues': number;
+  'logical-block-size': 512 | 4096;
+  /** null: round-robin over the pool. Otherwise every queue is in exactly one entry's vqs (filled in when the file left vqs out) */
+  'iothread-vq-mapping': { iothread: string; vqs: number[] }[] | null;
+  'queue-size': number;
+  serial: string;
+  'ring-packed': boolean;
+}
+
+export interface ExportConfig {
+  args: ExportArgs;
+  /** mode/owner/group of a unix socket file, names already resolved */
+  socketAccess: SocketAccess;
+  /** allow-uid/allow-gid resolved; null when neither is given */
+  peers: PeerPolicy | null;
+}
+
+export interface DaemonConfig {
+  /** the config file as named on the command line, or 'the command line' */
+  source: string;
+  /** null: the default (the CPU count) */
+  workers: number | null;
+  control: { path: string; access: SocketAccess } | null;
+  /** the QMP socket passed by systemd */
+  controlFd: number | null;
+  metrics: string | null;
+  logLevel: string;
+  aio: 'io_uring' | 'sync';
+  pollUs: number;
+  /** live-migration destination: images are not checked for another writer when opened */
+  incoming: boolean;
+  /** blockdev-add in this order: every throttle after the node below it */
+  nodes: NodeArgs[];
+  exports: ExportConfig[];
+}
+
+const DEFAULT_ACCESS: SocketAccess = { mode: 0o600, uid: -1, gid: -1 };
+
+// Compiled once, on first use: a validator is generated code, ~10 ms to build.
+let validator: ReturnType<Ajv2020.default['compile']> | null = null;
+function validate(data: unknown): Problem[] {
+  if (validator === null) {
+    const ajv = new Ajv2020.default({ allErrors: true, discriminator: true, verbose: true, strict: true, allowUnionTypes: true });
+    ajv.addKeyword('x-expected');
+    validator = ajv.compile(CONFIG_SCHEMA);
+  }
+  return validator(data) ? [] : schemaProblems(validator.errors ?? [], data);
+}
+
+/** Reads, validates and translates a config file; throws ConfigError listing every problem. */
+export function loadConfig(file: string): DaemonConfig {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new ConfigError(file, [{ path: '', message: `cannot read the config file: ${(e as Error).message}` }]);
+  }
+  return parseConfig(text, file, path.dirname(path.resolve(file)));
+}
+
+/** text: the file's contents; baseDir: where relative paths in it are taken from. */
+export function parseConfig(text: string, file: string, baseDir: string): DaemonConfig {
+  let data: unknown;
+  try {
+    data = JSON.parse(text);
+  } catch (e) {
+    throw new ConfigError(file, [jsonSyntaxProblem(text, e as Error)]);
+  }
+  const schema = validate(data);
+  if (schema.length > 0) throw new ConfigError(file, schema);
+  const raw = data as RawConfig;
+  const problems: Problem[] = [];
+  const bytes = (s: Size, at: string): number | null => {
+    try {
+      return typeof s === 'number' ? s : parseSize(s);
+    } catch (e) {
+      problems.push({ path: at, message: (e as Error).message });
+      return null;
+    }
+  };
+  // A size that does not parse is reported once, by nodeArgs; the checks skip it.
+  const checks = crossChecks(raw, baseDir, (s) => (typeof s === 'number' ? s : safeSize(s)));
+  const nodes = (raw.nodes ?? []).map((n, i) => nodeArgs(n, pointer('nodes', i), baseDir, bytes, problems));
+  const exports = (raw.exports ?? []).map((e, i) => exportConfig(e, pointer('exports', i), baseDir, problems));
+  const control = raw.control ? { path: path.resolve(baseDir, raw.control.path), access: access(raw.control, pointer('control'), problems) } : null;
+  const all = [...checks.problems, ...problems].sort(byDocumentOrder);
+  if (all.length > 0) throw new ConfigError(file, all);
+  return {
+    source: file,
+    workers: raw.workers ?? null,
+    control,
+    controlFd: null,
+    metrics: raw.metrics ?? null,
+    logLevel: raw['log-level'] ?? 'info',
+    aio: raw.aio ?? 'io_uring',
+    pollUs: raw['poll-us'] ?? 0,
+    incoming: raw.incoming ?? false,
+    nodes: checks.order.map((i) => nodes[i]!),
+    exports,
+  };
+}
+
+const TOP_LEVEL = Object.keys(CONFIG_SCHEMA.properties);
+
+/** Problems in the order of the fields in the file: top-level keys as the schema lists them, then indexes. */
+function byDocumentOrder(a: Problem, b: Problem): number {
+  const key = (p: Problem): [number, string] => {
+    const top = p.path.split('/')[1] ?? '';
+    return [TOP_LEVEL.indexOf(top), p.path];
+  };
+  const [ra, pa] = key(a);
+  const [rb, pb] = key(b);
+  return ra - rb || pa.localeCompare(pb, 'en', { numeric: true });
+}
+
+function safeSize(s: string): number | null {
+  try {
+    return parseSize(s);
+  } catch {
+    return null;
+  }
+}
+
+function nodeArgs(n: RawNode, at: string, baseDir: string, bytes: (s: Size, at: string) => number | null, problems: Problem[]): NodeArgs {
+  const name = n['node-name'];
+  switch (n.driver) {
+    case 'file':
+    case 'host_device':
+      return {
+        'node-name': name,
+        driver: n.driver,
+        filename: path.resolve(baseDir, n.filename!),
+        'read-only': n['read-only'] ?? false,
+        cache: { direct: n.cache?.direct ?? false, 'no-flush': n.cache?.['no-flush'] ?? false },
+        locking: n.locking ?? 'auto',
+      };
+    case 'null-co':
+    case 'null': {
+      const size = bytes(n.size!, `${at}/size`) ?? 0;
+      if (size % 512 !== 0) problems.push({ path: `${at}/size`, message: `must be a multiple of 512, got ${size}` });
+      return { 'node-name': name, driver: n.driver, size, 'read-only': n['read-only'] ?? false };
+    }
+    case 'throttle': {
+      const limits: Record<string, number> = {};
+      for (const k of [...IOPS_LIMITS, ...BPS_LIMITS]) {
+        const v = n.limits?.[k];
+        if (v !== undefined) limits[k] = typeof v === 'number' ? v : (bytes(v, `${at}/limits/${k}`) ?? 0);
+      }
+      return { 'node-name': name, driver: 'throttle', file: n.file!, limits };
+    }
+  }
+}
+
+function ids(list: (string | number)[] | undefined, at: string, resolve: (o: string, t: string) => number, problems: Problem[]): number[] | null {
+  if (list === undefined) return null;
+  return list.map((x, k) => resolveAt(String(x), `${at}/${k}`, resolve, problems));
+}
+
+function resolveAt(text: string, at: string, resolve: (o: string, t: string) => number, problems: Problem[]): number {
+  try {
+    return resolve('x', text);
+  } catch (e) {
+    if (!(e instanceof AccessUsageError)) throw e;
+    problems.push({ path: at, message: e.message.replace(/^--x: /, '') });
+    return -1;
+  }
+}
+
+function access(s: RawSocketFile | undefined, at: string, problems: Problem[]): SocketAccess {
+  return {
+    mode: s?.mode === undefined ? DEFAULT_ACCESS.mode : parseInt(s.mode, 8),
+    uid: s?.owner === undefined ? -1 : resolveAt(String(s.owner), `${at}/owner`, resolveUser, problems),
+    gid: s?.group === undefined ? -1 : resolveAt(String(s.group), `${at}/group`, resolveGroup, problems),
+  };
+}
+
+function exportConfig(e: RawExport, at: string, baseDir: string, problems: Problem[]): ExportConfig {
+  const numQueues = e['num-queues'] ?? 1;
+  const mapping = e['iothread-vq-mapping'];
+  // QEMU: without vqs, queues go round-robin over the listed iothreads.
+  const vqMapping = mapping?.map((m, j) => ({ iothread: m.iothread, vqs: m.vqs ?? Array.from({ length: numQueues }, (_, q) => q).filter((q) => q % mapping.length === j) })) ?? null;
+  const uids = ids(e['allow-uid'], `${at}/allow-uid`, resolveUser, problems);
+  const gids = ids(e['allow-gid'], `${at}/allow-gid`, resolveGroup, problems);
+  return {
+    args: {
+      type: 'vhost-user-blk',
+      id: e.id,
+      'node-name': e['node-name'],
+      addr: e.addr.type === 'unix' ? { type: 'unix', path: path.resolve(baseDir, e.addr.path) } : { type: 'fd', str: e.addr.str },
+      writable: e.writable ?? false,
+      writethrough: e.writethrough ?? false,
+      'num-queues': numQueues,
+      'logical-block-size': e['logical-block-size'] ?? 512,
+      'iothread-vq-mapping': vqMapping,
+      'queue-size': e['queue-size'] ?? 1024,
+      serial: e.serial ?? e.id.slice(0, 20),
+      'ring-packed': e['ring-packed'] ?? false,
+    },
+    socketAccess: e.addr.type === 'unix' ? access(e.socket, `${at}/socket`, problems) : DEFAULT_ACCESS,
+    peers: uids === null && gids === null ? null : { uids: uids ?? [], gids: gids ?? [] },
+  };
+}
+
+/** The single-disk command line as a DaemonConfig: node 'file0' (or 'null0') and export 'export0', as vubd has always named them. */
+export function configFromOptions(opts: Options): DaemonConfig {
+  const { direct, noFlush, writeback } = cacheSemantics(opts.cache);
+  const node: NodeArgs =
+    opts.blkDriver === 'null'
+      ? { 'node-name': 'null0', driver: 'null-co', size: opts.size, 'read-only': opts.readOnly }
+      : {
+          'node-name': 'file0',
+          driver: 'file',
+          filename: path.resolve(opts.blkFile!),
+          'read-only': opts.readOnly,
+          cache: { direct, 'no-flush': noFlush },
+          locking: opts.forceShare ? 'off' : 'auto',
+        };
+  const addr: ExportAddr = opts.socketPath !== null ? { type: 'unix', path: path.resolve(opts.socketPath) } : { type: 'fd', str: String(opts.fd) };
+  return {
+    source: 'the command line',
+    workers: null,
+    control: opts.control !== null ? { path: path.resolve(opts.control), access: opts.controlAccess } : null,
+    controlFd: opts.controlFd,
+    metrics: null,
+    logLevel: opts.logLevel,
+    aio: opts.aio,
+    pollUs: opts.pollUs,
+    incoming: opts.incoming,
+    nodes: [node],
+    exports: [
+      {
+        args: {
+          type: 'vhost-user-blk',
+          id: 'export0',
+          'node-name': node['node-name'],
+          addr,
+          writable: !opts.readOnly,
+          writethrough: !writeback,
+          'num-queues': opts.numQueues,
+          'logical-block-size': opts.logicalBlockSize,
+          'iothread-vq-mapping': null,
+          'queue-size': opts.queueSize,
+          serial: opts.serial ?? (node.driver === 'file' ? path.basename(node.filename) : 'vubd-null'),
+          'ring-packed': opts.ringPacked,
+        },
+        socketAccess: opts.socketPath !== null ? opts.socketAccess : DEFAULT_ACCESS,
+        peers: opts.peers,
+      },
+    ],
+  };
+}
+
+/**
+ * What main.ts serves: the --config file with the daemon options given on the command line
+ * over the file's, or the single-disk command line. Throws ConfigError (exit 2).
+ */
+export function resolveConfig(opts: Options): DaemonConfig {
+  if (opts.config === null) return configFromOptions(opts);
+  const c = loadConfig(opts.config);
+  const given = (o: string): boolean => opts.given.has(o);
+  if (given('log-level')) c.logLevel = opts.logLevel;
+  if (given('aio')) c.aio = opts.aio;
+  if (given('poll-us')) c.pollUs = opts.pollUs;
+  if (given('incoming')) c.incoming = opts.incoming;
+  if (opts.control !== null) c.control = { path: path.resolve(opts.control), access: opts.controlAccess };
+  else if (['control-mode', 'control-owner', 'control-group'].some(given)) {
+    if (c.control === null) throw new ConfigError(opts.config, [{ path: '/control', message: "--control-mode/--control-owner/--control-group need a control socket: --control=PATH or the file's 'control'" }]);
+    const a = opts.controlAccess;
+    c.control.access = { mode: given('control-mode') ? a.mode : c.control.access.mode, uid: given('control-owner') ? a.uid : c.control.access.uid, gid: given('control-group') ? a.gid : c.control.access.gid };
+  }
+  if (opts.controlFd !== null) {
+    if (c.control !== null) throw new ConfigError(opts.config, [{ path: '/control', message: "systemd passed a socket named 'control' (LISTEN_FDNAMES): drop 'control' from the file, or do not pass that socket" }]);
+    c.controlFd = opts.controlFd;
+  }
+  if (opts.fd !== null && !c.exports.some((e) => e.args.addr.type === 'fd' && Number(e.args.addr.str) === opts.fd)) {
+    throw new ConfigError(opts.config, [{ path: '/exports', message: `systemd passed a listening socket as fd ${opts.fd} (LISTEN_FDS), but no export's addr is {"type": "fd", "str": "${opts.fd}"}` }]);
+  }
+  return c;
+}
