@@ -48,6 +48,8 @@ export interface Options {
   config: string | null;
   /** the long names of the options given on the command line (with --config they override the file) */
   given: ReadonlySet<string>;
+  /** --check-config: validate, print the resolved config as JSON, exit */
+  checkConfig: boolean;
 }
 
 export class UsageError extends Error {}
@@ -124,6 +126,10 @@ vubd options:
                            file"); it replaces the disk options above and below (--socket-path,
                            --fd, --blk-file, --blk-driver, --size, --num-queues, --cache, ...);
                            --control, --log-level, --aio, --poll-us, --incoming override the file's
+      --check-config       validate --config (or the disk options) and print what would be served:
+                           nodes and exports as blockdev-add/block-export-add arguments, defaults
+                           filled in, relative paths made absolute, user and group names as ids;
+                           exit 0, or 2 with one line per problem. Opens and listens on nothing
       --blk-driver=DRIVER  file (default) or null (reads return zeroes; for benchmarks)
       --size=SIZE          disk size for --blk-driver=null (default 8G; suffixes K M G T)
       --num-queues=N       queues offered (default: CPU count = ${os.availableParallelism()}; QEMU's default
@@ -214,6 +220,7 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
         version: { type: 'boolean', short: 'V' },
         default: { type: 'boolean' },
         config: { type: 'string' },
+        'check-config': { type: 'boolean' },
         ...ACCESS_OPTIONS,
       },
     });
@@ -275,6 +282,7 @@ export function parseOptions(argv: string[], activated: ActivatedSockets | null 
     defaults: v.default ?? false,
     config: v.config ?? null,
     given: new Set(Object.keys(v)),
+    checkConfig: v['check-config'] ?? false,
   };
   if (opts.prefix !== null && !opts.installDescriptor) throw new UsageError('--prefix goes with --install-descriptor');
   if (opts.help || opts.version || opts.printCapabilities || opts.installDescriptor) return opts;

@@ -331,3 +331,49 @@ export function resolveConfig(opts: Options): DaemonConfig {
   }
   return c;
 }
+
+/** The resolved config as --check-config prints it: modes in octal, as written in the file. */
+export function describeConfig(c: DaemonConfig): string {
+  const octal = (a: SocketAccess): Record<string, unknown> => ({ mode: '0' + a.mode.toString(8), uid: a.uid, gid: a.gid });
+  return JSON.stringify(
+    {
+      source: c.source,
+      workers: c.workers,
+      control: c.control ? { path: c.control.path, ...octal(c.control.access) } : c.controlFd !== null ? { fd: c.controlFd } : null,
+      metrics: c.metrics,
+      'log-level': c.logLevel,
+      aio: c.aio,
+      'poll-us': c.pollUs,
+      incoming: c.incoming,
+      'blockdev-add': c.nodes,
+      'block-export-add': c.exports.map((e) => ({ ...e.args, ...(e.args.addr.type === 'unix' ? { socket: octal(e.socketAccess) } : {}), ...(e.peers ? { 'allow-uid': e.peers.uids, 'allow-gid': e.peers.gids } : {}) })),
+    },
+    null,
+    2,
+  );
+}
+
+/**
+ * main.ts' one call: the config to serve, or the exit code when there is nothing to serve
+ * (2 for a bad config, printed before anything is opened; 0 after --check-config).
+ */
+export function startupConfig(opts: Options): { config: DaemonConfig } | { exit: number } {
+  let config: DaemonConfig;
+  try {
+    config = resolveConfig(opts);
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    console.error(e.message);
+    return { exit: 2 };
+  }
+  if (opts.checkConfig) {
+    console.log(describeConfig(config));
+    return { exit: 0 };
+  }
+  if (opts.config !== null) {
+    // Until main.ts serves many exports (issue 11), a valid file is checked but not served.
+    console.error(`vubd: ${opts.config} is valid, but this build serves only the single-disk command line; use --check-config to see what it describes`);
+    return { exit: 1 };
+  }
+  return { config };
+}

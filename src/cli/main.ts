@@ -18,6 +18,7 @@ import { buildCommands } from '../control/commands.js';
 import { startMetrics, type MetricsServer } from '../control/metrics.js';
 import { createBackgroundIo, type BackgroundIo } from '../graph/background-io.js';
 import { CAPABILITIES, installDescriptor } from './descriptor.js';
+import { startupConfig } from './config.js';
 import { Notifier, takeListenFds, type ActivatedSockets } from './systemd.js';
 
 const DEFAULT_IMAGE_SIZE = 2 ** 30;
@@ -129,6 +130,8 @@ async function main(): Promise<number> {
       return 1;
     }
   }
+  const startup = startupConfig(opts);
+  if ('exit' in startup) return startup.exit;
   setLogLevel(opts.logLevel);
   const log = logger('vubd');
   const notifier = new Notifier(process.env, logger('systemd'));
