@@ -144,7 +144,8 @@ function problemOf(e: ErrorObject, data: unknown): Problem {
     case 'maximum':
     case 'exclusiveMinimum':
     case 'exclusiveMaximum':
-      return at(e.instancePath, `must be ${typeWords(parent.type).replace(' or string', '')} ${String(params.comparison)} ${String(params.limit)}, got ${show(got)}`);
+      // only numbers have bounds; every number in the schema is an integer
+      return at(e.instancePath, `must be integer ${String(params.comparison)} ${String(params.limit)}, got ${show(got)}`);
     case 'minLength':
       return at(e.instancePath, params.limit === 1 ? 'must not be empty' : `must be at least ${String(params.limit)} characters`);
     case 'maxLength':

@@ -5,12 +5,12 @@
 // (configFromOptions), so the daemon starts the same way from either.
 import fs from 'node:fs';
 import path from 'node:path';
-import Ajv2020 from 'ajv/dist/2020.js';
 import type { SocketAccess } from '../protocol/socket-file.js';
 import type { PeerPolicy } from '../protocol/peer-policy.js';
 import { cacheSemantics, parseSize, type Options } from './args.js';
 import { AccessUsageError, resolveGroup, resolveUser } from './access-args.js';
 import { CONFIG_SCHEMA, BPS_LIMITS, IOPS_LIMITS } from './config-schema.js';
+import { configValidator } from './config-validate.js';
 import { ConfigError, jsonSyntaxProblem, pointer, schemaProblems, type Problem } from './config-errors.js';
 import { crossChecks, type RawConfig, type RawExport, type RawNode, type RawSocketFile, type Size } from './config-checks.js';
 
@@ -90,15 +90,9 @@ export interface DaemonConfig {
 
 const DEFAULT_ACCESS: SocketAccess = { mode: 0o600, uid: -1, gid: -1 };
 
-// Compiled once, on first use: a validator is generated code, ~10 ms to build.
-let validator: ReturnType<Ajv2020.default['compile']> | null = null;
 function validate(data: unknown): Problem[] {
-  if (validator === null) {
-    const ajv = new Ajv2020.default({ allErrors: true, discriminator: true, verbose: true, strict: true, allowUnionTypes: true });
-    ajv.addKeyword('x-expected');
-    validator = ajv.compile(CONFIG_SCHEMA);
-  }
-  return validator(data) ? [] : schemaProblems(validator.errors ?? [], data);
+  const { validate: v } = configValidator();
+  return v(data) ? [] : schemaProblems(v.errors ?? [], data);
 }
 
 /** Reads, validates and translates a config file; throws ConfigError listing every problem. */

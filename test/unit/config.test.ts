@@ -8,6 +8,7 @@ import path from 'node:path';
 import { parseOptions, UsageError } from '../../src/cli/args.js';
 import { configFromOptions, ConfigError, loadConfig, parseConfig, resolveConfig, type DaemonConfig } from '../../src/cli/config.js';
 import { closest } from '../../src/cli/config-errors.js';
+import { compileValidator, configValidator } from '../../src/cli/config-validate.js';
 
 const BASE = '/etc/vubd';
 
@@ -98,6 +99,7 @@ describe('config file mistakes', () => {
       problems({ nodes: [{ 'node-name': 'n', driver: 'null-co', size: '1536' }], exports: [exp('e0', 'n', { 'logical-block-size': 4096 })] }),
       ["/exports/0/logical-block-size: node 'n' is 1536 bytes, not a multiple of 4096"],
     );
+    assert.deepEqual(problems(one({}, { socket: { owner: 2 ** 32 } })), ['/exports/0/socket/owner: must be integer <= 4294967294, got 4294967296']);
     assert.deepEqual(problems({ nodes: [{ 'node-name': 'a'.repeat(32), driver: 'null-co', size: 512 }] }), ['/nodes/0/node-name: must be at most 31 characters, got 32']);
   });
 
@@ -329,4 +331,20 @@ describe('the command line as a config', () => {
     );
     fs.rmSync(dir, { recursive: true });
   });
+});
+
+test('the validator precompiled by npm run build:ts is used, and judges as the schema compiled now does', () => {
+  const { validate, precompiled } = configValidator();
+  assert.equal(precompiled, true, 'dist/src/cli/config-validator.cjs missing or built from another schema: run npm run build:ts');
+  const fresh = compileValidator();
+  const docs: unknown[] = [
+    one(),
+    { nodes: [{ nodename: 'x', driver: 'fiel' }], exports: [exp('e0', 'd0', { 'num-queues': 0, socket: { mode: '0999' }, addr: { type: 'tcp' } })] },
+    { workers: 'x', 'log-level': 'loud', nodes: {}, metrics: 9180 },
+    [],
+  ];
+  for (const d of docs) {
+    assert.equal(validate(d), fresh(d));
+    assert.deepEqual(validate.errors ?? null, fresh.errors ?? null);
+  }
 });
