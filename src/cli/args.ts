@@ -104,7 +104,7 @@ export function cacheSemantics(mode: CacheMode): { direct: boolean; noFlush: boo
 export const USAGE = `Usage: vubd (--socket-path=PATH | --fd=N) [--blk-file=PATH | --blk-driver=null --size=8G] [options]
        vubd --control=PATH [--workers=N] [options]   (no disk yet: add nodes and exports over QMP
                                                      with blockdev-add and block-export-add)
-       vubd --config=FILE [--control=PATH] [--log-level=LEVEL] [--aio=MODE] [--poll-us=N] [--incoming]
+       vubd --config=FILE [--check-config] [--control=PATH] [--workers=N] [--log-level=LEVEL] [options]
 
 vhost-user-blk backend: serves a QEMU guest's virtio-blk disk over a vhost-user unix socket.
 
@@ -125,7 +125,8 @@ vubd options:
       --config=FILE        serve the nodes and exports a JSON file describes (README "Config
                            file"); it replaces the disk options above and below (--socket-path,
                            --fd, --blk-file, --blk-driver, --size, --num-queues, --cache, ...);
-                           --control, --log-level, --aio, --poll-us, --incoming override the file's
+                           --control*, --workers, --log-level, --aio, --poll-us, --incoming
+                           override the file's
       --check-config       validate --config (or the disk options) and print what would be served:
                            nodes and exports as blockdev-add/block-export-add arguments, defaults
                            filled in, relative paths made absolute, user and group names as ids;

@@ -7,12 +7,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { SocketAccess } from '../protocol/socket-file.js';
 import type { PeerPolicy } from '../protocol/peer-policy.js';
+import type { ExportSpec } from '../control/export-manager.js';
 import { cacheSemantics, parseSize, type Options } from './args.js';
 import { AccessUsageError, resolveGroup, resolveUser } from './access-args.js';
 import { CONFIG_SCHEMA, BPS_LIMITS, IOPS_LIMITS } from './config-schema.js';
 import { configValidator } from './config-validate.js';
 import { ConfigError, jsonSyntaxProblem, pointer, schemaProblems, type Problem } from './config-errors.js';
-import { crossChecks, type RawConfig, type RawExport, type RawNode, type RawSocketFile, type Size } from './config-checks.js';
+import { crossChecks, defaultWorkers, type RawConfig, type RawExport, type RawNode, type RawSocketFile, type Size } from './config-checks.js';
 
 export { ConfigError } from './config-errors.js';
 
@@ -72,8 +73,8 @@ export interface ExportConfig {
 export interface DaemonConfig {
   /** the config file as named on the command line, or 'the command line' */
   source: string;
-  /** null: the default (the CPU count) */
-  workers: number | null;
+  /** worker threads in the pool (the file's, --workers, or the CPU count) */
+  workers: number;
   control: { path: string; access: SocketAccess } | null;
   /** the QMP socket passed by systemd */
   controlFd: number | null;
@@ -135,7 +136,7 @@ export function parseConfig(text: string, file: string, baseDir: string): Daemon
   if (all.length > 0) throw new ConfigError(file, all);
   return {
     source: file,
-    workers: raw.workers ?? null,
+    workers: raw.workers ?? defaultWorkers(),
     control,
     controlFd: null,
     metrics: raw.metrics ?? null,
@@ -249,8 +250,23 @@ function exportConfig(e: RawExport, at: string, baseDir: string, problems: Probl
   };
 }
 
-/** The single-disk command line as a DaemonConfig: node 'file0' (or 'null0') and export 'export0', as vubd has always named them. */
+/**
+ * The single-disk command line as a DaemonConfig: node 'file0' (or 'null0') and export 'export0',
+ * as vubd has always named them; no node and no export for the exportless form (only --control).
+ */
 export function configFromOptions(opts: Options): DaemonConfig {
+  const daemon = {
+    source: 'the command line',
+    workers: opts.workers,
+    control: opts.control !== null ? { path: path.resolve(opts.control), access: opts.controlAccess } : null,
+    controlFd: opts.controlFd,
+    metrics: null,
+    logLevel: opts.logLevel,
+    aio: opts.aio,
+    pollUs: opts.pollUs,
+    incoming: opts.incoming,
+  };
+  if (!opts.initialExport) return { ...daemon, nodes: [], exports: [] };
   const { direct, noFlush, writeback } = cacheSemantics(opts.cache);
   const node: NodeArgs =
     opts.blkDriver === 'null'
@@ -265,15 +281,7 @@ export function configFromOptions(opts: Options): DaemonConfig {
         };
   const addr: ExportAddr = opts.socketPath !== null ? { type: 'unix', path: path.resolve(opts.socketPath) } : { type: 'fd', str: String(opts.fd) };
   return {
-    source: 'the command line',
-    workers: null,
-    control: opts.control !== null ? { path: path.resolve(opts.control), access: opts.controlAccess } : null,
-    controlFd: opts.controlFd,
-    metrics: null,
-    logLevel: opts.logLevel,
-    aio: opts.aio,
-    pollUs: opts.pollUs,
-    incoming: opts.incoming,
+    ...daemon,
     nodes: [node],
     exports: [
       {
@@ -310,6 +318,18 @@ export function resolveConfig(opts: Options): DaemonConfig {
   if (given('aio')) c.aio = opts.aio;
   if (given('poll-us')) c.pollUs = opts.pollUs;
   if (given('incoming')) c.incoming = opts.incoming;
+  if (given('workers')) {
+    c.workers = opts.workers;
+    const problems: Problem[] = [];
+    c.exports.forEach((e, i) =>
+      e.args['iothread-vq-mapping']?.forEach((m, j) => {
+        if (Number(m.iothread.slice('worker'.length)) >= c.workers) {
+          problems.push({ path: pointer('exports', i, 'iothread-vq-mapping', j, 'iothread'), message: `no pool worker '${m.iothread}': --workers is ${c.workers} (worker0 .. worker${c.workers - 1})` });
+        }
+      }),
+    );
+    if (problems.length > 0) throw new ConfigError(opts.config, problems);
+  }
   if (opts.control !== null) c.control = { path: path.resolve(opts.control), access: opts.controlAccess };
   else if (['control-mode', 'control-owner', 'control-group'].some(given)) {
     if (c.control === null) throw new ConfigError(opts.config, [{ path: '/control', message: "--control-mode/--control-owner/--control-group need a control socket: --control=PATH or the file's 'control'" }]);
@@ -365,9 +385,34 @@ export function startupConfig(opts: Options): { config: DaemonConfig } | { exit:
     return { exit: 0 };
   }
   if (opts.config !== null) {
-    // Until main.ts serves many exports (issue 11), a valid file is checked but not served.
-    console.error(`vubd: ${opts.config} is valid, but this build serves only the single-disk command line; use --check-config to see what it describes`);
+    // Until main.ts opens the file's nodes and adds its exports, a valid file is checked but not served.
+    console.error(`vubd: ${opts.config} is valid, but serving a config file is not wired in yet; use --check-config to see what it describes`);
     return { exit: 1 };
   }
   return { config };
+}
+
+/** What ExportManager.add takes for an export of the file (the same as block-export-add would make of it). */
+export function exportSpec(e: ExportConfig): ExportSpec {
+  const a = e.args;
+  let mapping: number[] | undefined;
+  if (a['iothread-vq-mapping'] !== null) {
+    mapping = new Array<number>(a['num-queues']);
+    for (const m of a['iothread-vq-mapping']) for (const q of m.vqs) mapping[q] = Number(m.iothread.slice('worker'.length));
+  }
+  return {
+    id: a.id,
+    nodeName: a['node-name'],
+    addr: a.addr.type === 'unix' ? { type: 'unix', path: a.addr.path } : { type: 'fd', fd: Number(a.addr.str) },
+    writable: a.writable,
+    writethrough: a.writethrough,
+    numQueues: a['num-queues'],
+    queueSize: a['queue-size'],
+    logicalBlockSize: a['logical-block-size'],
+    serial: a.serial,
+    ...(mapping ? { mapping } : {}),
+    access: e.socketAccess,
+    peers: e.peers,
+    ringPacked: a['ring-packed'],
+  };
 }

@@ -6,9 +6,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseOptions, UsageError } from '../../src/cli/args.js';
-import { configFromOptions, ConfigError, loadConfig, parseConfig, resolveConfig, type DaemonConfig } from '../../src/cli/config.js';
+import { configFromOptions, ConfigError, exportSpec, loadConfig, parseConfig, resolveConfig, type DaemonConfig } from '../../src/cli/config.js';
 import { closest } from '../../src/cli/config-errors.js';
 import { compileValidator, configValidator } from '../../src/cli/config-validate.js';
+import { exportSpecFromArgs } from '../../src/control/export-commands.js';
+import { exportAccess } from '../../src/cli/access-args.js';
 
 const BASE = '/etc/vubd';
 
@@ -312,6 +314,30 @@ describe('the command line as a config', () => {
     });
   }
 
+  test('the exportless command line (only --control) is a config with no node and no export', () => {
+    const c = configFromOptions(parseOptions(['--control=/run/c.sock', '--workers=3']));
+    assert.deepEqual([c.nodes, c.exports, c.workers, c.control?.path], [[], [], 3, '/run/c.sock']);
+  });
+
+  test("a file's export is the ExportSpec that block-export-add makes of the same export", () => {
+    const c = load({
+      workers: 2,
+      nodes: [file('d0')],
+      exports: [
+        exp('e0', 'd0', { writable: true, 'num-queues': 3, 'queue-size': 256, 'logical-block-size': 4096, serial: 'S', socket: { mode: '0660', group: 0 }, 'allow-uid': [0, 'root'], 'iothread-vq-mapping': [{ iothread: 'worker1', vqs: [0, 2] }, { iothread: 'worker0', vqs: [1] }] }),
+        { ...exp('e1', 'd0', { 'num-queues': 3, 'iothread-vq-mapping': [{ iothread: 'worker1' }, { iothread: 'worker0' }] }), addr: { type: 'fd', str: '7' } },
+      ],
+    });
+    const qmp = [
+      { type: 'vhost-user-blk', id: 'e0', 'node-name': 'd0', addr: { type: 'unix', path: '/run/vubd/e0.sock' }, writable: true, 'num-queues': 3, 'queue-size': 256, 'logical-block-size': 4096, serial: 'S', 'socket-mode': '0660', 'socket-group': '0', 'allow-uid': '0,root', 'iothread-vq-mapping': [{ iothread: 'worker1', vqs: [0, 2] }, { iothread: 'worker0', vqs: [1] }] },
+      { type: 'vhost-user-blk', id: 'e1', 'node-name': 'd0', addr: { type: 'fd', str: '7' }, 'num-queues': 3, 'iothread-vq-mapping': [{ iothread: 'worker1' }, { iothread: 'worker0' }] },
+    ];
+    assert.deepEqual(exportSpec(c.exports[0]!), { ...exportSpecFromArgs(qmp[0]!, 2, exportAccess), ringPacked: false });
+    // block-export-add without access keys leaves access/peers to the manager's defaults (0600, everyone)
+    assert.deepEqual(exportSpec(c.exports[1]!), { ...exportSpecFromArgs(qmp[1]!, 2, exportAccess), access: { mode: 0o600, uid: -1, gid: -1 }, peers: null, ringPacked: false });
+    assert.deepEqual(exportSpec(c.exports[1]!).mapping, [1, 0, 1]);
+  });
+
   test('--config refuses the disk options; daemon options given on the command line override the file', () => {
     assert.throws(() => parseOptions(['--config=x.json', '--blk-file=a.img']), (e: Error) => e instanceof UsageError && /^--blk-file cannot be used with --config/.test(e.message));
     for (const o of ['--socket-path=a.sock', '--fd=3', '--blk-driver=null', '--num-queues=2', '--cache=none']) {
@@ -324,6 +350,13 @@ describe('the command line as a config', () => {
     assert.deepEqual([plain.logLevel, plain.aio, plain.control], ['debug', 'sync', { path: path.join(dir, 'c.sock'), access: { mode: 0o600, uid: -1, gid: -1 } }]);
     const over = resolveConfig(parseOptions([`--config=${f}`, '--log-level=warn', '--control-mode=0660']));
     assert.deepEqual([over.logLevel, over.aio, over.control!.access.mode], ['warn', 'sync', 0o660]);
+    // --workers over the file's is checked against its iothread-vq-mapping
+    fs.writeFileSync(f, JSON.stringify({ workers: 2, ...one({}, { 'num-queues': 2, 'iothread-vq-mapping': [{ iothread: 'worker0', vqs: [0] }, { iothread: 'worker1', vqs: [1] }] }) }));
+    assert.equal(resolveConfig(parseOptions([`--config=${f}`, '--workers=4'])).workers, 4);
+    assert.throws(
+      () => resolveConfig(parseOptions([`--config=${f}`, '--workers=1'])),
+      (e: ConfigError) => e.message === `${f}: /exports/0/iothread-vq-mapping/1/iothread: no pool worker 'worker1': --workers is 1 (worker0 .. worker0)`,
+    );
     // a vhost-user socket from systemd must be an export's addr {"type": "fd"}
     assert.throws(
       () => resolveConfig(parseOptions([`--config=${f}`], { vhost: 3, control: null })),
