@@ -88,7 +88,11 @@ function throttleOrder(nodes: readonly RawNode[], byName: Map<string, number>, o
     state.set(i, 'visiting');
     const n = nodes[i]!;
     const child = n.driver === 'throttle' ? byName.get(n.file!) : undefined;
-    if (child !== undefined) visit(child, [...chain, i]);
+    if (child !== undefined) {
+      chain.push(i);
+      visit(child, chain);
+      chain.pop();
+    }
     state.set(i, 'done');
     order.push(i);
   };
