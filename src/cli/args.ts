@@ -125,8 +125,8 @@ vubd options:
       --config=FILE        serve the nodes and exports a JSON file describes (README "Config
                            file"); it replaces the disk options above and below (--socket-path,
                            --fd, --blk-file, --blk-driver, --size, --num-queues, --cache, ...);
-                           --control*, --workers, --log-level, --aio, --poll-us, --incoming
-                           override the file's
+                           --control*, --workers, --metrics, --log-level, --aio, --poll-us,
+                           --incoming override the file's
       --check-config       validate --config (or the disk options) and print what would be served:
                            nodes and exports as blockdev-add/block-export-add arguments, defaults
                            filled in, relative paths made absolute, user and group names as ids;

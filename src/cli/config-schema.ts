@@ -157,11 +157,8 @@ export const CONFIG_SCHEMA = {
       required: ['path'],
       properties: { path: { type: 'string', minLength: 1, maxLength: 107 }, ...socketFile.properties },
     },
-    metrics: {
-      type: 'string',
-      pattern: '^(.+:)?[0-9]{1,5}$',
-      'x-expected': "ADDR:PORT or PORT, such as '127.0.0.1:9180' or '9180'",
-    },
+    // parsed by args.ts' parseMetricsAddress, as --metrics is
+    metrics: { type: ['string', 'integer'], minLength: 1, 'x-expected': "[ADDR:]PORT, such as '127.0.0.1:9180', '[::1]:9180' or 9180" },
     'log-level': { enum: LOG_LEVELS },
     aio: { enum: ['io_uring', 'sync'] },
     'poll-us': { type: 'integer', minimum: 0, maximum: 1_000_000 },

@@ -8,7 +8,7 @@ import path from 'node:path';
 import type { SocketAccess } from '../protocol/socket-file.js';
 import type { PeerPolicy } from '../protocol/peer-policy.js';
 import type { ExportSpec } from '../control/export-manager.js';
-import { cacheSemantics, parseSize, type Options } from './args.js';
+import { cacheSemantics, parseMetricsAddress, parseSize, type MetricsAddress, type Options } from './args.js';
 import { AccessUsageError, resolveGroup, resolveUser } from './access-args.js';
 import { CONFIG_SCHEMA, BPS_LIMITS, IOPS_LIMITS } from './config-schema.js';
 import { configValidator } from './config-validate.js';
@@ -78,7 +78,8 @@ export interface DaemonConfig {
   control: { path: string; access: SocketAccess } | null;
   /** the QMP socket passed by systemd */
   controlFd: number | null;
-  metrics: string | null;
+  /** the Prometheus endpoint, null when off */
+  metrics: MetricsAddress | null;
   logLevel: string;
   aio: 'io_uring' | 'sync';
   pollUs: number;
@@ -131,6 +132,14 @@ export function parseConfig(text: string, file: string, baseDir: string): Daemon
   const checks = crossChecks(raw, baseDir, (s) => (typeof s === 'number' ? s : safeSize(s)));
   const nodes = (raw.nodes ?? []).map((n, i) => nodeArgs(n, pointer('nodes', i), baseDir, bytes, problems));
   const exports = (raw.exports ?? []).map((e, i) => exportConfig(e, pointer('exports', i), baseDir, problems));
+  let metrics: MetricsAddress | null = null;
+  if (raw.metrics !== undefined) {
+    try {
+      metrics = parseMetricsAddress(String(raw.metrics));
+    } catch (e) {
+      problems.push({ path: '/metrics', message: (e as Error).message.replace(/^--metrics: /, '') });
+    }
+  }
   const control = raw.control ? { path: path.resolve(baseDir, raw.control.path), access: access(raw.control, pointer('control'), problems) } : null;
   const all = [...checks.problems, ...problems].sort(byDocumentOrder);
   if (all.length > 0) throw new ConfigError(file, all);
@@ -139,7 +148,7 @@ export function parseConfig(text: string, file: string, baseDir: string): Daemon
     workers: raw.workers ?? defaultWorkers(),
     control,
     controlFd: null,
-    metrics: raw.metrics ?? null,
+    metrics,
     logLevel: raw['log-level'] ?? 'info',
     aio: raw.aio ?? 'io_uring',
     pollUs: raw['poll-us'] ?? 0,
@@ -260,7 +269,7 @@ export function configFromOptions(opts: Options): DaemonConfig {
     workers: opts.workers,
     control: opts.control !== null ? { path: path.resolve(opts.control), access: opts.controlAccess } : null,
     controlFd: opts.controlFd,
-    metrics: null,
+    metrics: opts.metrics,
     logLevel: opts.logLevel,
     aio: opts.aio,
     pollUs: opts.pollUs,
@@ -318,6 +327,7 @@ export function resolveConfig(opts: Options): DaemonConfig {
   if (given('aio')) c.aio = opts.aio;
   if (given('poll-us')) c.pollUs = opts.pollUs;
   if (given('incoming')) c.incoming = opts.incoming;
+  if (given('metrics')) c.metrics = opts.metrics;
   if (given('workers')) {
     c.workers = opts.workers;
     const problems: Problem[] = [];

@@ -92,6 +92,8 @@ describe('config file mistakes', () => {
     assert.deepEqual(problems(one({}, { 'num-queues': 65 })), ['/exports/0/num-queues: must be integer <= 64, got 65']);
     assert.deepEqual(problems({ 'poll-us': -1 }), ['/poll-us: must be integer >= 0, got -1']);
     assert.deepEqual(problems({ metrics: '127.0.0.1:70000' }), ['/metrics: port must be between 1 and 65535, got 70000']);
+    assert.deepEqual(problems({ metrics: 'localhost' }), ["/metrics: port must be a number, got 'localhost' (expected [ADDR:]PORT, e.g. 9400, 127.0.0.1:9400 or [::1]:9400)"]);
+    assert.deepEqual(load({ metrics: 9180 }).metrics, { host: '127.0.0.1', port: 9180 });
     assert.deepEqual(problems(one({}, { serial: 'x'.repeat(21) })), ['/exports/0/serial: must be at most 20 characters, got 21']);
     assert.deepEqual(problems(one({}, { serial: 'ä'.repeat(11) })), ["/exports/0/serial: must be at most 20 bytes (virtio-blk's ID), got 22"]);
     assert.deepEqual(problems({ nodes: [{ 'node-name': 'n', driver: 'null-co', size: 1000 }] }), ['/nodes/0/size: must be a multiple of 512, got 1000']);
@@ -231,7 +233,7 @@ describe('a valid config', () => {
       workers: 2,
       control: { path: '/run/vubd/control.sock', access: { mode: 0o600, uid: -1, gid: -1 } },
       controlFd: null,
-      metrics: '127.0.0.1:9180',
+      metrics: { host: '127.0.0.1', port: 9180 },
       logLevel: 'info',
       aio: 'io_uring',
       pollUs: 0,
@@ -289,9 +291,9 @@ describe('the command line as a config', () => {
     ],
     [
       'a null disk on an inherited fd, writethrough, packed rings, peers, control socket, sync aio',
-      ['--fd=5', '--blk-driver=null', '--size=64M', '--cache=writethrough', '--ring-packed', '--allow-uid=0', '--allow-gid=0,1', '--num-queues=1', '--control=/run/c.sock', '--control-mode=0660', '--aio=sync', '--poll-us=50', '--log-level=warn', '--incoming'],
+      ['--fd=5', '--blk-driver=null', '--size=64M', '--cache=writethrough', '--ring-packed', '--allow-uid=0', '--allow-gid=0,1', '--num-queues=1', '--control=/run/c.sock', '--control-mode=0660', '--aio=sync', '--poll-us=50', '--log-level=warn', '--incoming', '--metrics=[::1]:9400'],
       {
-        control: { path: '/run/c.sock', mode: '0660' }, aio: 'sync', 'poll-us': 50, 'log-level': 'warn', incoming: true,
+        control: { path: '/run/c.sock', mode: '0660' }, metrics: '[::1]:9400', aio: 'sync', 'poll-us': 50, 'log-level': 'warn', incoming: true,
         nodes: [{ 'node-name': 'null0', driver: 'null-co', size: '64M' }],
         exports: [{ type: 'vhost-user-blk', id: 'export0', 'node-name': 'null0', addr: { type: 'fd', str: '5' }, writable: true, writethrough: true, 'ring-packed': true, 'allow-uid': [0], 'allow-gid': [0, 1], serial: 'vubd-null' }],
       },
@@ -348,8 +350,8 @@ describe('the command line as a config', () => {
     fs.writeFileSync(f, JSON.stringify({ 'log-level': 'debug', aio: 'sync', control: { path: 'c.sock', mode: '0600' }, ...one() }));
     const plain = resolveConfig(parseOptions([`--config=${f}`]));
     assert.deepEqual([plain.logLevel, plain.aio, plain.control], ['debug', 'sync', { path: path.join(dir, 'c.sock'), access: { mode: 0o600, uid: -1, gid: -1 } }]);
-    const over = resolveConfig(parseOptions([`--config=${f}`, '--log-level=warn', '--control-mode=0660']));
-    assert.deepEqual([over.logLevel, over.aio, over.control!.access.mode], ['warn', 'sync', 0o660]);
+    const over = resolveConfig(parseOptions([`--config=${f}`, '--log-level=warn', '--control-mode=0660', '--metrics=9400']));
+    assert.deepEqual([over.logLevel, over.aio, over.control!.access.mode, over.metrics], ['warn', 'sync', 0o660, { host: '127.0.0.1', port: 9400 }]);
     // --workers over the file's is checked against its iothread-vq-mapping
     fs.writeFileSync(f, JSON.stringify({ workers: 2, ...one({}, { 'num-queues': 2, 'iothread-vq-mapping': [{ iothread: 'worker0', vqs: [0] }, { iothread: 'worker1', vqs: [1] }] }) }));
     assert.equal(resolveConfig(parseOptions([`--config=${f}`, '--workers=4'])).workers, 4);
@@ -373,7 +375,7 @@ test('the validator precompiled by npm run build:ts is used, and judges as the s
   const docs: unknown[] = [
     one(),
     { nodes: [{ nodename: 'x', driver: 'fiel' }], exports: [exp('e0', 'd0', { 'num-queues': 0, socket: { mode: '0999' }, addr: { type: 'tcp' } })] },
-    { workers: 'x', 'log-level': 'loud', nodes: {}, metrics: 9180 },
+    { workers: 'x', 'log-level': 'loud', nodes: {}, metrics: true },
     [],
   ];
   for (const d of docs) {
