@@ -394,11 +394,6 @@ export function startupConfig(opts: Options): { config: DaemonConfig } | { exit:
     console.log(describeConfig(config));
     return { exit: 0 };
   }
-  if (opts.config !== null) {
-    // Until main.ts opens the file's nodes and adds its exports, a valid file is checked but not served.
-    console.error(`vubd: ${opts.config} is valid, but serving a config file is not wired in yet; use --check-config to see what it describes`);
-    return { exit: 1 };
-  }
   return { config };
 }
 

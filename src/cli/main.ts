@@ -18,7 +18,8 @@ import { buildCommands } from '../control/commands.js';
 import { startMetrics, type MetricsServer } from '../control/metrics.js';
 import { createBackgroundIo, type BackgroundIo } from '../graph/background-io.js';
 import { CAPABILITIES, installDescriptor } from './descriptor.js';
-import { startupConfig } from './config.js';
+import { exportSpec, startupConfig } from './config.js';
+import { performance } from 'node:perf_hooks';
 import { Notifier, takeListenFds, type ActivatedSockets } from './systemd.js';
 
 const DEFAULT_IMAGE_SIZE = 2 ** 30;
@@ -132,6 +133,20 @@ async function main(): Promise<number> {
   }
   const startup = startupConfig(opts);
   if ('exit' in startup) return startup.exit;
+  const fileConfig = opts.config !== null ? startup.config : null;
+  if (fileConfig !== null) {
+    // The file's daemon settings (the command line's --control, --workers, ... already override them).
+    opts.initialExport = false;
+    opts.workers = fileConfig.workers;
+    opts.control = fileConfig.control?.path ?? null;
+    if (fileConfig.control) opts.controlAccess = fileConfig.control.access;
+    opts.controlFd = fileConfig.controlFd;
+    opts.metrics = fileConfig.metrics;
+    opts.logLevel = fileConfig.logLevel;
+    opts.aio = fileConfig.aio;
+    opts.pollUs = fileConfig.pollUs;
+    opts.incoming = fileConfig.incoming;
+  }
   setLogLevel(opts.logLevel);
   const log = logger('vubd');
   const notifier = new Notifier(process.env, logger('systemd'));
@@ -222,7 +237,35 @@ async function main(): Promise<number> {
     }
   }
 
-  if (root !== null) {
+  if (fileConfig !== null) {
+    // The same commands an operator would send: blockdev-add for each node (children first), then the exports.
+    const t0 = performance.now();
+    try {
+      for (const n of fileConfig.nodes) {
+        try {
+          await commands.get('blockdev-add')!(n as unknown as Record<string, unknown>);
+        } catch (e) {
+          throw new Error(`node '${n['node-name']}': ${(e as Error).message}`);
+        }
+      }
+      for (const e of fileConfig.exports) {
+        try {
+          await manager.add(exportSpec(e));
+        } catch (err) {
+          throw new Error(`export '${e.args.id}': ${(err as Error).message}`);
+        }
+      }
+    } catch (e) {
+      console.error(`vubd: ${opts.config}: ${(e as Error).message}`);
+      await shutdown();
+      return 1;
+    }
+    log.info(
+      { config: opts.config, nodes: fileConfig.nodes.length, exports: fileConfig.exports.length, workers: pool.size, control: opts.control ?? undefined, ms: Math.round(performance.now() - t0) },
+      'vubd listening',
+    );
+    notifier.ready(`serving ${fileConfig.exports.length} exports from ${opts.config}`);
+  } else if (root !== null) {
     const serial = opts.serial ?? (root.driver === 'file' ? path.basename(root.filename) : 'vubd-null');
     try {
       await manager.add({
