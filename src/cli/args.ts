@@ -340,10 +340,11 @@ const DISK_OPTIONS: Record<string, string> = {
   'socket-group': 'an export\'s socket {mode, owner, group}',
   'allow-uid': 'an export\'s allow-uid',
   'allow-gid': 'an export\'s allow-gid',
-  default: 'nothing (--default serves one disk on ./vubd.sock)',
 };
 
 function configOptions(opts: Options, v: Readonly<Record<string, unknown>>, activated: ActivatedSockets | null): Options {
+  // `npm start -- --config=FILE`: npm start's --default gives way to the file.
+  opts.defaults = false;
   for (const [name, instead] of Object.entries(DISK_OPTIONS)) {
     if (v[name] !== undefined) throw new UsageError(`--${name} cannot be used with --config: the file describes every disk (use ${instead} there)`);
   }

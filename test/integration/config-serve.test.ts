@@ -91,3 +91,24 @@ test('a node the file describes that cannot be opened stops the start with the f
   assert.match(r.stderr, /^vubd: host\.json: node 'disk': .*disk\.img/m);
   assert.deepEqual(fs.readdirSync(dir).filter((f) => f.endsWith('.sock')), [], 'no socket was left behind');
 });
+
+test('npm start -- --config=FILE: the file wins over npm start\'s --default (no ./vubd-disk.img is made)', { timeout: 30000 }, async () => {
+  const dir = tempDir('vubd-cfgstart-');
+  fs.writeFileSync(path.join(dir, 'h.json'), JSON.stringify({ nodes: [{ 'node-name': 'z', driver: 'null-co', size: '64M' }], exports: [{ type: 'vhost-user-blk', id: 'z', 'node-name': 'z', addr: { type: 'unix', path: 'z.sock' } }] }));
+  const proc = spawn(process.execPath, [vubdMain, '--default', '--config=h.json'], { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
+  let logs = '';
+  proc.stderr!.on('data', (d: Buffer) => (logs += d.toString()));
+  try {
+    const deadline = Date.now() + 20000;
+    while (!logs.includes('"msg":"vubd listening"')) {
+      assert.ok(proc.exitCode === null, `vubd exited: ${logs}`);
+      assert.ok(Date.now() < deadline, `not listening: ${logs}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.ok(fs.statSync(path.join(dir, 'z.sock')).isSocket());
+    assert.deepEqual(fs.readdirSync(dir).sort(), ['h.json', 'z.sock'], 'only the file\'s socket, no default image or socket');
+  } finally {
+    proc.kill('SIGTERM');
+    await new Promise((r) => proc.once('exit', r));
+  }
+});
