@@ -1,4 +1,7 @@
 {
+  "variables": {
+    "have_rbd%": "<!(sh -c 'test \"$VUBD_NO_RBD\" != 1 && echo \"#include <rbd/librbd.h>\" | ${CC:-cc} -E -x c - >/dev/null 2>&1 && echo 1 || echo 0')"
+  },
   "targets": [
     {
       "target_name": "vubd_native",
@@ -14,11 +17,18 @@
         "src/sync_io.c",
         "src/locks.c",
         "src/accounts.c",
-        "src/datagram.c"
+        "src/datagram.c",
+        "src/rbd.c"
       ],
       "defines": ["_GNU_SOURCE"],
       "cflags_c": ["-std=gnu11"],
-      "cflags": [ "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
+      "cflags": [ "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"],
+      "conditions": [
+        ["have_rbd==1", {
+          "defines": ["VUBD_HAVE_RBD"],
+          "libraries": ["-lrbd", "-lrados"]
+        }]
+      ]
     }
   ]
 }
