@@ -63,6 +63,46 @@ export interface Ring {
   close(): void;
 }
 
+/** Where and how to reach an rbd image (QEMU's rbd driver options). */
+export interface RbdOpenOptions {
+  pool: string;
+  image: string;
+  /** ceph.conf path; librados' default search when absent */
+  conf?: string;
+  /** the client id (client.<user>), default admin */
+  user?: string;
+  /** a cephx key (base64), or a keyring file */
+  key?: string;
+  keyring?: string;
+  namespace?: string;
+  /** opens the snapshot, read-only */
+  snapshot?: string;
+  readOnly?: boolean;
+  /** rbd_cache on (writeback) or off (cache=none / direct) */
+  cache?: boolean;
+}
+
+/**
+ * One librbd image handle. Operations return 0 once submitted or -errno; their results come from
+ * poll() as [tag, res, ...] pairs (res: bytes of a read, 0, or -errno) once fd is readable.
+ * The iovecs of readv/writev point into memory that stays valid until the completion.
+ */
+export interface RbdImage {
+  readonly fd: number;
+  readv(iov: Float64Array, iovCount: number, offset: number, tag: number): number;
+  writev(iov: Float64Array, iovCount: number, offset: number, tag: number): number;
+  flush(tag: number): number;
+  discard(offset: number, length: number, tag: number): number;
+  writeZeroes(offset: number, length: number, tag: number): number;
+  poll(out: Float64Array): number;
+  size(): number;
+  resize(size: number): void;
+  /** an eventfd that becomes readable when the image header changes (another client resized it) */
+  watch(): number;
+  /** waits for what is in flight; the shared connection goes with its last image */
+  close(): void;
+}
+
 export interface Native {
   listenUnix(path: string, backlog: number): number;
   connectUnix(path: string): number;
@@ -147,6 +187,13 @@ export interface Native {
 
   /** alwaysAsync: every operation goes to the kernel's async workers, never runs inline in submit() (which would block on e.g. FUSE) */
   Ring: new (entries: number, maxTags: number, maxSegs: number, alwaysAsync?: boolean) => Ring;
+
+  /** false when the addon was built without librbd-dev (RbdImage then always throws) */
+  readonly rbdAvailable: boolean;
+  /** connects (or reuses the process's connection with the same settings) and opens; blocks meanwhile */
+  RbdImage: new (opts: RbdOpenOptions) => RbdImage;
+  /** cluster connections open in the process (absent without librbd) */
+  rbdConnections?(): number;
 }
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
