@@ -59,6 +59,7 @@ typedef struct {
 /* One operation in flight: librbd keeps reading through the iovec array until a readv completes. */
 typedef struct {
   double tag;
+  uint64_t write_len; /* a write succeeds with 0 from librbd; we report the bytes, as pwritev does */
   int iovcnt;
   struct iovec iov[];
 } rbd_op;
@@ -307,6 +308,7 @@ static rbd_op *new_op(double tag, int iovcnt) {
   rbd_op *op = malloc(sizeof *op + (size_t)iovcnt * sizeof(struct iovec));
   if (op) {
     op->tag = tag;
+    op->write_len = 0;
     op->iovcnt = iovcnt;
   }
   return op;
@@ -347,10 +349,13 @@ static napi_value rw(napi_env env, napi_callback_info info, bool write) {
   rbd_op *op = new_op(tag, cnt);
   if (op == NULL) return vubd_int(env, -ENOMEM);
   const double *iv = data;
+  uint64_t total = 0;
   for (int i = 0; i < cnt; i++) {
     op->iov[i].iov_base = (void *)(uintptr_t)iv[2 * i];
     op->iov[i].iov_len = (size_t)iv[2 * i + 1];
+    total += op->iov[i].iov_len;
   }
+  if (write) op->write_len = total;
   if (write) SUBMIT(op, rbd_aio_writev(h->image, op->iov, cnt, off, c));
   SUBMIT(op, rbd_aio_readv(h->image, op->iov, cnt, off, c));
 }
@@ -388,7 +393,7 @@ static napi_value m_write_zeroes(napi_env env, napi_callback_info info) { return
 
 /*
  * poll(out Float64Array) -> count: completed operations as [tag, res, tag, res, ...] (res: bytes of
- * a read, 0, or -errno). When out fills up the eventfd is re-armed, so the caller's poll wakes again.
+ * a read or write, 0, or -errno). When out fills up the eventfd is re-armed, so the caller's poll wakes again.
  */
 static napi_value m_poll(napi_env env, napi_callback_info info) {
   napi_value argv[1];
@@ -410,7 +415,7 @@ static napi_value m_poll(napi_env env, napi_callback_info info) {
       ssize_t res = rbd_aio_get_return_value(comps[i]);
       rbd_aio_release(comps[i]);
       out[2 * count] = op->tag;
-      out[2 * count + 1] = (double)res;
+      out[2 * count + 1] = res == 0 && op->write_len > 0 ? (double)op->write_len : (double)res;
       free(op);
       count++;
     }

@@ -14,6 +14,8 @@ import { parseLockingMode } from '../graph/image-lock.js';
 import { logger } from '../log.js';
 import type { ExportManager } from './export-manager.js';
 import { exportCommands, type AccessParser } from './export-commands.js';
+import { openRbdNode, watchRbdSize, type RbdArgs, type RbdNodeDef } from '../graph/rbd-open.js';
+import { rbdName } from '../graph/snapshot.js';
 
 const log = logger('control');
 
@@ -110,6 +112,20 @@ function limitsFrom(a: Args, keys: Record<string, keyof ThrottleLimits>): Thrott
   return out;
 }
 
+/** blockdev-add driver=rbd: QEMU's option names, plus our key/keyring for the cephx secret. */
+function rbdArgs(a: Args): RbdArgs {
+  if (a['key-secret'] !== undefined) {
+    throw new QmpError('GenericError', "Parameter 'key-secret' names a QEMU secret object, which vubd does not have: give the cephx key with 'key' or a keyring file with 'keyring'");
+  }
+  if (a.server !== undefined) throw new QmpError('GenericError', "Parameter 'server' is not supported: name the monitors in the conf file ('conf')");
+  const out: RbdArgs = { pool: str(a, 'pool'), image: str(a, 'image') };
+  for (const k of ['conf', 'user', 'namespace', 'snapshot', 'key', 'keyring'] as const) {
+    const v = optStr(a, k);
+    if (v !== undefined) out[k] = v;
+  }
+  return out;
+}
+
 async function guard<T>(fn: () => T | Promise<T>): Promise<T> {
   try {
     return await fn();
@@ -135,6 +151,27 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
         }
       }
     }
+  }
+  /**
+   * Another client resized the image (rbd update watch): the node takes the new size like a
+   * block_resize, so the exports above it tell their guests (config change).
+   */
+  function watchRbdResize(def: RbdNodeDef): void {
+    const name = def.name;
+    watchRbdSize(
+      def,
+      (size) => {
+        void graph
+          .change((s) => {
+            const cur = s.nodes.get(name);
+            if (cur?.driver !== 'rbd' || cur.handle !== def.handle || cur.size === size) return s;
+            log.info({ node: name, image: rbdName(def), from: cur.size, to: size }, 'rbd image resized by another client');
+            return s.replaceNode(name, { ...cur, size });
+          })
+          .catch((e: Error) => log.error({ node: name, err: e.message }, 'could not apply the rbd image resize to the graph'));
+      },
+      (e) => log.error({ node: name, err: e.message }, 'rbd update watch: could not read the image size'),
+    );
   }
   const events: JobEvents = {
     statusChanged: (j) => ctx.emit('JOB_STATUS_CHANGE', { id: j.id, status: j.status }),
@@ -210,19 +247,22 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
             const mode = parseLockingMode(a.locking);
             def = openFileNode(name, str(a, 'filename'), bool(a, 'read-only', false), cacheOptions(a), { mode, checkClaim: true });
             if (mode === 'off') log.warn({ node: name, image: def.filename }, 'image locking is off (locking=off): another writer may use the image at the same time');
+          } else if (driver === 'rbd') {
+            def = openRbdNode(name, rbdArgs(a), bool(a, 'read-only', false), cacheOptions(a));
           } else if (driver === 'null-co' || driver === 'null') def = nullNode(name, num(a, 'size'), bool(a, 'read-only', false));
           else if (driver === 'throttle') {
             const state = newThrottleState();
             const limits = typeof a.limits === 'object' && a.limits !== null ? limitsFrom(a.limits as Args, THROTTLE_GROUP_KEYS) : {};
             setLimits(state, limits);
             def = { driver: 'throttle', name, child: str(a, 'file'), state, stats: newNodeStats() };
-          } else throw new QmpError('GenericError', `Unknown driver '${driver}' (supported: file, host_device, null-co, throttle)`);
+          } else throw new QmpError('GenericError', `Unknown driver '${driver}' (supported: file, host_device, null-co, rbd, throttle)`);
           try {
             await graph.change((s) => s.addNode(def));
           } catch (e) {
             closeNode(def);
             throw e;
           }
+          if (def.driver === 'rbd') watchRbdResize(def);
           return {};
         }),
     ],
@@ -244,7 +284,7 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
           const name = a['node-name'] !== undefined ? str(a, 'node-name') : resolveDevice(str(a, 'device'));
           const size = num(a, 'size');
           const def = graph.snapshot.node(name);
-          if (def.driver !== 'file' && def.driver !== 'null') throw new QmpError('GenericError', `Node '${name}' (${def.driver}) cannot be resized; resize the node below it`);
+          if (def.driver !== 'file' && def.driver !== 'null' && def.driver !== 'rbd') throw new QmpError('GenericError', `Node '${name}' (${def.driver}) cannot be resized; resize the node below it`);
           refuseResizeUnderJob(name);
           if (size % 512 !== 0) throw new QmpError('GenericError', 'The new size must be a multiple of 512');
           if (size < def.size) throw new QmpError('GenericError', `Shrinking '${name}' from ${def.size} to ${size} bytes is not supported`);
@@ -252,6 +292,14 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
             if (def.readOnly) throw new QmpError('GenericError', `Node '${name}' is read-only`);
             if (fs.fstatSync(def.fd).isFile()) fs.ftruncateSync(def.fd, size);
             else if (size !== def.size) throw new QmpError('GenericError', 'A block device cannot be grown from here');
+          }
+          if (def.driver === 'rbd') {
+            if (def.readOnly) throw new QmpError('GenericError', `Node '${name}' is read-only`);
+            try {
+              def.handle.resize(size);
+            } catch (e) {
+              throw new QmpError('GenericError', `Could not resize rbd image ${rbdName(def)}: ${(e as Error).message}`);
+            }
           }
           await graph.change((s) => s.replaceNode(name, { ...s.node(name), size } as NodeDef));
           return {};
@@ -353,9 +401,10 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
           'node-name': n.name,
           drv: n.driver === 'null' ? 'null-co' : n.driver,
           ro: s.readOnly(n.name),
-          file: n.driver === 'file' ? n.filename : s.children(n)[0] ?? '',
-          image: { filename: n.driver === 'file' ? n.filename : n.name, format: n.driver === 'null' ? 'null-co' : n.driver, 'virtual-size': s.size(n.name) },
+          file: n.driver === 'file' ? n.filename : n.driver === 'rbd' ? rbdName(n) : s.children(n)[0] ?? '',
+          image: { filename: n.driver === 'file' ? n.filename : n.driver === 'rbd' ? rbdName(n) : n.name, format: n.driver === 'null' ? 'null-co' : n.driver, 'virtual-size': s.size(n.name) },
           ...(n.driver === 'file' ? { cache: { writeback: true, direct: n.direct, 'no-flush': n.noFlush } } : {}),
+          ...(n.driver === 'rbd' ? { cache: { writeback: true, direct: n.cache !== true, 'no-flush': n.noFlush } } : {}),
           ...(n.driver === 'throttle' ? { limits: getLimits(n.state) } : {}),
           ...flushErrorFields(n.name),
         }));

@@ -2,6 +2,7 @@
 // the source to the target chunk by chunk in the background, reports ready after one full pass,
 // and on complete pivots every user of the filter to the target, behind the drained barrier.
 // The copy and the target's flush run through BackgroundIo: the main thread never waits on them.
+import { rbdMainIo } from './rbd-open.js';
 import { alignedBuffer } from './direct-io.js';
 import { getSystemErrorName } from 'node:util';
 import type { BackgroundIo } from './background-io.js';
@@ -32,11 +33,32 @@ function leafFile(s: Snapshot, name: string): FileDef | null {
       return n;
     case 'null':
       return null;
+    case 'rbd':
+      throw new GraphError(`node '${name}' is an rbd image: a mirror copies from a file node`);
     case 'throttle':
       return leafFile(s, n.child);
     case 'mirror':
       return leafFile(s, n.source);
   }
+}
+
+/** Where the copy writes: a file through the background I/O, or an rbd image through the main thread's handle. */
+interface MirrorTarget {
+  name: string;
+  stats: SharedArrayBuffer;
+  /** fds the copy holds a reference on while it runs */
+  fds: number[];
+  write(buf: ArrayBuffer, length: number, offset: number): Promise<number>;
+  flush(): Promise<number>;
+}
+
+function fileTarget(f: FileDef, io: BackgroundIo): MirrorTarget {
+  return { name: f.name, stats: f.stats, fds: [f.fd], write: (b, l, o) => io.write(f.fd, b, l, o), flush: () => io.fsync(f.fd, true) };
+}
+
+function rbdTarget(d: Extract<NodeDef, { driver: 'rbd' }>): MirrorTarget {
+  const io = rbdMainIo(d);
+  return { name: d.name, stats: d.stats, fds: [], write: (b, l, o) => io.write(b, l, o), flush: () => io.flush() };
 }
 
 /** "EIO (errno 5)" for a -errno result */
@@ -84,7 +106,8 @@ export class MirrorJob {
     const snap = this.graph.snapshot;
     const src = snap.node(this.source);
     const tgt = snap.node(this.target);
-    if (tgt.driver !== 'file') throw new GraphError(`mirror target '${this.target}' must be a file node`);
+    if (tgt.driver !== 'file' && tgt.driver !== 'rbd') throw new GraphError(`mirror target '${this.target}' must be a file or rbd node`);
+    leafFile(snap, this.source); // refuses a source it cannot read
     if (tgt.readOnly) throw new GraphError(`mirror target '${this.target}' is read-only`);
     if (snap.users(this.target).nodes.length + snap.users(this.target).exports.length > 0) {
       throw new GraphError(`mirror target '${this.target}' is already in use`);
@@ -114,8 +137,9 @@ export class MirrorJob {
   private async copyAll(): Promise<void> {
     const snap = this.graph.snapshot;
     const src = leafFile(snap, this.source);
-    const dst = leafFile(snap, this.target)!;
-    const fds = src ? [src.fd, dst.fd] : [dst.fd];
+    const tgt = snap.node(this.target);
+    const dst = tgt.driver === 'rbd' ? rbdTarget(tgt) : fileTarget(tgt as FileDef, this.io);
+    const fds = src ? [src.fd, ...dst.fds] : dst.fds;
     fds.forEach(retainFd);
     try {
       await this.copyFrom(src, dst);
@@ -124,7 +148,7 @@ export class MirrorJob {
     }
   }
 
-  private async copyFrom(src: FileDef | null, dst: FileDef): Promise<void> {
+  private async copyFrom(src: FileDef | null, dst: MirrorTarget): Promise<void> {
     const chunks = this.chunks!;
     // Rate limiting: bytes copied since the window began; the window restarts when the speed changes.
     let windowStart = Date.now();
@@ -142,7 +166,7 @@ export class MirrorJob {
           if (this.cancelled) return;
           before = Atomics.load(chunks, c);
         }
-        await this.copyChunk(src?.fd ?? -1, dst.fd, off, len);
+        await this.copyChunk(src?.fd ?? -1, dst, off, len);
         if (this.cancelled) return;
         if (Atomics.load(chunks, c) === before) break;
         if (attempt > 1000) throw new Error(`chunk ${c} keeps changing under the copy`);
@@ -170,7 +194,7 @@ export class MirrorJob {
     // Ready promises that the target holds the data: a flush that fails ends the job instead.
     // A target whose flush failed before (sticky, see NodeStat.FLUSH_ERRNO) cannot promise it either.
     const before = flushErrno(dst.stats);
-    let r = before !== 0 ? -before : await this.io.fsync(dst.fd, true);
+    let r = before !== 0 ? -before : await dst.flush();
     if (r < 0 && before === 0 && recordFlushError(dst.stats, -r)) this.events.flushFailed(dst.name, -r);
     if (r >= 0 && flushErrno(dst.stats) !== 0) r = -flushErrno(dst.stats); // a guest flush of the target failed meanwhile
     if (this.cancelled) return;
@@ -179,14 +203,14 @@ export class MirrorJob {
     this.events.ready(this);
   }
 
-  private async copyChunk(srcFd: number, dstFd: number, off: number, len: number): Promise<void> {
+  private async copyChunk(srcFd: number, dst: MirrorTarget, off: number, len: number): Promise<void> {
     if (srcFd < 0) new Uint8Array(this.buf, 0, len).fill(0);
     else {
       const r = await this.io.read(srcFd, this.buf, len, off);
       if (r < 0) throw new Error(`mirror read at ${off} failed: ${errnoText(r)}`);
       if (r < len) new Uint8Array(this.buf, r, len - r).fill(0);
     }
-    const w = await this.io.write(dstFd, this.buf, len, off);
+    const w = await dst.write(this.buf, len, off);
     if (w !== len) throw new Error(`mirror write at ${off} failed: ${w < 0 ? errnoText(w) : `short write ${w}`}`);
   }
 

@@ -5,6 +5,8 @@ import { reserve } from './throttle-state.js';
 import { discardFile, writeZeroesFile } from './range-ops.js';
 import { getSystemErrorName } from 'node:util';
 import { giveBounce, iovAligned, takeBounce } from './direct-io.js';
+import type { RbdOpenOptions } from '../native/index.js';
+import { RbdNode } from './rbd-node.js';
 
 const EINVAL = 22;
 
@@ -25,6 +27,7 @@ export type NodeSpec =
       alignment?: number;
     }
   | { driver: 'null'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer }
+  | ({ driver: 'rbd'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer; noFlush: boolean } & RbdOpenOptions)
   | { driver: 'throttle'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer; child: NodeSpec; state: SharedArrayBuffer }
   | {
       driver: 'mirror';
@@ -152,53 +155,8 @@ export interface BlockNode {
   writeZeroes(ctx: IoContext, tag: number, offset: number, length: number, unmap: boolean): void;
 }
 
-/** Nodes of this thread with counts not yet in their shared stats block. */
-const dirtyNodes: CountingNode[] = [];
-
-/**
- * Adds the counts gathered since the last call to the nodes' shared stats blocks. The worker
- * calls it before each used-ring publish, so a completion the guest sees is already counted.
- */
-export function flushNodeStats(): void {
-  for (let i = 0; i < dirtyNodes.length; i++) dirtyNodes[i]!.flushCounts();
-  dirtyNodes.length = 0;
-}
-
-abstract class CountingNode {
-  readonly name: string;
-  readonly size: number;
-  readonly readOnly: boolean;
-  protected readonly stats: Int32Array;
-  /** counts since the last flushNodeStats(): Atomics once per batch, not per request */
-  private readonly pending = new Int32Array(NodeStat.COUNT);
-  private dirty = false;
-  constructor(spec: NodeSpec) {
-    this.name = spec.name;
-    this.size = spec.size;
-    this.readOnly = spec.readOnly;
-    this.stats = new Int32Array(spec.stats);
-  }
-  protected count(slot: NodeStat, kibSlot: NodeStat | -1, bytes: number): void {
-    const p = this.pending;
-    p[slot]!++;
-    if (kibSlot >= 0) p[kibSlot]! += bytes >> 10;
-    if (!this.dirty) {
-      this.dirty = true;
-      dirtyNodes.push(this);
-    }
-  }
-  flushCounts(): void {
-    const p = this.pending;
-    for (let i = 0; i < NodeStat.COUNT; i++) {
-      const v = p[i]!;
-      if (v !== 0) {
-        Atomics.add(this.stats, i, v);
-        p[i] = 0;
-      }
-    }
-    this.dirty = false;
-  }
-}
+export { CountingNode, flushNodeStats } from './counting-node.js';
+import { CountingNode } from './counting-node.js';
 
 export class FileNode extends CountingNode implements BlockNode {
   private readonly fd: number;
@@ -422,5 +380,7 @@ export function buildNode(spec: NodeSpec, sources: SourceRegistry = NO_SOURCES):
       return new ThrottleNode(spec, sources);
     case 'mirror':
       return new MirrorNode(spec, sources);
+    case 'rbd':
+      return new RbdNode(spec, sources);
   }
 }

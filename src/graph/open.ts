@@ -7,6 +7,7 @@ import { GraphError, type NodeDef } from './snapshot.js';
 import { releaseFd, retainFd } from './fd-refs.js';
 import { probeDirectAlignment } from './direct-io.js';
 import { lockImage, type LockingMode } from './image-lock.js';
+import { closeRbdNode } from './rbd-open.js';
 
 /** QEMU's cache options of a node: direct = O_DIRECT (bypass the host page cache), noFlush = flushes complete at once. */
 export interface CacheOptions {
@@ -73,4 +74,5 @@ export function nullNode(name: string, size: number, readOnly: boolean): Extract
 /** Drops the graph's hold on what a node owns once it left the graph (workers may still hold theirs). */
 export function closeNode(def: NodeDef): void {
   if (def.driver === 'file') releaseFd(def.fd);
+  else if (def.driver === 'rbd') closeRbdNode(def);
 }

@@ -2,6 +2,8 @@
 // generation number; workers run a NodeSpec tree built from one snapshot and never see a
 // half-made change.
 import { newNodeStats, type NodeSpec } from './nodes.js';
+import type { RbdImage, RbdOpenOptions } from '../native/index.js';
+import { rbdSpecOptions } from './rbd-open.js';
 
 export type NodeDef =
   | {
@@ -20,6 +22,17 @@ export type NodeDef =
       stats: SharedArrayBuffer;
     }
   | { driver: 'null'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer }
+  | ({
+      driver: 'rbd';
+      name: string;
+      size: number;
+      readOnly: boolean;
+      /** flushes complete at once (cache.no-flush) */
+      noFlush: boolean;
+      stats: SharedArrayBuffer;
+      /** the main thread's own image handle: size, resize, update watch (workers open their own) */
+      handle: RbdImage;
+    } & RbdOpenOptions)
   | { driver: 'throttle'; name: string; child: string; state: SharedArrayBuffer; stats: SharedArrayBuffer }
   | { driver: 'mirror'; name: string; source: string; target: string; chunks: SharedArrayBuffer; chunkSize: number; stats: SharedArrayBuffer; job: string };
 
@@ -29,6 +42,11 @@ export interface ExportDef {
 }
 
 export class GraphError extends Error {}
+
+/** rbd:pool/[namespace/]image[@snap], QEMU's filename form */
+export function rbdName(n: RbdOpenOptions): string {
+  return `rbd:${n.pool}/${n.namespace ? n.namespace + '/' : ''}${n.image}${n.snapshot ? '@' + n.snapshot : ''}`;
+}
 
 export class Snapshot {
   private constructor(
@@ -86,6 +104,7 @@ export class Snapshot {
     switch (n.driver) {
       case 'file':
       case 'null':
+      case 'rbd':
         return n.size;
       case 'throttle':
         return this.size(n.child);
@@ -99,6 +118,7 @@ export class Snapshot {
     switch (n.driver) {
       case 'file':
       case 'null':
+      case 'rbd':
         return n.readOnly;
       case 'throttle':
         return this.readOnly(n.child);
@@ -191,6 +211,8 @@ export class Snapshot {
         return { driver: 'file', name, fd: n.fd, path: n.filename, size, readOnly, direct: n.direct, noFlush: n.noFlush, alignment: n.alignment, stats: n.stats };
       case 'null':
         return { driver: 'null', name, size, readOnly, stats: n.stats };
+      case 'rbd':
+        return { driver: 'rbd', name, size, stats: n.stats, ...rbdSpecOptions(n), readOnly };
       case 'throttle':
         return { driver: 'throttle', name, size, readOnly, stats: n.stats, state: n.state, child: this.spec(n.child) };
       case 'mirror':
@@ -218,6 +240,7 @@ export class Snapshot {
         size: this.size(n.name),
         'read-only': this.readOnly(n.name),
         ...(n.driver === 'file' ? { filename: n.filename, cache: { direct: n.direct, 'no-flush': n.noFlush }, 'request-alignment': n.alignment } : {}),
+        ...(n.driver === 'rbd' ? { filename: rbdName(n), cache: { direct: n.cache !== true, 'no-flush': n.noFlush } } : {}),
       })),
       exports: [...this.exports.values()],
     };
@@ -231,7 +254,7 @@ export class Snapshot {
       lines.push(`  ${q('export:' + e.id)} -> ${q(e.root)};`);
     }
     for (const n of this.nodes.values()) {
-      const extra = n.driver === 'file' ? `\n${n.filename}` : '';
+      const extra = n.driver === 'file' ? `\n${n.filename}` : n.driver === 'rbd' ? `\n${rbdName(n)}` : '';
       lines.push(`  ${q(n.name)} [label=${q(`${n.name}\n${n.driver}${extra}`)}];`);
       if (n.driver === 'throttle') lines.push(`  ${q(n.name)} -> ${q(n.child)} [label="file"];`);
       if (n.driver === 'mirror') {

@@ -84,7 +84,7 @@ export interface RbdOpenOptions {
 
 /**
  * One librbd image handle. Operations return 0 once submitted or -errno; their results come from
- * poll() as [tag, res, ...] pairs (res: bytes of a read, 0, or -errno) once fd is readable.
+ * poll() as [tag, res, ...] pairs (res: bytes of a read or write, 0, or -errno) once fd is readable.
  * The iovecs of readv/writev point into memory that stays valid until the completion.
  */
 export interface RbdImage {

@@ -14,6 +14,8 @@ export interface VerifyLoadInput {
   stop: SharedArrayBuffer;
   /** Int32Array[q] = rounds done on queue q, updated live */
   progress: SharedArrayBuffer;
+  /** how long a batch may take before its requests count as lost (default 10 s) */
+  waitMs?: number;
 }
 
 export interface VerifyLoadResult {
@@ -64,7 +66,7 @@ function run(input: VerifyLoadInput): VerifyLoadResult {
     }
     for (let q = 0; q < rings.length; q++) {
       try {
-        rings[q]!.waitFor(input.depth, 10000);
+        rings[q]!.waitFor(input.depth, input.waitMs ?? 10000);
       } catch (e) {
         res.lost += input.depth;
         note(`queue ${q} round ${round} writes: ${(e as Error).message}`);
@@ -86,7 +88,7 @@ function run(input: VerifyLoadInput): VerifyLoadResult {
     });
     for (let q = 0; q < rings.length; q++) {
       try {
-        rings[q]!.waitFor(input.depth, 10000);
+        rings[q]!.waitFor(input.depth, input.waitMs ?? 10000);
       } catch (e) {
         res.lost += input.depth;
         note(`queue ${q} round ${round} reads: ${(e as Error).message}`);
