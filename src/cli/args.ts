@@ -113,7 +113,9 @@ Backend program conventions:
   -f, --fd=N               use the already listening socket passed as file descriptor N
                            (systemd socket activation, LISTEN_FDS/LISTEN_PID, needs neither;
                            a second fd named 'control' in LISTEN_FDNAMES is the QMP socket)
-  -b, --blk-file=PATH      image file or block device to serve
+  -b, --blk-file=PATH      image file or block device to serve, or a Ceph RBD image in QEMU's form
+                           rbd:POOL[/NAMESPACE]/IMAGE[@SNAP][:conf=PATH][:id=USER][:keyring=PATH]
+                           (needs librbd; --cache=none turns rbd_cache off)
   -r, --read-only          offer the disk read-only (writes fail with IOERR)
   -c, --print-capabilities print the capabilities JSON and exit (other options are ignored)
       --install-descriptor [--prefix=DIR]

@@ -11,6 +11,8 @@ import { assertListeningUnixStream } from '../protocol/server.js';
 import { ExportManager } from '../control/export-manager.js';
 import { exportAccess } from './access-args.js';
 import { openFileNode, nullNode, closeNode } from '../graph/open.js';
+import { followRbdResizes, openRbdNode, parseRbdFilename } from '../graph/rbd-open.js';
+import { rbdName } from '../graph/snapshot.js';
 import type { NodeDef } from '../graph/snapshot.js';
 import { BlockGraph } from '../graph/graph.js';
 import { QmpServer } from '../control/qmp-server.js';
@@ -40,6 +42,14 @@ const EXPORT_ID = 'export0';
 
 function openRootNode(opts: Options): NodeDef {
   if (opts.blkDriver === 'null') return nullNode('null0', opts.size, opts.readOnly);
+  if (opts.blkFile!.startsWith('rbd:')) {
+    const node = openRbdNode('rbd0', parseRbdFilename(opts.blkFile!), opts.readOnly, cacheSemantics(opts.cache));
+    if (node.size % opts.logicalBlockSize !== 0) {
+      closeNode(node);
+      throw new Error(`${rbdName(node)} is ${node.size} bytes, not a multiple of the logical block size ${opts.logicalBlockSize}`);
+    }
+    return node;
+  }
   const file = path.resolve(opts.blkFile!);
   if (opts.defaults && !fs.existsSync(file)) {
     fs.writeFileSync(file, '');
@@ -177,9 +187,10 @@ async function main(): Promise<number> {
   }
   const graph = new BlockGraph();
   if (root !== null) graph.init((s) => s.addNode(root!));
+  if (root?.driver === 'rbd') followRbdResizes(graph, root);
 
   const where = opts.socketPath ?? (activated?.vhost != null ? `socket fd ${opts.fd} from systemd` : `fd ${opts.fd}`);
-  const image = root === null ? '' : root.driver === 'file' ? root.filename : 'a null disk';
+  const image = root === null ? '' : root.driver === 'file' ? root.filename : root.driver === 'rbd' ? rbdName(root) : 'a null disk';
   const manager = new ExportManager({
     graph,
     pool,
@@ -266,7 +277,7 @@ async function main(): Promise<number> {
     );
     notifier.ready(`serving ${fileConfig.exports.length} exports from ${opts.config}`);
   } else if (root !== null) {
-    const serial = opts.serial ?? (root.driver === 'file' ? path.basename(root.filename) : 'vubd-null');
+    const serial = opts.serial ?? (root.driver === 'file' ? path.basename(root.filename) : root.driver === 'rbd' ? root.image.slice(0, 20) : 'vubd-null');
     try {
       await manager.add({
         id: EXPORT_ID,
@@ -290,7 +301,7 @@ async function main(): Promise<number> {
     log.info(
       {
         socket: where,
-        image: root.driver === 'file' ? root.filename : 'null',
+        image: root.driver === 'file' ? root.filename : root.driver === 'rbd' ? rbdName(root) : 'null',
         sizeBytes: graph.snapshot.size(root.name),
         control: opts.control ?? undefined,
         queues: opts.numQueues,

@@ -14,7 +14,7 @@ import { parseLockingMode } from '../graph/image-lock.js';
 import { logger } from '../log.js';
 import type { ExportManager } from './export-manager.js';
 import { exportCommands, type AccessParser } from './export-commands.js';
-import { openRbdNode, watchRbdSize, type RbdArgs, type RbdNodeDef } from '../graph/rbd-open.js';
+import { followRbdResizes, openRbdNode, type RbdArgs } from '../graph/rbd-open.js';
 import { rbdName } from '../graph/snapshot.js';
 
 const log = logger('control');
@@ -152,27 +152,6 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
       }
     }
   }
-  /**
-   * Another client resized the image (rbd update watch): the node takes the new size like a
-   * block_resize, so the exports above it tell their guests (config change).
-   */
-  function watchRbdResize(def: RbdNodeDef): void {
-    const name = def.name;
-    watchRbdSize(
-      def,
-      (size) => {
-        void graph
-          .change((s) => {
-            const cur = s.nodes.get(name);
-            if (cur?.driver !== 'rbd' || cur.handle !== def.handle || cur.size === size) return s;
-            log.info({ node: name, image: rbdName(def), from: cur.size, to: size }, 'rbd image resized by another client');
-            return s.replaceNode(name, { ...cur, size });
-          })
-          .catch((e: Error) => log.error({ node: name, err: e.message }, 'could not apply the rbd image resize to the graph'));
-      },
-      (e) => log.error({ node: name, err: e.message }, 'rbd update watch: could not read the image size'),
-    );
-  }
   const events: JobEvents = {
     statusChanged: (j) => ctx.emit('JOB_STATUS_CHANGE', { id: j.id, status: j.status }),
     ready: (j) => ctx.emit('BLOCK_JOB_READY', { type: 'mirror', device: j.id, len: j.total, offset: j.offset, speed: j.speed }),
@@ -262,7 +241,7 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
             closeNode(def);
             throw e;
           }
-          if (def.driver === 'rbd') watchRbdResize(def);
+          if (def.driver === 'rbd') followRbdResizes(graph, def);
           return {};
         }),
     ],

@@ -3,8 +3,12 @@
 import { native, READABLE, type PollHandle, type RbdImage, type RbdOpenOptions } from '../native/index.js';
 import { newNodeStats } from './nodes.js';
 import { rbdOpenOptions } from './rbd-node.js';
-import { GraphError, type NodeDef } from './snapshot.js';
+import { GraphError, rbdName, type NodeDef } from './snapshot.js';
 import type { CacheOptions } from './open.js';
+import type { BlockGraph } from './graph.js';
+import { logger } from '../log.js';
+
+const log = logger('rbd');
 
 export type RbdNodeDef = Extract<NodeDef, { driver: 'rbd' }>;
 
@@ -59,13 +63,13 @@ export function parseRbdFilename(s: string): RbdArgs {
  * client_mount_timeout, 15 s unless the conf file says otherwise) and makes the node.
  * rbd_cache follows QEMU: on unless cache.direct (cache=none or directsync).
  */
-export function openRbdNode(name: string, args: RbdArgs, readOnly: boolean, cache: CacheOptions): RbdNodeDef {
-  if (!native.rbdAvailable) throw new GraphError(NO_LIBRBD);
+export function openRbdNode(name: string, args: RbdArgs, readOnly: boolean, cache: CacheOptions, lib: Pick<typeof native, 'rbdAvailable' | 'RbdImage'> = native): RbdNodeDef {
+  if (!lib.rbdAvailable) throw new GraphError(NO_LIBRBD);
   const ro = readOnly || args.snapshot !== undefined;
   const opts: RbdOpenOptions = { ...args, readOnly: ro, cache: !cache.direct };
   let handle: RbdImage;
   try {
-    handle = new native.RbdImage(opts);
+    handle = new lib.RbdImage(opts);
   } catch (e) {
     throw new GraphError(`Could not open rbd image '${args.pool}/${args.namespace ? args.namespace + '/' : ''}${args.image}${args.snapshot ? '@' + args.snapshot : ''}': ${(e as Error).message}`);
   }
@@ -99,6 +103,28 @@ export function watchRbdSize(def: RbdNodeDef, onSize: (size: number) => void, on
   });
   p.unref(); // the daemon's life is not tied to a watch
   watches.set(h, p);
+}
+
+/**
+ * Another client resized the image (rbd update watch): the node takes the new size like a
+ * block_resize, so the exports above it tell their guests (CONFIG_CHANGE_MSG).
+ */
+export function followRbdResizes(graph: BlockGraph, def: RbdNodeDef): void {
+  const name = def.name;
+  watchRbdSize(
+    def,
+    (size) => {
+      void graph
+        .change((s) => {
+          const cur = s.nodes.get(name);
+          if (cur?.driver !== 'rbd' || cur.handle !== def.handle || cur.size === size) return s;
+          log.info({ node: name, image: rbdName(def), from: cur.size, to: size }, 'rbd image resized by another client');
+          return s.replaceNode(name, { ...cur, size });
+        })
+        .catch((e: Error) => log.error({ node: name, err: e.message }, 'could not apply the rbd image resize to the graph'));
+    },
+    (e) => log.error({ node: name, err: e.message }, 'rbd update watch: could not read the image size'),
+  );
 }
 
 export function closeRbdNode(def: RbdNodeDef): void {

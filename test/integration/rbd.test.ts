@@ -177,6 +177,27 @@ describe('rbd node on a real Ceph cluster', { skip, timeout: 300000 }, () => {
     assert.ok(resumedMs < 60000, `resumed ${resumedMs} ms after the OSD came back`);
   });
 
+  test('the command line serves an rbd image: --blk-file=rbd:POOL/IMAGE:conf=PATH:id=admin --cache=none', async () => {
+    await ceph.createImage('cli', 4 * MiB);
+    const cd = await startDaemon([`--blk-file=rbd:${ceph.pool}/cli:conf=${ceph.conf}:id=admin`, '--cache=none', '--num-queues=1', '--workers=1'], { dir: tempDir('vubd-rbd-cli-') });
+    const fe = Frontend.connect(cd.socketPath);
+    try {
+      fe.negotiate();
+      const ring = fe.setupRing(0, 64);
+      const data = new Uint8Array(4096).fill(0xc3);
+      assert.equal(fe.statusOf(fe.run(ring, BLK.OUT, 8, data)), 0);
+      const r = fe.run(ring, BLK.IN, 8, 4096);
+      assert.equal(fe.statusOf(r), 0);
+      assert.ok(fe.dataOf(r).every((b) => b === 0xc3), 'read back what was written');
+      assert.equal(fe.statusOf(fe.run(ring, BLK.IN, (4 * MiB) / 512, 512)), 1, 'a read past the end fails with IOERR');
+    } finally {
+      dispose(fe);
+      await cd.stop();
+    }
+    const img = await ceph.exportImage('cli');
+    assert.ok(img.subarray(8 * 512, 8 * 512 + 4096).every((b) => b === 0xc3), 'the rbd CLI reads the block');
+  });
+
   test('refusals: key-secret without a secret object, a missing image, a snapshot is read-only', async () => {
     await assert.rejects(addRbd('bad0', 'disk', { 'key-secret': 'sec0' }), /key-secret.*'key'.*'keyring'/);
     await assert.rejects(addRbd('bad1', 'nonexistent'), /Could not open rbd image 'rbd\/nonexistent'.*No such file/);
