@@ -9,7 +9,7 @@ export type Size = number | string;
 
 export interface RawNode {
   'node-name': string;
-  driver: 'file' | 'host_device' | 'null-co' | 'null' | 'throttle';
+  driver: 'file' | 'host_device' | 'null-co' | 'null' | 'rbd' | 'throttle';
   filename?: string;
   'read-only'?: boolean;
   cache?: { direct?: boolean; 'no-flush'?: boolean };
@@ -17,6 +17,14 @@ export interface RawNode {
   size?: Size;
   file?: string;
   limits?: Record<string, Size>;
+  pool?: string;
+  image?: string;
+  conf?: string;
+  user?: string;
+  namespace?: string;
+  snapshot?: string;
+  key?: string;
+  keyring?: string;
 }
 
 export interface RawSocketFile {

@@ -67,6 +67,27 @@ const nullNode = {
   },
 } as const;
 
+/** QEMU's rbd driver options; key (the cephx key itself) and keyring (a file) are ours, instead of QEMU's key-secret object */
+const rbdNode = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['node-name', 'driver', 'pool', 'image'],
+  properties: {
+    'node-name': nodeName,
+    driver: { const: 'rbd' },
+    pool: { type: 'string', minLength: 1 },
+    image: { type: 'string', minLength: 1 },
+    conf: { type: 'string', minLength: 1 },
+    user: { type: 'string', minLength: 1 },
+    namespace: { type: 'string', minLength: 1 },
+    snapshot: { type: 'string', minLength: 1 },
+    key: { type: 'string', minLength: 1 },
+    keyring: { type: 'string', minLength: 1 },
+    'read-only': { type: 'boolean' },
+    cache: fileNode.properties.cache,
+  },
+} as const;
+
 /** QEMU's throttle-group property names */
 export const IOPS_LIMITS = ['iops-total', 'iops-total-max', 'iops-read', 'iops-read-max', 'iops-write', 'iops-write-max'] as const;
 export const BPS_LIMITS = ['bps-total', 'bps-total-max', 'bps-read', 'bps-read-max', 'bps-write', 'bps-write-max'] as const;
@@ -165,7 +186,7 @@ export const CONFIG_SCHEMA = {
     incoming: { type: 'boolean' },
     nodes: {
       type: 'array',
-      items: { type: 'object', discriminator: { propertyName: 'driver' }, oneOf: [fileNode, nullNode, throttleNode] },
+      items: { type: 'object', discriminator: { propertyName: 'driver' }, oneOf: [fileNode, nullNode, rbdNode, throttleNode] },
     },
     exports: {
       type: 'array',

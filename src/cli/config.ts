@@ -39,8 +39,23 @@ export interface ThrottleNodeArgs {
   /** throttle-group property names (iops-total, bps-read-max, ...), in bytes or ops per second */
   limits: Record<string, number>;
 }
+export interface RbdNodeArgs {
+  'node-name': string;
+  driver: 'rbd';
+  pool: string;
+  image: string;
+  /** absolute (a relative path is taken from the config file's directory); conf and keyring */
+  conf?: string;
+  user?: string;
+  namespace?: string;
+  snapshot?: string;
+  key?: string;
+  keyring?: string;
+  'read-only': boolean;
+  cache: { direct: boolean; 'no-flush': boolean };
+}
 /** blockdev-add's arguments */
-export type NodeArgs = FileNodeArgs | NullNodeArgs | ThrottleNodeArgs;
+export type NodeArgs = FileNodeArgs | NullNodeArgs | RbdNodeArgs | ThrottleNodeArgs;
 
 export type ExportAddr = { type: 'unix'; path: string } | { type: 'fd'; str: string };
 
@@ -197,6 +212,19 @@ function nodeArgs(n: RawNode, at: string, baseDir: string, bytes: (s: Size, at: 
       const size = bytes(n.size!, `${at}/size`) ?? 0;
       if (size % 512 !== 0) problems.push({ path: `${at}/size`, message: `must be a multiple of 512, got ${size}` });
       return { 'node-name': name, driver: n.driver, size, 'read-only': n['read-only'] ?? false };
+    }
+    case 'rbd': {
+      const out: RbdNodeArgs = {
+        'node-name': name,
+        driver: 'rbd',
+        pool: n.pool!,
+        image: n.image!,
+        'read-only': n['read-only'] ?? false,
+        cache: { direct: n.cache?.direct ?? false, 'no-flush': n.cache?.['no-flush'] ?? false },
+      };
+      for (const k of ['user', 'namespace', 'snapshot', 'key'] as const) if (n[k] !== undefined) out[k] = n[k];
+      for (const k of ['conf', 'keyring'] as const) if (n[k] !== undefined) out[k] = path.resolve(baseDir, n[k]);
+      return out;
     }
     case 'throttle': {
       const limits: Record<string, number> = {};

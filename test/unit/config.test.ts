@@ -69,7 +69,7 @@ describe('config file mistakes', () => {
 
   test('missing required property', () => {
     assert.deepEqual(problems({ nodes: [file('d0')], exports: [{ type: 'vhost-user-blk', id: 'e0', 'node-name': 'd0' }] }), ["/exports/0: missing required property 'addr'"]);
-    assert.deepEqual(problems({ nodes: [{ 'node-name': 'd0', filename: '/x' }] }), ["/nodes/0: missing required property 'driver' (one of 'file', 'host_device', 'null-co', 'null', 'throttle')"]);
+    assert.deepEqual(problems({ nodes: [{ 'node-name': 'd0', filename: '/x' }] }), ["/nodes/0: missing required property 'driver' (one of 'file', 'host_device', 'null-co', 'null', 'rbd', 'throttle')"]);
     assert.deepEqual(problems({ nodes: [{ 'node-name': 'd0', driver: 'file' }] }), ["/nodes/0: missing required property 'filename'"]);
     assert.deepEqual(problems(one({}, { addr: { type: 'unix' } })), ["/exports/0/addr: missing required property 'path'"]);
   });
@@ -109,7 +109,7 @@ describe('config file mistakes', () => {
 
   test('bad enum or const: driver, cache, locking, logical-block-size, aio, export type, addr type', () => {
     assert.deepEqual(problems({ nodes: [{ 'node-name': 'd0', driver: 'fiel', filename: '/x' }] }), [
-      "/nodes/0/driver: must be one of 'file', 'host_device', 'null-co', 'null', 'throttle', got 'fiel' (did you mean 'file'?)",
+      "/nodes/0/driver: must be one of 'file', 'host_device', 'null-co', 'null', 'rbd', 'throttle', got 'fiel' (did you mean 'file'?)",
     ]);
     assert.deepEqual(problems(one({ cache: 'none' })), [
       '/nodes/0/cache: must be an object {"direct": true|false, "no-flush": true|false} (the command line\'s --cache=none is {"direct": true}), got \'none\'',

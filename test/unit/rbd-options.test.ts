@@ -8,6 +8,7 @@ import { NO_LIBRBD, openRbdNode, parseRbdFilename } from '../../src/graph/rbd-op
 import { DEFAULT_CACHE } from '../../src/graph/open.js';
 import { GraphError } from '../../src/graph/snapshot.js';
 import { repoRoot } from '../helpers/daemon.js';
+import { parseConfig, ConfigError } from '../../src/cli/config.js';
 
 test('rbd filenames: pool/image, namespace, snapshot, conf, id, keyring; malformed ones are refused', () => {
   assert.deepEqual(parseRbdFilename('rbd:rbd/vm1'), { pool: 'rbd', image: 'vm1' });
@@ -45,4 +46,26 @@ test('without librbd, driver rbd fails with a message naming librbd-dev and the 
   // The addon built without librbd-dev (VUBD_NO_RBD=1 or no header) throws this from RbdImage.
   const stub = fs.readFileSync(path.join(repoRoot, 'native-bindings/src/rbd.c'), 'utf8');
   assert.ok(stub.includes(`"${NO_LIBRBD}"`), 'rbd.c stub message matches NO_LIBRBD');
+});
+
+test('the config file takes an rbd node with blockdev-add\'s names; relative conf and keyring paths are from the file\'s directory', () => {
+  const doc = {
+    nodes: [{ 'node-name': 'vm1', driver: 'rbd', pool: 'vms', image: 'vm1-disk0', conf: 'ceph.conf', user: 'libvirt', keyring: '/etc/ceph/k', snapshot: 's1', cache: { direct: true } }],
+    exports: [{ type: 'vhost-user-blk', id: 'e0', 'node-name': 'vm1', addr: { type: 'unix', path: '/run/vubd/e0.sock' } }],
+  };
+  const c = parseConfig(JSON.stringify(doc), 'vubd.json', '/etc/vubd');
+  assert.deepEqual(c.nodes[0], {
+    'node-name': 'vm1',
+    driver: 'rbd',
+    pool: 'vms',
+    image: 'vm1-disk0',
+    conf: '/etc/vubd/ceph.conf',
+    user: 'libvirt',
+    keyring: '/etc/ceph/k',
+    snapshot: 's1',
+    'read-only': false,
+    cache: { direct: true, 'no-flush': false },
+  });
+  const bad = { ...doc, nodes: [{ 'node-name': 'vm1', driver: 'rbd', pool: 'vms', 'key-secret': 'sec0' }] };
+  assert.throws(() => parseConfig(JSON.stringify(bad), 'vubd.json', '/etc/vubd'), (e: unknown) => e instanceof ConfigError && /image/.test(e.message) && /key-secret/.test(e.message));
 });
