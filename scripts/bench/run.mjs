@@ -23,7 +23,8 @@
 //   --vubd-args 'ARGS'  extra vubd options for every vubd run, e.g. '--poll-us=20' (shown in the header)
 //   --scrape HZ,...  rates of the null-qd32-scrape row (default 10,100): the same load with --metrics off, with
 //                --metrics on and not scraped, and scraped at each rate (scripts/bench/scraper.mjs, one keep-alive
-//                connection, on the loadgen's CPU with --pin); runs interleaved, IOPS ratios vs not scraped
+//                connection, on the loadgen's CPU with --pin); runs interleaved, IOPS ratios vs not scraped; and
+//                per rate a run of >= 20 s alternating 1 s phases at that rate and at 1/s (ratio per phase pair)
 //
 // The backend is started fresh for every row. Backend CPU time comes from /proc/PID/stat (utime+stime,
 // all threads) sampled over the measured window; RSS is VmRSS at the end of the run.
@@ -103,13 +104,26 @@ const ROWS = [
   { id: 'null-qd32-scrape', group: 'scrape', label: 'null 4k randread QD32 1q', disk: 'null', backends: ['vubd'], scrape: true, lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
 ];
 
-/** The scrape row's variants: --metrics off, on and not scraped, and scraped at each rate; ratios vs not scraped. */
-function scrapeVariants(row, rates) {
+/** Phases of the alternating variants (ms), and their run length (s, at least) */
+const ALTERNATE_MS = 1000;
+const ALTERNATE_MIN_S = 20;
+
+/**
+ * The scrape row's variants: --metrics off, on and not scraped, scraped at each rate (whole runs,
+ * ratios vs not scraped), and per rate one run alternating 1 s phases at that rate and at 1/s, whose
+ * phase-by-phase ratio does not depend on the machine's load staying the same from run to run.
+ */
+function scrapeVariants(row, rates, opts) {
   const base = `${row.id}@0`;
+  const vs = { vs: base, vsNote: ' vs not scraped' };
   return [
-    { ...row, id: `${row.id}@off`, label: `${row.label}, --metrics off`, metrics: false, hz: 0, vs: base, vsNote: ' vs not scraped' },
+    { ...row, ...vs, id: `${row.id}@off`, label: `${row.label}, --metrics off`, metrics: false, hz: 0 },
     { ...row, id: base, label: `${row.label}, --metrics on, not scraped`, metrics: true, hz: 0 },
-    ...rates.map((hz) => ({ ...row, id: `${row.id}@${hz}`, label: `${row.label}, scraped ${hz}/s`, metrics: true, hz, vs: base, vsNote: ' vs not scraped' })),
+    ...rates.map((hz) => ({ ...row, ...vs, id: `${row.id}@${hz}`, label: `${row.label}, scraped ${hz}/s`, metrics: true, hz })),
+    ...rates.map((hz) => ({
+      ...row, ...vs, id: `${row.id}@ab${hz}`, label: `${row.label}, ${ALTERNATE_MS / 1000} s at ${hz}/s, ${ALTERNATE_MS / 1000} s at 1/s, alternating`,
+      metrics: true, hz, alternate: ALTERNATE_MS, time: Math.max(ALTERNATE_MIN_S, opts.time),
+    })),
   ];
 }
 
@@ -121,8 +135,8 @@ async function freePort() {
   return port;
 }
 
-function runScraper(port, hz, opts, seconds) {
-  const argv = [process.execPath, path.join(HERE, 'scraper.mjs'), String(port), String(hz), String(seconds)];
+function runScraper(port, hz, opts, seconds, extra = []) {
+  const argv = [process.execPath, path.join(HERE, 'scraper.mjs'), String(port), String(hz), String(seconds), ...extra];
   const cmd = opts.pin ? ['taskset', '-c', '0', ...argv] : argv;
   const p = spawn(cmd[0], cmd.slice(1), { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
@@ -259,12 +273,16 @@ async function runRow(row, backend, opts, tmp) {
   const res = { row, backend };
   try {
     await be.waitSocket(sock);
-    const lg = runLoadgen(sock, row.lg, opts, opts.time);
-    // From the start of the ramp to the end of the measured window, so every measured second is scraped.
-    const scraper = row.hz > 0 ? runScraper(metricsPort, row.hz, opts, opts.ramp + opts.time) : null;
+    const seconds = row.time ?? opts.time;
+    const lg = runLoadgen(sock, row.lg, opts, seconds);
+    // Constant rate: from the start of the ramp to the end of the measured window, so every measured
+    // second is scraped. Alternating: phases only after the ramp.
+    const scraper = !(row.hz > 0) ? null
+      : row.alternate ? sleep(opts.ramp * 1000).then(() => runScraper(metricsPort, row.hz, opts, seconds, ['--alternate', String(row.alternate), '--pid', String(be.pid)]))
+      : runScraper(metricsPort, row.hz, opts, opts.ramp + seconds);
     // Sample backend CPU over the loadgen's measured window (after ramp, until just before the end).
     const t0 = performance.now();
-    const win0 = opts.ramp * 1000 + 100, win1 = (opts.ramp + opts.time) * 1000 - 100;
+    const win0 = opts.ramp * 1000 + 100, win1 = (opts.ramp + seconds) * 1000 - 100;
     let cpu0, cpu1, w0, w1;
     const sampler = (async () => {
       await sleep(win0 - (performance.now() - t0));
@@ -405,21 +423,98 @@ function table(results, opts, extras) {
   return out.join('\n') + '\n';
 }
 
-/** IOPS of each scraped variant ÷ the same load with --metrics on and not scraped (medians). */
-function scrapeSummary(results) {
+/** Minimal QMP client for set-up: newline-delimited JSON on a unix socket, one command at a time. */
+async function qmpSession(sockPath) {
+  const sock = net.createConnection(sockPath);
+  let buf = '';
+  const waiters = [];
+  sock.setEncoding('utf8');
+  sock.on('data', (d) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, i).trim();
+      buf = buf.slice(i + 1);
+      if (!line) continue;
+      const msg = JSON.parse(line);
+      if (msg.event) continue;
+      waiters.shift()?.(msg);
+    }
+  });
+  const next = () => new Promise((r) => waiters.push(r));
+  await next(); // greeting
+  const execute = async (cmd, args) => {
+    const reply = next();
+    sock.write(JSON.stringify({ execute: cmd, ...(args ? { arguments: args } : {}) }) + '\n');
+    const r = await reply;
+    if (r.error) throw new Error(`${cmd}: ${r.error.desc}`);
+    return r.return;
+  };
+  await execute('qmp_capabilities');
+  return { execute, close: () => sock.destroy() };
+}
+
+/** vubd CPU time per scrape, idle, with one export of 2 queues and with 32 exports of 2 queues (one daemon). */
+async function scrapeCpu(opts, tmp) {
+  const out = [];
+  for (const exports of [1, 32]) {
+    const port = await freePort();
+    const control = path.join(tmp, `scrape-cpu-${exports}.qmp`);
+    fs.rmSync(control, { force: true });
+    const argv = ['node', path.join(ROOT, 'dist/src/cli/main.js'), `--control=${control}`, `--metrics=127.0.0.1:${port}`, '--log-level=warn', ...VUBD_ARGS];
+    const be = new Backend('vubd', argv, opts, `scrape-cpu-${exports}`);
+    try {
+      await be.waitSocket(control);
+      const qmp = await qmpSession(control);
+      for (let i = 0; i < exports; i++) {
+        await qmp.execute('blockdev-add', { driver: 'null-co', 'node-name': `n${i}`, size: GiB });
+        await qmp.execute('block-export-add', { type: 'vhost-user-blk', id: `e${i}`, 'node-name': `n${i}`, addr: { type: 'unix', path: path.join(tmp, `scrape-cpu-e${i}.sock`) }, writable: true, 'num-queues': 2 });
+      }
+      qmp.close();
+      const args = [process.execPath, path.join(HERE, 'scraper.mjs'), String(port), '--cpu-per-scrape', '500', '--pid', String(be.pid)];
+      const cmd = opts.pin ? ['taskset', '-c', '0', ...args] : args;
+      const r = spawnSync(cmd[0], cmd.slice(1), { encoding: 'utf8' });
+      const j = JSON.parse(r.stdout.trim().split('\n').pop());
+      out.push({ exports, ...j });
+    } catch (e) {
+      out.push({ exports, failure: e.message });
+    } finally {
+      await be.stop();
+    }
+  }
+  return out;
+}
+
+const median = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? (s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2) : NaN;
+};
+const pct = (ratio) => `${ratio >= 1 ? '+' : ''}${((ratio - 1) * 100).toFixed(1)} %`;
+
+/**
+ * The scrape cost: whole runs (median IOPS ÷ not scraped) and the alternating runs (median over
+ * every scraped phase of its IOPS ÷ the mean of the unscraped phases either side; all repetitions).
+ */
+function scrapeSummary(results, all) {
   const rs = results.filter((r) => r.row.scrape && r.ok);
   const base = rs.find((r) => r.row.metrics && r.row.hz === 0);
   if (!base) return null;
-  const pct = (r) => `${((r.iops / base.iops - 1) * 100).toFixed(1)} %`;
-  const parts = rs.filter((r) => r !== base).map((r) => {
-    if (!r.row.metrics) return `--metrics off ${fmt(r.iops)} IOPS (${pct(r)})`;
+  const whole = rs.filter((r) => r !== base && !r.row.alternate).map((r) => {
+    if (!r.row.metrics) return `--metrics off ${fmt(r.iops)} IOPS (${pct(r.iops / base.iops)})`;
     const s = r.scrape ?? {};
-    return `${r.row.hz}/s ${fmt(r.iops)} IOPS (${pct(r)}; CPU ${fmt(r.cpuPct - base.cpuPct, 1)} points; ${fmt(s.hz, 1)} scrapes/s done, ` +
-      `p50 ${fmt(s.p50_ms, 2)} ms p99 ${fmt(s.p99_ms, 2)} ms, ${fmt(s.bytes / 1024, 1)} KiB each${s.failures ? `, ${s.failures} failed` : ''})`;
+    return `${r.row.hz}/s ${fmt(r.iops)} IOPS (${pct(r.iops / base.iops)}; ${fmt(s.hz, 1)} scrapes/s done, p50 ${fmt(s.p50_ms, 2)} ms, ${fmt(s.bytes / 1024, 1)} KiB each)`;
   });
-  return `Scrape cost (${base.row.label.replace(/, --metrics.*$/, '')}, median IOPS of interleaved runs): --metrics on, not scraped ${fmt(base.iops)} IOPS; ` +
-    `${parts.join(' · ')}. Percentages: IOPS vs not scraped (negative is a cost); CPU: backend CPU % minus the unscraped run's. ` +
-    'Scraper: scripts/bench/scraper.mjs, one keep-alive connection, on the loadgen\'s CPU when pinned.';
+  const ab = rs.filter((r) => r.row.alternate).map((r) => {
+    const runs = all.filter((x) => x.row === r.row && x.ok && x.scrape?.ratios);
+    const ratios = runs.flatMap((x) => x.scrape.ratios);
+    const cpu = runs.flatMap((x) => x.scrape.cpuDiffs);
+    const done = median(runs.map((x) => x.scrape.hz * 2 - 1)); // scraped phases' rate: the mean rate is (hz + 1) / 2
+    return `${r.row.hz}/s vs 1/s: IOPS ${pct(median(ratios))} (median of ${ratios.length} phase pairs, ${fmt(Math.min(...ratios) * 100 - 100, 1)} % to ${fmt(Math.max(...ratios) * 100 - 100, 1)} %), ` +
+      `backend CPU ${fmt(median(cpu), 1)} points, ${fmt(done, 0)} scrapes/s reached`;
+  });
+  return `Scrape cost (${base.row.label.replace(/, --metrics.*$/, '')}): whole runs, median IOPS: not scraped ${fmt(base.iops)}; ${whole.join(' · ')}. ` +
+    (ab.length ? `Alternating ${ALTERNATE_MS / 1000} s phases in one run (IOPS from vubd's counters): ${ab.join(' · ')}. ` : '') +
+    'Negative is a cost. Scraper: scripts/bench/scraper.mjs, one keep-alive connection, on the loadgen\'s CPU when pinned.';
 }
 
 // ---------------------------------------------------------------- main
@@ -433,7 +528,7 @@ async function main() {
   // machine getting busier during the run does not land on one variant.
   const at = ROWS.findIndex((r) => r.scrape);
   const scrapeRow = ROWS[at];
-  ROWS.splice(at, 1, ...scrapeVariants(scrapeRow, opts.scrape));
+  ROWS.splice(at, 1, ...scrapeVariants(scrapeRow, opts.scrape, opts));
   const picked = (r) => !opts.rows || opts.rows.includes(r.id) || opts.rows.includes(r.group) || (r.scrape && opts.rows.includes(scrapeRow.id));
   const rows = ROWS.filter(picked);
   const groups = [];
@@ -445,6 +540,7 @@ async function main() {
   const dist0 = distStamp();
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'vubd-bench-'));
   const results = [];
+  const allRuns = [];
   try {
     for (const group of groups) {
       for (const backend of opts.backends) {
@@ -458,7 +554,9 @@ async function main() {
             process.stderr.write(`${row.label} / ${backend}${opts.repeat > 1 ? ` [${k + 1}/${opts.repeat}]` : ''} ... `);
             const one = await runRow(row, backend, opts, tmp);
             mine.push(one);
-            const scraped = one.scrape ? `, ${fmt(one.scrape.hz, 1)} scrapes/s p50 ${fmt(one.scrape.p50_ms, 2)} ms` : '';
+            allRuns.push(one);
+            const ab = one.scrape?.ratios ? `, scraped phases ${one.scrape.ratios.map((x) => pct(x)).join(' ')}` : '';
+            const scraped = one.scrape ? `, ${fmt(one.scrape.hz, 1)} scrapes/s p50 ${fmt(one.scrape.p50_ms, 2)} ms${ab}` : '';
             if (one.ok && (opts.repeat > 1 || members.length > 1)) process.stderr.write(`${fmt(one.iops)} IOPS p50 ${fmt(one.p50_us, 1)} µs CPU ${fmt(one.cpuPct)} %${scraped}\n`);
             else if (!one.ok) process.stderr.write('\n');
           }
@@ -481,8 +579,15 @@ async function main() {
       }
     }
     const extras = [];
-    const scrapeLine = scrapeSummary(results);
-    if (scrapeLine) extras.push(scrapeLine);
+    const scrapeLine = scrapeSummary(results, allRuns);
+    if (scrapeLine) {
+      process.stderr.write('vubd CPU per scrape, idle, 1 and 32 exports of 2 queues ... ');
+      const cpu = await scrapeCpu(opts, tmp);
+      const text = cpu.map((c) => c.failure ? `${c.exports} export(s): FAIL ${c.failure}` :
+        `${c.exports} export${c.exports > 1 ? 's' : ''}: ${fmt(c.cpu_ms, 2)} ms (${fmt(c.bytes / 1024, 0)} KiB; at 10/s ${fmt(c.cpu_ms, 1)} %, at 100/s ${fmt(c.cpu_ms * 10, 0)} % of a core)`).join(' · ');
+      process.stderr.write(text + '\n');
+      extras.push(scrapeLine + ` vubd CPU time per scrape (500 back to back, idle daemon): ${text}.`);
+    }
     if (opts.backends.length) {
       const idle = [];
       for (const b of opts.backends) {

@@ -110,8 +110,10 @@ export async function startMetrics(addr: MetricsAddress, commands: ReadonlyMap<s
     }
     exposition.render().then(
       (body) => {
-        res.writeHead(200, { 'Content-Type': exposition.contentType, 'Content-Length': Buffer.byteLength(body) });
-        res.end(req.method === 'HEAD' ? undefined : body);
+        // encoded once: Content-Length and the socket write then take the bytes as they are
+        const bytes = Buffer.from(body, 'utf8');
+        res.writeHead(200, { 'Content-Type': exposition.contentType, 'Content-Length': bytes.length });
+        res.end(req.method === 'HEAD' ? undefined : bytes);
       },
       (e: unknown) => {
         log.error({ err: e }, `metrics scrape failed: ${(e as Error).message}`);
