@@ -584,7 +584,8 @@ async function main() {
       process.stderr.write('vubd CPU per scrape, idle, 1 and 32 exports of 2 queues ... ');
       const cpu = await scrapeCpu(opts, tmp);
       const text = cpu.map((c) => c.failure ? `${c.exports} export(s): FAIL ${c.failure}` :
-        `${c.exports} export${c.exports > 1 ? 's' : ''}: ${fmt(c.cpu_ms, 2)} ms (${fmt(c.bytes / 1024, 0)} KiB; at 10/s ${fmt(c.cpu_ms, 1)} %, at 100/s ${fmt(c.cpu_ms * 10, 0)} % of a core)`).join(' · ');
+        `${c.exports} export${c.exports > 1 ? 's' : ''}: ${fmt(c.cpu_ms, 2)} ms (${fmt(c.bytes / 1024, 0)} KiB; at 10/s ${fmt(c.cpu_ms, 1)} %, at 100/s ${fmt(c.cpu_ms * 10, 0)} % of a core; ` +
+        `a GET / with no stats ${fmt(c.http_cpu_ms, 2)} ms)`).join(' · ');
       process.stderr.write(text + '\n');
       extras.push(scrapeLine + ` vubd CPU time per scrape (500 back to back, idle daemon): ${text}.`);
     }

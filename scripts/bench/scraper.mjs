@@ -8,7 +8,8 @@
 // which every phase has); each phase start reads the requests counter, so each phase gets its
 // IOPS from vubd's own counters and its backend CPU from /proc/PID/stat. A machine whose load
 // drifts during the run shifts neighbouring phases alike, so their ratio keeps the scrape cost.
-// --cpu-per-scrape: N scrapes back to back (after 50 unmeasured), and the backend's CPU time per scrape.
+// --cpu-per-scrape: N scrapes back to back (after 50 unmeasured), and the backend's CPU time per scrape;
+// then as many GET / (a fixed line) for the part the HTTP exchange alone costs.
 import fs from 'node:fs';
 import http from 'node:http';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -24,7 +25,7 @@ const pid = flag('--pid');
 const [port, hz, seconds] = argv.map(Number);
 if (perScrape > 0 && pid > 0 && port > 0) {
   const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
-  const get = () => new Promise((resolve, reject) => http.get({ host: '127.0.0.1', port, path: '/metrics', agent }, (res) => {
+  const get = (urlPath = '/metrics') => new Promise((resolve, reject) => http.get({ host: '127.0.0.1', port, path: urlPath, agent }, (res) => {
     let n = 0;
     res.on('data', (d) => (n += d.length));
     res.on('end', () => (res.statusCode === 200 ? resolve(n) : reject(new Error(`status ${res.statusCode}`))));
@@ -34,13 +35,18 @@ if (perScrape > 0 && pid > 0 && port > 0) {
     const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
     return (Number(f[11]) + Number(f[12])) / 100;
   };
-  for (let i = 0; i < 50; i++) await get();
-  const c0 = cpu(), t0 = performance.now();
-  let bytes = 0;
-  for (let i = 0; i < perScrape; i++) bytes = await get();
-  const c1 = cpu(), t1 = performance.now();
+  // the same number of GET / (a fixed line, no stats): what the HTTP exchange alone costs
+  const measure = async (urlPath) => {
+    for (let i = 0; i < 50; i++) await get(urlPath);
+    const c0 = cpu(), t0 = performance.now();
+    let bytes = 0;
+    for (let i = 0; i < perScrape; i++) bytes = await get(urlPath);
+    return { cpu_ms: ((cpu() - c0) * 1000) / perScrape, wall_ms: (performance.now() - t0) / perScrape, bytes };
+  };
+  const m = await measure('/metrics');
+  const root = await measure('/');
   agent.destroy();
-  console.log(JSON.stringify({ scrapes: perScrape, cpu_ms: ((c1 - c0) * 1000) / perScrape, wall_ms: (t1 - t0) / perScrape, bytes }));
+  console.log(JSON.stringify({ scrapes: perScrape, ...m, http_cpu_ms: root.cpu_ms }));
   process.exit(0);
 }
 if (!(port > 0 && hz > 0 && seconds > 0) || (alternate !== undefined && !(alternate > 0 && pid > 0))) {
