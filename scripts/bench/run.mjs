@@ -115,10 +115,10 @@ const ALTERNATE_MIN_S = 20;
  */
 function scrapeVariants(row, rates, opts) {
   const base = `${row.id}@0`;
-  const vs = { vs: base, vsNote: ' vs not scraped' };
+  const vs = { vs: base, vsNote: ' vs not scraped', scrapeLabel: row.label };
   return [
     { ...row, ...vs, id: `${row.id}@off`, label: `${row.label}, --metrics off`, metrics: false, hz: 0 },
-    { ...row, id: base, label: `${row.label}, --metrics on, not scraped`, metrics: true, hz: 0 },
+    { ...row, id: base, label: `${row.label}, --metrics on, not scraped`, metrics: true, hz: 0, scrapeLabel: row.label },
     ...rates.map((hz) => ({ ...row, ...vs, id: `${row.id}@${hz}`, label: `${row.label}, scraped ${hz}/s`, metrics: true, hz })),
     ...rates.map((hz) => ({
       ...row, ...vs, id: `${row.id}@ab${hz}`, label: `${row.label}, ${ALTERNATE_MS / 1000} s at ${hz}/s, ${ALTERNATE_MS / 1000} s at 1/s, alternating`,
@@ -497,9 +497,9 @@ const pct = (ratio) => `${ratio >= 1 ? '+' : ''}${((ratio - 1) * 100).toFixed(1)
  */
 function scrapeSummary(results, all) {
   const rs = results.filter((r) => r.row.scrape && r.ok);
+  if (!results.some((r) => r.row.scrape)) return null;
   const base = rs.find((r) => r.row.metrics && r.row.hz === 0);
-  if (!base) return null;
-  const whole = rs.filter((r) => r !== base && !r.row.alternate).map((r) => {
+  const whole = !base ? ['no ratios: the unscraped run failed'] : rs.filter((r) => r !== base && !r.row.alternate).map((r) => {
     if (!r.row.metrics) return `--metrics off ${fmt(r.iops)} IOPS (${pct(r.iops / base.iops)})`;
     const s = r.scrape ?? {};
     return `${r.row.hz}/s ${fmt(r.iops)} IOPS (${pct(r.iops / base.iops)}; ${fmt(s.hz, 1)} scrapes/s done, p50 ${fmt(s.p50_ms, 2)} ms, ${fmt(s.bytes / 1024, 1)} KiB each)`;
@@ -512,7 +512,8 @@ function scrapeSummary(results, all) {
     return `${r.row.hz}/s vs 1/s: IOPS ${pct(median(ratios))} (median of ${ratios.length} phase pairs, ${fmt(Math.min(...ratios) * 100 - 100, 1)} % to ${fmt(Math.max(...ratios) * 100 - 100, 1)} %), ` +
       `backend CPU ${fmt(median(cpu), 1)} points, ${fmt(done, 0)} scrapes/s reached`;
   });
-  return `Scrape cost (${base.row.label.replace(/, --metrics.*$/, '')}): whole runs, median IOPS: not scraped ${fmt(base.iops)}; ${whole.join(' · ')}. ` +
+  const label = results.find((r) => r.row.scrape).row.scrapeLabel;
+  return `Scrape cost (${label}): whole runs, median IOPS: not scraped ${base ? fmt(base.iops) : '—'}; ${whole.join(' · ')}. ` +
     (ab.length ? `Alternating ${ALTERNATE_MS / 1000} s phases in one run (IOPS from vubd's counters): ${ab.join(' · ')}. ` : '') +
     'Negative is a cost. Scraper: scripts/bench/scraper.mjs, one keep-alive connection, on the loadgen\'s CPU when pinned.';
 }
