@@ -502,7 +502,7 @@ function scrapeSummary(results, all) {
   const whole = !base ? ['no ratios: the unscraped run failed'] : rs.filter((r) => r !== base && !r.row.alternate).map((r) => {
     if (!r.row.metrics) return `--metrics off ${fmt(r.iops)} IOPS (${pct(r.iops / base.iops)})`;
     const s = r.scrape ?? {};
-    return `${r.row.hz}/s ${fmt(r.iops)} IOPS (${pct(r.iops / base.iops)}; ${fmt(s.hz, 1)} scrapes/s done, p50 ${fmt(s.p50_ms, 2)} ms, ${fmt(s.bytes / 1024, 1)} KiB each)`;
+    return `${r.row.hz}/s ${fmt(r.iops)} IOPS (${pct(r.iops / base.iops)}; ${fmt(s.hz, 1)} scrapes/s done, p50 ${fmt(s.p50_ms, 2)} ms, ${fmt(s.bytes / 1024, 1)} KiB each, scraper CPU ${fmt(s.client_cpu_ms, 2)} ms each)`;
   });
   const ab = rs.filter((r) => r.row.alternate).map((r) => {
     const runs = all.filter((x) => x.row === r.row && x.ok && x.scrape?.ratios);

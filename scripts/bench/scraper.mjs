@@ -134,7 +134,10 @@ const wall = (performance.now() - t0) / 1000;
 lat.sort((a, b) => a - b);
 const q = (p) => (lat.length ? lat[Math.min(lat.length - 1, Math.floor(p * lat.length))] : NaN);
 agent.destroy();
-const out = { scrapes: lat.length, failures, lastError, hz: lat.length / wall, p50_ms: q(0.5), p99_ms: q(0.99), bytes };
+const self = process.cpuUsage();
+// the scraper's own CPU per scrape: it runs beside the loadgen and takes from it what it uses
+const clientMs = (self.user + self.system) / 1000 / Math.max(1, lat.length);
+const out = { scrapes: lat.length, failures, lastError, hz: lat.length / wall, p50_ms: q(0.5), p99_ms: q(0.99), bytes, client_cpu_ms: clientMs };
 if (alternate !== undefined) {
   // each scraped phase against the mean of the unscraped phases either side of it
   const ratios = [], cpuDiffs = [];
