@@ -5,6 +5,15 @@
 //   loadgen --socket PATH [--queues N] [--qd N] [--bs BYTES] [--rw randread|randwrite|read|write]
 //           [--size BYTES] [--time SECONDS] [--ramp SECONDS] [--wait spin|eventfd]
 //           [--seg BYTES] [--indirect auto|always|never] [--qsize N] [--mem-mb N] [--packed] [--log] [--verbose]
+//           [--rate IOPS] [--hist] [--ready] [--hold]
+//
+//   --time 0     run until SIGINT or SIGTERM (either also ends a timed run early; the JSON is printed)
+//   --rate IOPS  per queue: submit at this steady rate (open loop), at most --qd in flight; split rings
+//                only. With a low rate a frontend stays connected and its rings stay live but idle
+//   --ready      print "loadgen: ready" on stderr once the rings are set up, before the first request
+//   --hold       after setup (and "ready"), wait for SIGUSR1 before starting: many loadgens start together
+//   --hist       add "hist": [[bucket_ns, count], ...] (the non-empty latency buckets) to the JSON, so
+//                several loadgens' percentiles can be merged exactly
 //
 // Protocol: GET_FEATURES, GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES (offered & (MQ|REPLY_ACK|CONFIG)),
 // GET_QUEUE_NUM, SET_OWNER, GET_CONFIG(0, 60), SET_FEATURES (VERSION_1|EVENT_IDX|INDIRECT_DESC|
@@ -28,6 +37,7 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -100,7 +110,8 @@ static int opt_rw_write = 0, opt_rw_rand = 1, opt_wait_spin = 1, opt_indirect = 
 static int opt_packed = 0;
 static int opt_log = 0; // --log: dirty logging on, as QEMU during a live migration
 static uint64_t opt_size = 0, opt_mem_mb = 64;
-static double opt_time = 10, opt_ramp = 0;
+static double opt_time = 10, opt_ramp = 0, opt_rate = 0;
+static int opt_hist = 0, opt_ready = 0, opt_hold = 0;
 static const char *opt_rw = "randread";
 
 static void die(int code, const char *fmt, ...) {
@@ -294,6 +305,8 @@ static struct queue *queues;
 static int nseg, use_indirect, event_idx;
 static uint64_t disk_bytes;
 static volatile int stop_flag, abort_flag;
+static volatile sig_atomic_t sig_stop; // SIGINT/SIGTERM: end the run as if its time were up
+static void on_stop_signal(int sig) { (void)sig; sig_stop = 1; }
 static uint64_t t_ramp_end_ns;
 static double t_start, t_deadline;
 
@@ -500,6 +513,79 @@ static void *queue_thread(void *arg) {
   return NULL;
 }
 
+// --rate: open-loop pacing. Requests go out at fixed intervals while a slot is free; between them
+// the thread sleeps on the call fd with a timeout (eventfd mode) or spins. Split rings only.
+static void *queue_thread_paced(void *arg) {
+  struct queue *q = arg;
+  uint32_t expect_len = opt_rw_write ? 1 : (uint32_t)opt_bs + 1;
+  int *freel = malloc(sizeof(int) * opt_qd), nfree = 0;
+  for (int i = opt_qd - 1; i >= 0; i--) freel[nfree++] = i;
+  const uint64_t interval = (uint64_t)(1e9 / opt_rate);
+  uint64_t next = now_ns();
+  set_interrupts(q, !opt_wait_spin);
+  for (;;) {
+    uint16_t uidx = __atomic_load_n(used_idx_p(q), __ATOMIC_ACQUIRE);
+    if (uidx != q->last_used) {
+      uint64_t t = now_ns();
+      while (q->last_used != uidx) {
+        uint32_t *e = used_elem(q, q->last_used);
+        uint32_t id = e[0], len = e[1];
+        q->last_used++;
+        if (id % q->stride || id / q->stride >= (uint32_t)opt_qd) {
+          fprintf(stderr, "loadgen: queue %d: used ring names id %u, not a head we submitted\n", q->index, id);
+          abort_flag = 1;
+          break;
+        }
+        q->inflight--;
+        account(q, &q->slots[id / q->stride], len, expect_len, t);
+        freel[nfree++] = (int)(id / q->stride);
+      }
+      q->progress += 1;
+      if (opt_wait_spin && event_idx) set_interrupts(q, 0);
+    }
+    if (abort_flag) break;
+    if (stop_flag) {
+      if (q->inflight == 0) break;
+    } else {
+      uint64_t t = now_ns();
+      if (t > next + 1000000000ull) next = t; // fell a second behind (all slots busy): no catch-up burst
+      uint16_t old = q->avail_idx;
+      while (nfree > 0 && t >= next) {
+        submit(q, freel[--nfree]);
+        next += interval;
+      }
+      publish(q, old);
+    }
+    if (__atomic_load_n(used_idx_p(q), __ATOMIC_ACQUIRE) != q->last_used) continue;
+    if (opt_wait_spin) {
+      __builtin_ia32_pause();
+      continue;
+    }
+    set_interrupts(q, 1);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(used_idx_p(q), __ATOMIC_ACQUIRE) != q->last_used) continue;
+    // sleep until the next submission is due (if a slot is free) or a completion arrives; at most
+    // 50 ms so a stop is noticed
+    uint64_t t = now_ns(), wait = 50000000ull;
+    if (!stop_flag && nfree > 0) wait = next > t ? next - t : 0;
+    if (wait > 50000000ull) wait = 50000000ull;
+    struct timespec ts = { (time_t)(wait / 1000000000ull), (long)(wait % 1000000000ull) };
+    struct pollfd pfd = { .fd = q->callfd, .events = POLLIN };
+    q->sleeps++;
+    int pr = ppoll(&pfd, 1, &ts, NULL);
+    if (pr < 0 && errno != EINTR) die(2, "call fd poll: %s", strerror(errno));
+    if (pr > 0) {
+      uint64_t v;
+      ssize_t n = read(q->callfd, &v, 8);
+      if (n < 0 && errno != EINTR && errno != EAGAIN) die(2, "call fd read: %s", strerror(errno));
+      if (n == 8) q->wakeups++;
+    }
+  }
+  free(freel);
+  q->done = 1;
+  return NULL;
+}
+
 // ---- packed rings --------------------------------------------------------------------------------
 // Fills slot i's chain at the next avail position(s) and makes it available (head flags last,
 // release). Not yet kicked: publish_packed() decides that for the whole batch.
@@ -656,7 +742,11 @@ static void usage(void) {
   fprintf(stderr,
           "usage: loadgen --socket PATH [--queues N] [--qd N] [--bs BYTES] [--rw randread|randwrite|read|write]\n"
           "               [--size BYTES] [--time S] [--ramp S] [--wait spin|eventfd] [--seg BYTES]\n"
-          "               [--indirect auto|always|never] [--qsize N] [--mem-mb N] [--packed] [--log] [--verbose]\n");
+          "               [--indirect auto|always|never] [--qsize N] [--mem-mb N] [--packed] [--log] [--verbose]\n"
+          "               [--rate IOPS] [--hist] [--ready] [--hold]\n"
+          "  --time 0: until SIGINT/SIGTERM; --rate: per-queue open-loop rate (split rings);\n"
+          "  --hist: the latency histogram's non-empty buckets in the JSON; --ready: 'loadgen: ready' on stderr\n"
+          "  after setup; --hold: then wait for SIGUSR1 before the first request\n");
   exit(2);
 }
 
@@ -687,6 +777,7 @@ int main(int argc, char **argv) {
     else if (ARG("--size")) opt_size = parse_size(v);
     else if (ARG("--time")) opt_time = atof(v);
     else if (ARG("--ramp")) opt_ramp = atof(v);
+    else if (ARG("--rate")) opt_rate = atof(v);
     else if (ARG("--qsize")) opt_qsize = atoi(v);
     else if (ARG("--mem-mb")) opt_mem_mb = parse_size(v);
     else if (ARG("--rw")) opt_rw = v;
@@ -697,6 +788,9 @@ int main(int argc, char **argv) {
       else if (!strcmp(v, "never")) opt_indirect = -1; else usage();
     } else if (!strcmp(a, "--packed")) opt_packed = 1;
     else if (!strcmp(a, "--log")) opt_log = 1;
+    else if (!strcmp(a, "--hist")) opt_hist = 1;
+    else if (!strcmp(a, "--ready")) opt_ready = 1;
+    else if (!strcmp(a, "--hold")) opt_hold = 1;
     else if (!strcmp(a, "--verbose") || !strcmp(a, "-v")) opt_verbose = 1;
     else usage();
   }
@@ -709,6 +803,21 @@ int main(int argc, char **argv) {
   if (opt_queues < 1 || opt_queues > 64 || opt_qd < 1 || opt_qd > 1024) die(2, "bad --queues/--qd");
   if (opt_bs < 512 || opt_bs % 512 || opt_seg < 512 || opt_seg % 512) die(2, "--bs/--seg must be multiples of 512");
   nseg = (opt_bs + opt_seg - 1) / opt_seg;
+  if (opt_time < 0 || opt_ramp < 0) die(2, "--time/--ramp must be >= 0");
+  if (opt_rate < 0 || (opt_rate > 0 && opt_rate < 0.1)) die(2, "--rate must be at least 0.1 (requests per second per queue)");
+  if (opt_rate > 0 && opt_packed) die(2, "--rate is implemented for split rings only (not with --packed)");
+  struct sigaction sa_stop = { .sa_handler = on_stop_signal };
+  sigemptyset(&sa_stop.sa_mask);
+  sigaction(SIGINT, &sa_stop, NULL);
+  sigaction(SIGTERM, &sa_stop, NULL);
+  // --hold: SIGUSR1 (whose default action kills) is blocked from the start and taken with sigwait,
+  // as are SIGINT/SIGTERM while holding (a stop then ends the run at once)
+  sigset_t held;
+  sigemptyset(&held);
+  sigaddset(&held, SIGUSR1);
+  sigaddset(&held, SIGINT);
+  sigaddset(&held, SIGTERM);
+  if (opt_hold) sigprocmask(SIG_BLOCK, &held, NULL);
 
   sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -818,12 +927,24 @@ int main(int argc, char **argv) {
   vlog("setup done: features=0x%" PRIx64 " proto=0x%" PRIx64 " disk=%" PRIu64 " qsize=%d indirect=%d event_idx=%d packed=%d\n",
        features, proto_features, disk_bytes, qsize, use_indirect, event_idx, opt_packed);
 
+  if (opt_ready) { fprintf(stderr, "loadgen: ready\n"); fflush(stderr); }
+  if (opt_hold) {
+    int sig = 0;
+    sigwait(&held, &sig);
+    if (sig != SIGUSR1) sig_stop = 1;
+    sigset_t stops;
+    sigemptyset(&stops);
+    sigaddset(&stops, SIGINT);
+    sigaddset(&stops, SIGTERM);
+    sigprocmask(SIG_UNBLOCK, &stops, NULL);
+  }
+
   // --- run ---
   t_start = now_s();
   t_ramp_end_ns = now_ns() + (uint64_t)(opt_ramp * 1e9);
-  t_deadline = t_start + opt_ramp + opt_time;
+  t_deadline = opt_time > 0 ? t_start + opt_ramp + opt_time : 1e300;
   for (int qi = 0; qi < opt_queues; qi++)
-    pthread_create(&queues[qi].thr, NULL, opt_packed ? queue_thread_packed : queue_thread, &queues[qi]);
+    pthread_create(&queues[qi].thr, NULL, opt_packed ? queue_thread_packed : opt_rate > 0 ? queue_thread_paced : queue_thread, &queues[qi]);
 
   // watchdog: end of run, stall detection (5 s without progress while requests are in flight)
   uint64_t last_prog[64] = { 0 };
@@ -834,12 +955,13 @@ int main(int argc, char **argv) {
   for (;;) {
     usleep(20000);
     double t = now_s();
-    if (!stop_flag && t >= t_deadline) { stop_flag = 1; t_stop = t; }
+    if (!stop_flag && (t >= t_deadline || sig_stop)) { stop_flag = 1; t_stop = t; }
     int all_done = 1;
     for (int qi = 0; qi < opt_queues; qi++) {
       struct queue *q = &queues[qi];
       if (!q->done) all_done = 0;
-      if (q->progress != last_prog[qi]) { last_prog[qi] = q->progress; last_change[qi] = t; }
+      // a paced queue may have nothing in flight for a while: only waiting requests can stall
+      if (q->progress != last_prog[qi] || q->inflight == 0) { last_prog[qi] = q->progress; last_change[qi] = t; }
       else if (!q->done && t - last_change[qi] > 5.0 && stalled < 0) {
         stalled = qi;
         if (opt_packed) {
@@ -910,11 +1032,19 @@ int main(int argc, char **argv) {
   printf("{\"iops\":%.0f,\"mbps\":%.2f,\"p50_us\":%.2f,\"p99_us\":%.2f,\"p999_us\":%.2f,\"mean_us\":%.2f,\"max_us\":%.1f,\"errors\":%" PRIu64
          ",\"ops\":%" PRIu64 ",\"seconds\":%.3f,\"kicks\":%" PRIu64 ",\"sleeps\":%" PRIu64 ",\"len_mismatch\":%" PRIu64
          ",\"vring_base_mismatch\":%d,\"stalled_queue\":%d,\"queues\":%d,\"qd\":%d,\"bs\":%d,\"rw\":\"%s\",\"wait\":\"%s\","
-         "\"indirect\":%d,\"event_idx\":%d,\"packed\":%s,\"qsize\":%d,\"disk_bytes\":%" PRIu64 "}\n",
+         "\"indirect\":%d,\"event_idx\":%d,\"packed\":%s,\"qsize\":%d,\"disk_bytes\":%" PRIu64 ",\"rate\":%g",
          ops / seconds, bytes / seconds / 1e6, hist_pct(hist, ops, 0.50) / 1e3, hist_pct(hist, ops, 0.99) / 1e3,
          hist_pct(hist, ops, 0.999) / 1e3, ops ? lat_sum / 1e3 / ops : 0.0, lat_max / 1e3, errors, ops, seconds, kicks, sleeps, lenmm, base_mismatch, stalled, opt_queues,
          opt_qd, opt_bs, opt_rw, opt_wait_spin ? "spin" : "eventfd", use_indirect, event_idx, opt_packed ? "true" : "false", qsize,
-         disk_bytes);
+         disk_bytes, opt_rate);
+  if (opt_hist) {
+    printf(",\"hist\":[");
+    int first = 1;
+    for (int b = 0; b < HBUCKETS; b++)
+      if (hist[b]) { printf("%s[%.1f,%" PRIu64 "]", first ? "" : ",", hist_value(b), hist[b]); first = 0; }
+    printf("]");
+  }
+  printf("}\n");
   fflush(stdout);
   return stalled >= 0 ? 3 : 0;
 }
