@@ -28,22 +28,14 @@
 //
 // The backend is started fresh for every row. Backend CPU time comes from /proc/PID/stat (utime+stime,
 // all threads) sampled over the measured window; RSS is VmRSS at the end of the run.
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const ROOT = path.resolve(HERE, '../..');
-const OUT = path.join(HERE, 'out');
-const LOADGEN_SRC = path.join(HERE, 'loadgen.c');
-const LOADGEN = path.join(OUT, 'loadgen');
-const LOGS = path.join(OUT, 'logs');
-const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
-const GiB = 2 ** 30;
+import { ROOT, OUT, LOADGEN, LOGS, ensureLoadgen, ensureImage, procCpuSeconds, procStatus, fmt, ratio } from './common.mjs';
 
 // ---------------------------------------------------------------- options
 function parseArgs(argv) {
@@ -147,41 +139,6 @@ function runScraper(port, hz, opts, seconds, extra = []) {
 }
 
 // ---------------------------------------------------------------- helpers
-function ensureLoadgen() {
-  fs.mkdirSync(OUT, { recursive: true });
-  const stale = !fs.existsSync(LOADGEN) || fs.statSync(LOADGEN).mtimeMs < fs.statSync(LOADGEN_SRC).mtimeMs;
-  if (!stale) return;
-  console.error(`compiling ${path.relative(ROOT, LOADGEN_SRC)}`);
-  const r = spawnSync('gcc', ['-O2', '-Wall', '-pthread', '-o', LOADGEN, LOADGEN_SRC], { stdio: 'inherit' });
-  if (r.status !== 0) throw new Error('gcc failed');
-}
-
-function ensureImage(img) {
-  const size = 1 * GiB;
-  let ok = false;
-  try { ok = fs.statSync(img).size === size && fs.existsSync(img + '.filled'); } catch {}
-  if (!ok) {
-    console.error(`creating ${img} (1 GiB, sparse, then filled with dd)`);
-    fs.mkdirSync(path.dirname(img), { recursive: true });
-    spawnSync('truncate', ['-s', String(size), img], { stdio: 'inherit' });
-    const r = spawnSync('dd', [`if=/dev/zero`, `of=${img}`, 'bs=1M', `count=${size / 2 ** 20}`, 'conv=notrunc', 'status=none'], { stdio: 'inherit' });
-    if (r.status !== 0) throw new Error('dd failed');
-    fs.writeFileSync(img + '.filled', '');
-  }
-  // make sure it is in page cache (cheap when it already is)
-  spawnSync('dd', [`if=${img}`, 'of=/dev/null', 'bs=1M', 'status=none']);
-}
-
-function procCpuSeconds(pid) {
-  const s = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const f = s.slice(s.lastIndexOf(')') + 2).split(' '); // f[0] = field 3 (state)
-  return (Number(f[11]) + Number(f[12])) / CLK_TCK; // fields 14 utime, 15 stime (whole process, all threads)
-}
-function procStatus(pid, key) {
-  const m = new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) / 1024 : NaN; // MiB
-}
-
 /** extra vubd options (--vubd-args) */
 let VUBD_ARGS = [];
 
@@ -382,8 +339,6 @@ function distStamp() {
 }
 
 // ---------------------------------------------------------------- report
-const fmt = (v, d = 0) => (v === undefined || v === null || Number.isNaN(v) ? '—' : Number(v).toLocaleString('en-US', { maximumFractionDigits: d, minimumFractionDigits: d }));
-const ratio = (a, b) => (a > 0 && b > 0 && Number.isFinite(a) && Number.isFinite(b) ? (a / b).toFixed(2) + '×' : '—');
 
 function table(results, opts, extras) {
   const lines = [];
