@@ -38,8 +38,11 @@ export class QueueContext {
   private nodeSpec: NodeSpec;
   engine: IoEngine | null = null;
   private readonly handler: BlkRequestHandler;
+  /** request slots made so far (tags 0..length-1); more are made as the driver keeps more in flight, up to tagLimit */
   private slots: BlkSlot[] = [];
   private freeTags: number[] = [];
+  /** the ring size the engine was made for: the most requests in flight at once */
+  private tagLimit = 0;
   inFlight = 0;
   private inflightRegion: { spec: InflightRegion; buffer: ArrayBuffer } | null = null;
   private tracker: SplitInflight | null = null;
@@ -93,18 +96,29 @@ export class QueueContext {
   }
 
   private ensureEngine(queueSize: number): IoEngine {
-    if (this.engine && this.slots.length >= queueSize) return this.engine;
+    if (this.engine && this.tagLimit >= queueSize) return this.engine;
     if (this.inFlight > 0) throw new Error('cannot grow the request table with requests in flight');
     this.engine?.close();
     this.engine = null;
     this.engine = createEngine(this.init.aio, Math.min(queueSize, 1024), queueSize, MAX_SEGS, (m) => this.log('warn', m));
     this.ctx.engine = this.engine;
     Atomics.store(this.stats, StatIndex.ENGINE, this.engine.kind === 'io_uring' ? 2 : 1);
+    // A slot holds ~10 KiB of segment arrays (MAX_SEGS): made the first time that many requests
+    // are in flight, not one per ring entry up front (2.5 MiB per 256-entry queue, most never used).
     this.slots = [];
-    for (let t = 0; t < queueSize; t++) this.slots.push(new BlkSlot(t, new DescriptorChain(MAX_SEGS), MAX_SEGS));
     this.freeTags = [];
-    for (let t = queueSize - 1; t >= 0; t--) this.freeTags.push(t);
+    this.tagLimit = queueSize;
     return this.engine;
+  }
+
+  /** true if a slot is free, making one when every slot made so far is in flight (below tagLimit) */
+  private haveFreeSlot(): boolean {
+    if (this.freeTags.length > 0) return true;
+    const t = this.slots.length;
+    if (t >= this.tagLimit) return false;
+    this.slots.push(new BlkSlot(t, new DescriptorChain(MAX_SEGS), MAX_SEGS));
+    this.freeTags.push(t);
+    return true;
   }
 
   /** The queue leaves its worker: what is still in flight is abandoned, its mappings dropped. */
@@ -198,6 +212,7 @@ export class QueueContext {
     }
     this.slots = [];
     this.freeTags = [];
+    this.tagLimit = 0;
     this.inFlight = 0;
     this.needNotify = false;
     this.resubmit = [];
@@ -265,13 +280,12 @@ export class QueueContext {
   /** Starts up to `limit` requests (recovered ones first); returns how many were started. */
   private popAndStart(limit: number): number {
     const q = this.queue!;
-    const freeTags = this.freeTags;
     const now = performance.now();
     let started = 0;
     try {
       if (q instanceof PackedQueue) {
         // A packed chain is popped and walked in one step; no inflight region for packed rings.
-        while (started < limit && freeTags.length > 0 && q.pending() > 0) {
+        while (started < limit && q.pending() > 0 && this.haveFreeSlot()) {
           const slot = this.nextSlot();
           q.pop(slot.chain);
           slot.ringDescs = q.lastChainDescs;
@@ -279,14 +293,14 @@ export class QueueContext {
           started++;
         }
       } else {
-        while (this.resubmit.length > 0 && started < limit && freeTags.length > 0) {
+        while (this.resubmit.length > 0 && started < limit && this.haveFreeSlot()) {
           const slot = this.nextSlot();
           q.walk(this.resubmit.shift()!, slot.chain);
           this.startSlot(slot, now);
           started++;
         }
-        let avail = started < limit && freeTags.length > 0 ? q.pending() : 0;
-        while (avail > 0 && started < limit && freeTags.length > 0) {
+        let avail = started < limit ? q.pending() : 0;
+        while (avail > 0 && started < limit && this.haveFreeSlot()) {
           const head = q.popHead();
           this.tracker?.popped(head);
           avail--;

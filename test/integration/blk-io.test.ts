@@ -112,6 +112,27 @@ for (const aio of ['io_uring', 'sync'] as const) {
       });
     });
 
+    // Request slots are made as the driver keeps more in flight (not one per ring entry up front):
+    // a whole 256-entry ring of requests at once takes every slot up to the queue size, twice.
+    test('a whole ring of requests in flight at once, twice: every one completes with its own data', () => {
+      const q1 = fe.rings[1]!;
+      for (const round of [0, 1]) {
+        const writes = [];
+        for (let i = 0; i < 256; i++) writes.push(fe.blk(q1, BLK.OUT, 8192 + 8 * i, pattern(1000 * round + i, 4096), { indirect: true, region: i % 2 }));
+        q1.kick();
+        assert.equal(q1.waitFor(256, 20000).length, 256);
+        writes.forEach((w, i) => assert.equal(fe.statusOf(w), OK, `write ${i} of round ${round}`));
+        const reads = [];
+        for (let i = 0; i < 256; i++) reads.push(fe.blk(q1, BLK.IN, 8192 + 8 * i, 4096, { indirect: true, region: (i + 1) % 2 }));
+        q1.kick();
+        assert.equal(q1.waitFor(256, 20000).length, 256);
+        reads.forEach((r, i) => {
+          assert.equal(fe.statusOf(r), OK, `read ${i} of round ${round}`);
+          assert.deepEqual(fe.dataOf(r), pattern(1000 * round + i, 4096), `read ${i} of round ${round}`);
+        });
+      }
+    });
+
     test('GET_VRING_BASE stops the ring and reports the next avail index', () => {
       const q0 = fe.rings[0]!;
       const base = fe.getVringBase(0);
