@@ -12,8 +12,8 @@ const { QmpClient } = await import(path.join(ROOT, 'dist/src/control/qmp-client.
 export const NAMES = { vubd: 'vubd', qsd: 'QSD 7.2' };
 const NULL_SIZE = 1 << 30;
 
-/** argv prefix that pins to a CPU list, or nothing */
-const pinned = (cpus, argv) => (cpus ? ['taskset', '-c', cpus, ...argv] : argv);
+/** argv behind the launch prefix (nice, taskset) the options asked for */
+const pinned = (prefix, argv) => [...(prefix ?? []), ...argv];
 
 async function waitFor(what, check, timeoutMs, proc) {
   const t0 = Date.now();
@@ -27,7 +27,7 @@ async function waitFor(what, check, timeoutMs, proc) {
 
 /** One backend process serving exports added over QMP (vubd --control, QSD --monitor). */
 export class Daemon {
-  /** kind 'vubd' | 'qsd'; opts {dir, workers, cpus (taskset list or null), tag} */
+  /** kind 'vubd' | 'qsd'; opts {dir, workers, prefix (argv before the command: nice, taskset), tag} */
   static async start(kind, opts) {
     const d = new Daemon(kind, opts);
     await d.connect();
@@ -45,7 +45,7 @@ export class Daemon {
     fs.mkdirSync(LOGS, { recursive: true });
     this.logPath = path.join(LOGS, `scale-${opts.tag ?? 'run'}-${kind}.log`);
     this.log = fs.openSync(this.logPath, 'w');
-    const cmd = pinned(opts.cpus, argv);
+    const cmd = pinned(opts.prefix, argv);
     this.proc = spawn(cmd[0], cmd.slice(1), { cwd: ROOT, stdio: ['ignore', this.log, this.log] });
     this.exit = new Promise((res) => this.proc.on('exit', (code, sig) => res({ code, sig })));
     this.exports = new Map(); // id -> {node, sock}
@@ -138,7 +138,7 @@ export class Daemon {
   }
 }
 
-/** A loadgen process on one socket; `opts`: queues, qd, rate, time (0 = until stop()), ramp, hold, hist, cpus */
+/** A loadgen process on one socket; `opts`: queues, qd, rate, time (0 = until stop()), ramp, hold, hist, prefix */
 export class Loadgen {
   constructor(sock, opts) {
     const args = ['--socket', sock, '--queues', String(opts.queues ?? 1), '--qd', String(opts.qd ?? 1), '--bs', '4096',
@@ -147,7 +147,7 @@ export class Loadgen {
     if (opts.rate) args.push('--rate', String(opts.rate));
     if (opts.hold) args.push('--hold');
     if (opts.hist) args.push('--hist');
-    const cmd = pinned(opts.cpus, [LOADGEN, ...args]);
+    const cmd = pinned(opts.prefix, [LOADGEN, ...args]);
     this.cmd = cmd.join(' ');
     this.proc = spawn(cmd[0], cmd.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
     this.out = '';

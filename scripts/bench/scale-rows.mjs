@@ -37,7 +37,7 @@ function slope(points) {
 
 /** Row 1: one daemon, exports added in four steps up to n, each with a connected frontend, then one more. */
 export async function memoryRun(kind, o, dir) {
-  const d = await Daemon.start(kind, { dir, workers: o.workers, cpus: o.cpuBackend, tag: 'memory' });
+  const d = await Daemon.start(kind, { dir, workers: o.workers, prefix: o.runBackend, tag: 'memory' });
   const lgs = [];
   try {
     await sleep(1000);
@@ -47,7 +47,7 @@ export async function memoryRun(kind, o, dir) {
     let have = 0;
     for (const n of [...steps, o.exports + 1]) {
       const socks = await d.addDisks(have, n - have, 'null', null, 2);
-      lgs.push(...(await startLoadgens(socks, { ...IDLE_LOAD, cpus: o.cpuLoad })));
+      lgs.push(...(await startLoadgens(socks, { ...IDLE_LOAD, prefix: o.runLoad })));
       have = n;
       await sleep(SETTLE_MS);
       points.push({ n, mem: await sampleMemory(d.pid) });
@@ -63,6 +63,7 @@ export async function memoryRun(kind, o, dir) {
       slope: slope(fit.map((p) => ({ x: p.n, y: p.mem.rss }))),
       slopeNoGuest: slope(fit.map((p) => ({ x: p.n, y: p.mem.rss - p.mem.shmem }))),
       delta: at(o.exports + 1).rss - at(o.exports).rss,
+      average: (at(o.exports).rss - empty.rss) / o.exports,
       steps: points.map((p) => `${p.n}:${p.mem.rss.toFixed(1)}`).join(' '),
     };
   } finally {
@@ -79,12 +80,12 @@ export async function singleDiskRun(kind, o, dir) {
     ? ['node', VUBD_MAIN, `--socket-path=${sock}`, '--blk-driver=null', '--size=1G', '--num-queues=2', '--log-level=warn']
     : ['qemu-storage-daemon', '--blockdev', 'driver=null-co,node-name=n0,size=1073741824,read-zeroes=on',
         '--export', `type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=${sock},writable=on,num-queues=2`];
-  const cmd = o.cpuBackend ? ['taskset', '-c', o.cpuBackend, ...argv] : argv;
+  const cmd = [...o.runBackend, ...argv];
   const p = spawn(cmd[0], cmd.slice(1), { stdio: 'ignore' });
   let lgs = [];
   try {
     await probeVhostUser(sock, Date.now() + 20000);
-    lgs = await startLoadgens([sock], { ...IDLE_LOAD, cpus: o.cpuLoad });
+    lgs = await startLoadgens([sock], { ...IDLE_LOAD, prefix: o.runLoad });
     await sleep(SETTLE_MS);
     const m = await sampleMemory(p.pid);
     fail(await stopLoadgens(lgs), 'single-disk frontend');
@@ -96,25 +97,26 @@ export async function singleDiskRun(kind, o, dir) {
   }
 }
 
-/** Row 2: n exports loaded at once, 4k randread QD8 each; backend CPU over the measured window. */
-export async function throughputRun(kind, disk, o, dir) {
-  const d = await Daemon.start(kind, { dir, workers: o.workers, cpus: o.cpuBackend, tag: `tput-${disk}` });
+/** Row 2: n exports loaded at once, 4k randread QD8 each (or paced at `rate` per queue); backend CPU over the measured window. */
+export async function throughputRun(kind, disk, rate, o, dir) {
+  const d = await Daemon.start(kind, { dir, workers: o.workers, prefix: o.runBackend, tag: `tput-${disk}` });
   let lgs = [];
   try {
     const socks = await d.addDisks(0, o.exports, disk, o.img, 2);
-    lgs = await startLoadgens(socks, { ...QD8_LOAD, time: o.time, ramp: o.ramp, hold: true, hist: true, cpus: o.cpuLoad });
+    lgs = await startLoadgens(socks, { ...QD8_LOAD, rate, time: o.time, ramp: o.ramp, hold: true, hist: true, prefix: o.runLoad });
     const t0 = performance.now();
     await sleep(o.ramp * 1000 + 150);
     const c0 = d.cpu(), w0 = performance.now();
     await sleep((o.ramp + o.time) * 1000 - 150 - (performance.now() - t0));
     const c1 = d.cpu(), w1 = performance.now();
+    const rss = d.memory().rss;
     const rs = await Promise.all(lgs.map((l) => l.done));
     fail(rs, `${disk} load`);
     const iops = rs.reduce((a, r) => a + r.json.iops, 0);
     const cpu = (c1 - c0) / ((w1 - w0) / 1000);
     const [p50, p99] = mergedPercentiles(rs, [0.5, 0.99]);
     const perExport = rs.map((r) => r.json.iops);
-    return { iops, cpuPct: 100 * cpu, iopsPerCpu: iops / cpu, p50, p99, minExport: Math.min(...perExport), maxExport: Math.max(...perExport) };
+    return { iops, rss, cpuPct: 100 * cpu, iopsPerCpu: iops / cpu, p50, p99, minExport: Math.min(...perExport), maxExport: Math.max(...perExport) };
   } finally {
     for (const l of lgs) l.kill();
     await d.stop();
@@ -122,28 +124,33 @@ export async function throughputRun(kind, disk, o, dir) {
 }
 
 /**
- * Row 3: n-1 exports under the QD8 load; while they run, an export is added, used (a short loadgen
- * run) and deleted `o.churn` times. Then the same load again for as long, without churn.
+ * Row 3: n-1 exports under the QD8 load (as fast as it goes, or `rate` requests/s per queue);
+ * while they run, an export is added, used (a short loadgen run) and deleted `o.churn` times.
+ * Then the same load again for as long, without churn.
  */
-export async function interferenceRun(kind, o, dir) {
-  const d = await Daemon.start(kind, { dir, workers: o.workers, cpus: o.cpuBackend, tag: 'interference' });
+export async function interferenceRun(kind, rate, o, dir) {
+  const d = await Daemon.start(kind, { dir, workers: o.workers, prefix: o.runBackend, tag: 'interference' });
   let lgs = [];
-  const load = { ...QD8_LOAD, time: 0, ramp: 1, hold: true, hist: true, cpus: o.cpuLoad };
+  const load = { ...QD8_LOAD, rate, time: 0, ramp: 1, hold: true, hist: true, prefix: o.runLoad };
   try {
     const socks = await d.addDisks(0, o.exports - 1, 'null', null, 2);
     lgs = await startLoadgens(socks, load);
     await sleep(1000); // the ramp: not measured
     const t0 = performance.now();
-    let churnOps = 0;
+    let churnOps = 0, ctlMs = 0;
     for (let k = 0; k < o.churn; k++) {
       const id = `c${k}`;
+      const a0 = performance.now();
       await d.addNode(id, 'null');
       const sock = await d.addExport(id, id, 1, true);
-      const r = await new Loadgen(sock, { queues: 1, qd: 4, time: 0.3, memMb: 2, cpus: o.cpuLoad }).done;
+      const a1 = performance.now();
+      const r = await new Loadgen(sock, { queues: 1, qd: 4, rate, time: 0.3, memMb: 2, prefix: o.runLoad }).done;
       const bad = Loadgen.problem(r) ?? (r.json.ops > 0 ? null : 'no request completed');
       if (bad) throw new Error(`churn export ${id}: ${bad}`);
       churnOps += r.json.ops;
+      const a2 = performance.now();
       await d.delExport(id);
+      ctlMs += a1 - a0 + performance.now() - a2;
     }
     const churnS = (performance.now() - t0) / 1000;
     const withChurn = await stopLoadgens(lgs.splice(0));
@@ -157,7 +164,7 @@ export async function interferenceRun(kind, o, dir) {
     return {
       b50, b99, b999, c50, c99, c999, rise: c99 - b99,
       failedBase: failed(without), failedChurn: failed(withChurn), problems: [...withChurn, ...without].map(Loadgen.problem).filter(Boolean),
-      iopsBase: iops(without), iopsChurn: iops(withChurn), cycleMs: (churnS * 1000) / o.churn, churnOps,
+      iopsBase: iops(without), iopsChurn: iops(withChurn), cycleMs: (churnS * 1000) / o.churn, ctlMs: ctlMs / o.churn, churnOps,
     };
   } finally {
     for (const l of lgs) l.kill();
@@ -193,22 +200,24 @@ export async function startupRun(kind, mode, o, dir) {
     argv = ['node', VUBD_MAIN, `--config=${file}`];
   }
   const t0 = performance.now();
-  let d = null, p = null;
+  let d = null, p = null, ctlMs = NaN, addedMs = NaN;
   try {
     if (argv) {
-      const cmd = o.cpuBackend ? ['taskset', '-c', o.cpuBackend, ...argv] : argv;
+      const cmd = [...o.runBackend, ...argv];
       p = spawn(cmd[0], cmd.slice(1), { stdio: 'ignore' });
     } else {
-      d = new Daemon(kind, { dir, workers: o.workers, cpus: o.cpuBackend, tag: 'startup' });
+      d = new Daemon(kind, { dir, workers: o.workers, prefix: o.runBackend, tag: 'startup' });
       await d.connect();
+      ctlMs = performance.now() - t0;
       for (let i = 0; i < o.exports; i++) {
         await d.qmp.execute('blockdev-add', kind === 'qsd' ? { ...nodeArgs(i), 'read-zeroes': true } : nodeArgs(i));
         await d.qmp.execute('block-export-add', exportArgs(i, socks[i]));
       }
+      addedMs = performance.now() - t0;
     }
     const deadline = Date.now() + 30000;
     await Promise.all(socks.map((s) => probeVhostUser(s, deadline)));
-    return { ms: performance.now() - t0 };
+    return { ms: performance.now() - t0, ctlMs, addedMs };
   } finally {
     if (d) await d.stop();
     if (p) {

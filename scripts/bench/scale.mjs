@@ -12,7 +12,13 @@
 //   --exports N  exports (default 32; the interference row loads N-1 and churns one more)
 //   --workers N  vubd --workers (default 2); QSD is single-threaded (no iothreads given)
 //   --churn N    add/use/delete cycles in the interference row (default 20)
+//   --paced-rate R  also run the interference row with the load paced at R requests/s per queue
+//                (default 100: 200 IOPS per export, well below saturation, so p99 shows the backend
+//                more than the run queue of a saturated machine); the throughput rows also run
+//                null-co at that rate (CPU per I/O without batching); 0 = neither paced run
 //   --pin        backend on CPU 1, every loadgen on CPU 0 (taskset); default: not pinned
+//   --nice N     run the backends and loadgens under nice -n N (negative needs root): on a machine
+//                shared with other work, -10 keeps their run-queue wait out of the latency rows
 //   --write      also write the table to docs/bench-scale.md
 //   --img PATH   image for the file rows (default /var/tmp/vubd-bench-1g.img, 1 GiB, shared read-only)
 import fs from 'node:fs';
@@ -26,7 +32,7 @@ import { memoryRun, singleDiskRun, throughputRun, interferenceRun, startupRun, v
 const GROUPS = ['memory', 'throughput', 'interference', 'startup'];
 
 function parseArgs(argv) {
-  const o = { rows: GROUPS, repeat: null, time: null, exports: 32, workers: 2, churn: 20, pin: false, write: false, quick: false, backends: ['vubd', 'qsd'], img: '/var/tmp/vubd-bench-1g.img' };
+  const o = { rows: GROUPS, repeat: null, time: null, exports: 32, workers: 2, churn: 20, pacedRate: 100, pin: false, nice: null, write: false, quick: false, backends: ['vubd', 'qsd'], img: '/var/tmp/vubd-bench-1g.img' };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const [k, inline] = a.includes('=') ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)] : [a, undefined];
@@ -45,11 +51,13 @@ function parseArgs(argv) {
       case '--exports': o.exports = int('--exports'); break;
       case '--workers': o.workers = int('--workers'); break;
       case '--churn': o.churn = int('--churn'); break;
+      case '--paced-rate': o.pacedRate = Number(val()); break;
       case '--pin': o.pin = true; break;
+      case '--nice': o.nice = Number(val()); if (!Number.isInteger(o.nice) || o.nice < -20 || o.nice > 19) throw new Error('--nice expects -20..19'); break;
       case '--write': o.write = true; break;
       case '--img': o.img = val(); break;
       case '-h': case '--help':
-        console.log(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n').slice(1, 19).join('\n'));
+        console.log(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n').slice(1).filter((l, i, a) => a.slice(0, i + 1).every((x) => x.startsWith('//'))).join('\n'));
         process.exit(0);
       default: throw new Error(`unknown option ${a}`);
     }
@@ -61,8 +69,9 @@ function parseArgs(argv) {
   o.time ??= o.quick ? 3 : 10;
   if (!(o.time > 0)) throw new Error('--time must be > 0');
   o.ramp = 1;
-  o.cpuBackend = o.pin ? '1' : null;
-  o.cpuLoad = o.pin ? '0' : null;
+  const nice = o.nice === null ? [] : ['nice', '-n', String(o.nice)];
+  o.runBackend = [...nice, ...(o.pin ? ['taskset', '-c', '1'] : [])];
+  o.runLoad = [...nice, ...(o.pin ? ['taskset', '-c', '0'] : [])];
   return o;
 }
 
@@ -108,6 +117,7 @@ function buildTable(res, o, meta) {
     row(`RSS, ${n} exports × 2 queues, ${n} frontends connected (VmRSS, MiB)`, cell(v, 'total'), cell(q, 'total'), lowerIsBetter(v?.total, q?.total), '≤ 120 MiB', ok(v && !v.failure ? v.total <= 120 : undefined));
     row(`  of that, guest memory the backend touched (RssShmem, MiB)`, cell(v, 'shmem'), cell(q, 'shmem'), '', '', '');
     row(`marginal RSS per export: slope of VmRSS over ${[1, 2, 3, 4].map((k) => Math.round((n * k) / 4)).join('/')} exports (MiB)`, cell(v, 'slope', 2), cell(q, 'slope', 2), lowerIsBetter(v?.slope, q?.slope), '≤ 1 MiB', ok(v && !v.failure ? v.slope <= 1 : undefined));
+    row(`  average per export: (RSS(${n}) − RSS(no export)) / ${n} (MiB)`, cell(v, 'average', 2), cell(q, 'average', 2), lowerIsBetter(v?.average, q?.average));
     row(`  the same slope without guest memory (VmRSS − RssShmem, MiB)`, cell(v, 'slopeNoGuest', 2), cell(q, 'slopeNoGuest', 2), '', '', '');
     row(`  export ${n + 1} with its frontend: RSS(${n + 1}) − RSS(${n}) (MiB)`, cell(v, 'delta', 2), cell(q, 'delta', 2), '', '', '');
     row('RSS with no export yet (MiB)', cell(v, 'empty'), cell(q, 'empty'), lowerIsBetter(v?.empty, q?.empty));
@@ -116,22 +126,28 @@ function buildTable(res, o, meta) {
     const times = (r) => (r && !r.failure ? fmt(r.rss * n, 0) : cell(r, 'rss'));
     row(`  × ${n}: one process per disk (MiB)`, times(sv), times(sq), lowerIsBetter(sv?.rss, sq?.rss));
   }
-  for (const disk of ['null', 'file']) {
-    const g = `throughput-${disk}`;
+  for (const g of ['throughput-null', 'throughput-file', 'throughput-paced']) {
     if (!res[g]) continue;
     const v = V(g), q = Q(g);
-    const label = `${disk === 'null' ? 'null-co' : 'file (page cache)'}, ${n} exports, 4k randread QD8 each`;
+    const label = {
+      'throughput-null': `null-co, ${n} exports, 4k randread QD8 each`,
+      'throughput-file': `file (page cache), ${n} exports, 4k randread QD8 each`,
+      'throughput-paced': `null-co, ${n} exports, 4k randread paced at ${2 * o.pacedRate} IOPS each (≤ QD8)`,
+    }[g];
     row(`${label}: aggregate IOPS`, cell(v, 'iops', 0), cell(q, 'iops', 0), ratio(v?.iops, q?.iops));
     row(`  backend CPU (% of one core)`, cell(v, 'cpuPct', 0), cell(q, 'cpuPct', 0), ratio(v?.cpuPct, q?.cpuPct));
     row(`  IOPS per backend CPU-second`, cell(v, 'iopsPerCpu', 0), cell(q, 'iopsPerCpu', 0), ratio(v?.iopsPerCpu, q?.iopsPerCpu), '≥ 1.0× QSD',
       ok(v && q && !v.failure && !q.failure ? v.iopsPerCpu >= q.iopsPerCpu : undefined));
     row(`  p50 / p99 latency, all exports merged (µs)`, v?.failure ? cell(v) : `${cell(v, 'p50', 0)} / ${cell(v, 'p99', 0)}`, q?.failure ? cell(q) : `${cell(q, 'p50', 0)} / ${cell(q, 'p99', 0)}`, lowerIsBetter(v?.p99, q?.p99));
+    row(`  backend RSS at the end of the window (MiB)`, cell(v, 'rss'), cell(q, 'rss'), lowerIsBetter(v?.rss, q?.rss));
     row(`  slowest / fastest export (IOPS)`, v?.failure ? '' : `${cell(v, 'minExport', 0)} / ${cell(v, 'maxExport', 0)}`, q?.failure ? '' : `${cell(q, 'minExport', 0)} / ${cell(q, 'maxExport', 0)}`, '');
   }
-  if (res.interference) {
-    const v = V('interference'), q = Q('interference');
+  for (const g of ['interference', 'interference-paced']) {
+    if (!res[g]) continue;
+    const v = V(g), q = Q(g);
     const m = n - 1;
-    row(`${m} exports under 4k randread QD8: p99 without churn (µs)`, cell(v, 'b99', 0), cell(q, 'b99', 0), lowerIsBetter(v?.b99, q?.b99));
+    const how = g === 'interference' ? '4k randread QD8, as fast as they go' : `4k randread QD8 at ${2 * o.pacedRate} IOPS each (paced)`;
+    row(`${m} exports under ${how}: p99 without churn (µs)`, cell(v, 'b99', 0), cell(q, 'b99', 0), lowerIsBetter(v?.b99, q?.b99));
     row(`  p99 while an export is added, used, deleted ${o.churn}× (µs)`, cell(v, 'c99', 0), cell(q, 'c99', 0), lowerIsBetter(v?.c99, q?.c99));
     row(`  p99 rise (µs)`, cell(v, 'rise', 0), cell(q, 'rise', 0), '', '< 1000 µs', ok(v && !v.failure ? v.rise < 1000 : undefined));
     row(`  p50 without / with churn (µs)`, v?.failure ? '' : `${cell(v, 'b50', 0)} / ${cell(v, 'c50', 0)}`, q?.failure ? '' : `${cell(q, 'b50', 0)} / ${cell(q, 'c50', 0)}`, '');
@@ -139,10 +155,12 @@ function buildTable(res, o, meta) {
       ok(v && !v.failure ? v.failedChurn + v.failedBase === 0 : undefined));
     row(`  aggregate IOPS without / with churn`, v?.failure ? '' : `${cell(v, 'iopsBase', 0)} / ${cell(v, 'iopsChurn', 0)}`, q?.failure ? '' : `${cell(q, 'iopsBase', 0)} / ${cell(q, 'iopsChurn', 0)}`, '');
     row(`  one churn cycle: blockdev-add, block-export-add, 0.3 s run, block-export-del, blockdev-del (ms)`, cell(v, 'cycleMs', 0), cell(q, 'cycleMs', 0), lowerIsBetter(v?.cycleMs, q?.cycleMs));
+    row(`  of that, the QMP commands (add and delete, incl. waiting for BLOCK_EXPORT_DELETED) (ms)`, cell(v, 'ctlMs', 0), cell(q, 'ctlMs', 0), lowerIsBetter(v?.ctlMs, q?.ctlMs));
   }
   if (res.startup) {
     const v = V('startup'), q = Q('startup'), qa = res.startup.qsdArgv, vc = res.startup.vubdConfig;
     row(`start-up, exec → ${n} sockets answer GET_FEATURES, exports added over QMP (ms)`, cell(v, 'ms', 0), cell(q, 'ms', 0), lowerIsBetter(v?.ms, q?.ms));
+    row(`  of that, until QMP answers / until the last block-export-add returned (ms)`, v?.failure ? '' : `${cell(v, 'ctlMs', 0)} / ${cell(v, 'addedMs', 0)}`, q?.failure ? '' : `${cell(q, 'ctlMs', 0)} / ${cell(q, 'addedMs', 0)}`, '');
     row(`start-up from a file/command line (vubd --config; QSD ${n}× --blockdev/--export) (ms)`,
       vc ? cell(vc, 'ms', 0) : 'no --config on this build', cell(qa, 'ms', 0), vc ? lowerIsBetter(vc.ms, qa?.ms) : '');
   }
@@ -157,9 +175,9 @@ const NOTES = (o) => [
   'How: `scripts/bench/scale.mjs` (`npm run bench:scale`). Both daemons start with only a QMP socket (vubd `--control=SOCK --workers=' + o.workers + '`, QSD `--chardev socket,...,server=on,wait=off --monitor`) and get the same `blockdev-add` (null-co 1 GiB, reads zeroes; or file: the 1 GiB image, read-only so every node shares it; QSD `aio=io_uring`) and `block-export-add` (vhost-user-blk, 2 queues) commands. Every frontend is `scripts/bench/loadgen.c` (split rings, EVENT_IDX, waits on the call eventfd).',
   `Memory: exports added in four steps; after each step every new export gets a loadgen kept connected at 20 requests/s per queue (QD1, 2 queues), and VmRSS is the median of 5 samples 3 s later. "Marginal" is the least-squares slope over the four steps (export + its connected frontend); RssShmem is guest memory (loadgen's memfd) the backend touched, counted in VmRSS.`,
   `Throughput: ${o.exports} loadgens (2 queues × QD4 = QD8 per export: a 2-queue guest) held until all are set up and started together; ${o.time} s measured after a ${o.ramp} s ramp; backend CPU = utime+stime of all its threads over the window (100 % = one core). ${o.pin ? 'Pinned: the backend on CPU 1, every loadgen on CPU 0.' : 'Not pinned: on 2 cores pinning puts vubd\'s two workers on one core and the loadgens (which need more CPU than either backend) on the other, so both backends would be load-generator bound; the per-CPU-second figure is the comparison.'}`,
-  `Interference: ${o.exports - 1} exports under the same QD8 load (percentiles from the loadgens' merged histograms); the churn export is a null-co node with one queue, a 0.3 s QD4 loadgen run, then block-export-del mode=safe (retried while its session closes), BLOCK_EXPORT_DELETED, blockdev-del. The run without churn follows in the same daemon for as long as the churn took.`,
+  `Interference: ${o.exports - 1} exports under the same QD8 load, once as fast as it goes (the machine saturates: p99 is mostly run-queue wait) and once paced at ${o.pacedRate} requests/s per queue (open loop, at most QD8 in flight) (percentiles from the loadgens' merged histograms); the churn export is a null-co node with one queue, a 0.3 s QD4 loadgen run, then block-export-del mode=safe (retried while its session closes), BLOCK_EXPORT_DELETED, blockdev-del. The run without churn follows in the same daemon for as long as the churn took.`,
   'Start-up: from spawn() of the daemon until every socket has answered a vhost-user GET_FEATURES; with QMP, the commands are sent one after another as soon as the control socket accepts.',
-  `Medians of ${o.repeat} run(s), fresh daemons each run. The machine is shared with other work: see the load average above.`,
+  (o.nice === null ? 'Not reniced.' : `Backends and loadgens ran under \`nice -n ${o.nice}\` (the machine is shared: without it other work's run-queue wait dominates every latency figure).`) + ` Medians of ${o.repeat} run(s), fresh daemons each run. The machine is shared with other work: see the load average above.`,
 ];
 
 async function main() {
@@ -180,9 +198,13 @@ async function main() {
       await each('single', 'memory, one single-disk process', (b) => singleDiskRun(b, o, dir));
     }
     if (o.rows.includes('throughput')) {
-      for (const disk of ['null', 'file']) await each(`throughput-${disk}`, `throughput, ${o.exports} × ${disk}`, (b) => throughputRun(b, disk, o, dir));
+      for (const disk of ['null', 'file']) await each(`throughput-${disk}`, `throughput, ${o.exports} × ${disk}`, (b) => throughputRun(b, disk, 0, o, dir));
+      if (o.pacedRate > 0) await each('throughput-paced', `throughput, ${o.exports} × null paced`, (b) => throughputRun(b, 'null', o.pacedRate, o, dir));
     }
-    if (o.rows.includes('interference')) await each('interference', `interference, ${o.exports - 1} loaded + ${o.churn} churn cycles`, (b) => interferenceRun(b, o, dir));
+    if (o.rows.includes('interference')) {
+      await each('interference', `interference, ${o.exports - 1} loaded + ${o.churn} churn cycles`, (b) => interferenceRun(b, 0, o, dir));
+      if (o.pacedRate > 0) await each('interference-paced', `interference, ${o.exports - 1} paced + ${o.churn} churn cycles`, (b) => interferenceRun(b, o.pacedRate, o, dir));
+    }
     if (o.rows.includes('startup')) {
       await each('startup', `start-up over QMP, ${o.exports} exports`, (b) => startupRun(b, 'qmp', o, dir));
       if (o.backends.includes('qsd')) res.startup.qsdArgv = await repeated('start-up, QSD command line', o.repeat, () => startupRun('qsd', 'argv', o, dir));
