@@ -35,7 +35,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ROOT, OUT, LOADGEN, LOGS, ensureLoadgen, ensureImage, procCpuSeconds, procStatus, fmt, ratio } from './common.mjs';
+import { HERE, ROOT, OUT, LOADGEN, LOGS, ensureLoadgen, ensureImage, procCpuSeconds, procStatus, fmt, ratio } from './common.mjs';
 
 // ---------------------------------------------------------------- options
 function parseArgs(argv) {
