@@ -14,9 +14,11 @@
 //   --backends   subset/order of backends (default vubd,qsd)
 //   --rows       row ids or groups to run (default all): null-qd1,null-qd32,null-qd32-2q,file-randread,
 //                file-randwrite,file-seqread64k,direct-randread,direct-randwrite,null-qd1-packed,
-//                null-qd32-packed, null-qd32-log, null-qd32-scrape, or null / file / direct / packed / log / scrape
+//                null-qd32-packed, null-qd32-log, null-qd32-scrape, rbd-randread, rbd-randwrite,
+//                or null / file / direct / packed / log / scrape / rbd
 //                (direct: O_DIRECT, vubd --cache=none; log: dirty logging on, as during a live migration;
-//                scrape: vubd only, see --scrape)
+//                scrape: vubd only, see --scrape; rbd: a Ceph cluster started for them, needs ceph-mon ceph-osd
+//                ceph-common and vubd built with librbd-dev)
 //                (packed rows: vubd only, loadgen --packed; their ratio columns are vubd packed ÷ vubd split)
 //   --img PATH   raw image for the file rows (default /var/tmp/vubd-bench-1g.img; created once, 1 GiB)
 //   --repeat N   run every row N times (fresh backend each time) and report the run with the median IOPS
@@ -62,7 +64,7 @@ function parseArgs(argv) {
       case '--vubd-args': o.vubdArgs = val().split(/\s+/).filter(Boolean); break;
       case '--scrape': o.scrape = val().split(',').map(Number); break;
       case '-h': case '--help':
-        console.log(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n').slice(1, 27).join('\n'));
+        console.log(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n').slice(1, 30).join('\n'));
         process.exit(0);
       default: throw new Error(`unknown option ${a}`);
     }
@@ -91,6 +93,10 @@ const ROWS = [
   // O_DIRECT: every read reaches the disk (no page cache); vubd --cache=none vs QSD cache.direct=on,aio=io_uring.
   { id: 'direct-randread', group: 'direct', label: 'O_DIRECT 4k randread QD32', disk: 'direct', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
   { id: 'direct-randwrite', group: 'direct', label: 'O_DIRECT 4k randwrite QD32', disk: 'direct', lg: { rw: 'randwrite', bs: 4096, qd: 32, queues: 1 } },
+  // Ceph RBD through librbd on a throwaway one-mon one-memstore-OSD cluster started for these rows
+  // (vubd --blk-file=rbd:... --cache=none vs QSD driver=rbd,cache.direct=on: rbd_cache off in both).
+  { id: 'rbd-randread', group: 'rbd', label: 'rbd 4k randread QD32', disk: 'rbd', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
+  { id: 'rbd-randwrite', group: 'rbd', label: 'rbd 4k randwrite QD32', disk: 'rbd', lg: { rw: 'randwrite', bs: 4096, qd: 32, queues: 1 } },
   { id: 'file-seqread64k', group: 'file', label: 'file 64k seq read QD32', disk: 'file', lg: { rw: 'read', bs: 65536, qd: 32, queues: 1 } },
   // The cost of scraping --metrics: expanded into one row per variant by scrapeVariants().
   { id: 'null-qd32-scrape', group: 'scrape', label: 'null 4k randread QD32 1q', disk: 'null', backends: ['vubd'], scrape: true, lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
@@ -141,16 +147,36 @@ function runScraper(port, hz, opts, seconds, extra = []) {
 // ---------------------------------------------------------------- helpers
 /** extra vubd options (--vubd-args) */
 let VUBD_ARGS = [];
+/** the Ceph cluster of the rbd rows (test/helpers/ceph-cluster.ts), started once */
+let CEPH = null;
+const RBD_IMAGE = 'bench';
+const RBD_SIZE = 256 * 2 ** 20;
+
+async function startCeph() {
+  const { CephCluster, cephProblem } = await import(path.join(ROOT, 'dist/test/helpers/ceph-cluster.js'));
+  const problem = cephProblem();
+  if (problem) throw new Error(`rbd rows: ${problem}`);
+  console.error('starting a one-mon one-OSD Ceph cluster for the rbd rows');
+  const c = await CephCluster.start({ images: { [RBD_IMAGE]: RBD_SIZE } });
+  // Written once, so reads reach objects instead of answering zeroes for absent ones.
+  await c.rbd(['bench', '--io-type', 'write', '--io-pattern', 'seq', '--io-size', '4M', '--io-threads', '4', '--io-total', String(RBD_SIZE), `${c.pool}/${RBD_IMAGE}`], 300000);
+  return c;
+}
 
 function backendArgv(backend, disk, sock, img, numQueues = 2) {
   if (backend === 'vubd') {
     const a = ['node', path.join(ROOT, 'dist/src/cli/main.js'), `--socket-path=${sock}`];
-    if (disk === 'null') a.push('--blk-driver=null', '--size=8G'); else a.push(`--blk-file=${img}`);
-    if (disk === 'direct') a.push('--cache=none');
+    if (disk === 'null') a.push('--blk-driver=null', '--size=8G');
+    else if (disk === 'rbd') a.push(`--blk-file=rbd:${CEPH.pool}/${RBD_IMAGE}:conf=${CEPH.conf}`);
+    else a.push(`--blk-file=${img}`);
+    if (disk === 'direct' || disk === 'rbd') a.push('--cache=none');
     a.push(`--num-queues=${numQueues}`, '--log-level=warn', ...VUBD_ARGS);
     return a;
   }
   const exp = (node) => `type=vhost-user-blk,id=e0,node-name=${node},addr.type=unix,addr.path=${sock},writable=on,num-queues=${numQueues}`;
+  if (disk === 'rbd') {
+    return ['qemu-storage-daemon', '--blockdev', `driver=rbd,node-name=r0,pool=${CEPH.pool},image=${RBD_IMAGE},conf=${CEPH.conf},cache.direct=on`, '--export', exp('r0')];
+  }
   if (disk === 'null') {
     return ['qemu-storage-daemon', '--blockdev', 'driver=null-co,node-name=n0,size=8589934592,read-zeroes=on', '--export', exp('n0')];
   }
@@ -371,6 +397,7 @@ function table(results, opts, extras) {
   out.push('Load generator: `scripts/bench/loadgen.c` (vhost-user front-end, split rings or packed rings for "packed" rows, EVENT_IDX, indirect descriptors for >3-descriptor requests, 2 memfd regions). ' +
     'CPU % = backend utime+stime over the measured window (100 % = one core). Ratios: vubd ÷ QSD (IOPS/CPU-s higher is better; p50 lower is better); ' +
     '"packed" rows (loadgen `--packed`, VIRTIO_F_RING_PACKED; vubd only, QSD 7.2 has no packed rings) compare vubd packed ÷ vubd split on the same workload. ' +
+    'rbd rows: a 256 MiB image (written once) on a one-mon one-memstore-OSD Ceph 16 cluster on this host (the OSD\'s CPU is not counted), vubd `--blk-file=rbd:... --cache=none` vs QSD `driver=rbd,cache.direct=on` (rbd_cache off in both). ' +
     'null rows: 8 GiB null disk (`null-co,read-zeroes=on` / `--blk-driver=null`); file rows: 1 GiB raw image in page cache (QSD: `aio=io_uring,cache.direct=off`); O_DIRECT rows: the same image, not through the page cache (vubd `--cache=none`, QSD `aio=io_uring,cache.direct=on`).');
   out.push('');
   out.push(...lines);
@@ -493,6 +520,17 @@ async function main() {
     else groups.push([row]);
   }
   if (rows.some((r) => r.disk === 'file' || r.disk === 'direct')) ensureImage(opts.img);
+  if (rows.some((r) => r.disk === 'rbd')) {
+    try {
+      CEPH = await startCeph();
+    } catch (e) {
+      // The other rows still run; asked for explicitly, the rbd rows' absence is an error.
+      console.error(`bench: skipping the rbd rows: ${e.message}`);
+      if (opts.rows) process.exitCode = 1;
+      for (let i = rows.length - 1; i >= 0; i--) if (rows[i].disk === 'rbd') rows.splice(i, 1);
+      for (let g = groups.length - 1; g >= 0; g--) if (groups[g][0].disk === 'rbd') groups.splice(g, 1);
+    }
+  }
   const dist0 = distStamp();
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'vubd-bench-'));
   const results = [];
@@ -578,9 +616,10 @@ async function main() {
       console.error('wrote docs/bench-latest.md');
     }
     fs.writeFileSync(path.join(OUT, 'last-results.json'), JSON.stringify(results.map(({ row, logTail, ...r }) => ({ row: row.id, ...r })), null, 1));
-    process.exitCode = results.every((r) => r.ok) ? 0 : 1;
+    process.exitCode = results.every((r) => r.ok) && !process.exitCode ? 0 : 1;
   } finally {
     fs.rmSync(tmp, { recursive: true, force: true });
+    CEPH?.stop();
   }
 }
 
