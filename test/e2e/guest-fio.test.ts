@@ -36,6 +36,7 @@ import {
   guestPrerequisiteProblem,
   e2eSkip,
 } from "./guest.js";
+import { CephCluster, cephSkip } from "../helpers/ceph-cluster.js";
 
 const IMAGE_BYTES = 256 * 1024 * 1024;
 const GUEST_TIMEOUT_MS = 180_000; // a healthy run takes ~20 s under TCG
@@ -68,9 +69,11 @@ describe(`e2e guest fio against ${backend}`, () => {
     ...(backend === "vubd" ? [{ numQueues: 2, packed: true }] : []),
     // 5 GiB of guest RAM: regions over 4 GiB are mapped in chunks (pc machine: 3 GiB low + 2 GiB high).
     ...(backend === "vubd" ? [{ numQueues: 2, packed: false, memMiB: 5120 }] : []),
-  ] as { numQueues: number; packed: boolean; memMiB?: number }[];
-  for (const { numQueues, packed, memMiB } of cases) {
-    test(`fio verify through vhost-user-blk, num-queues=${numQueues}${packed ? ", packed=on" : ""}${memMiB ? `, ${memMiB} MiB guest` : ""}`, { skip, timeout: GUEST_TIMEOUT_MS + 120_000 }, async (t) => {
+    // The disk is an rbd image in a Ceph cluster the test starts (librbd; --cache=none: rbd_cache off).
+    ...(backend === "vubd" ? [{ numQueues: 2, packed: false, rbd: true }] : []),
+  ] as { numQueues: number; packed: boolean; memMiB?: number; rbd?: boolean }[];
+  for (const { numQueues, packed, memMiB, rbd } of cases) {
+    test(`fio verify through vhost-user-blk, num-queues=${numQueues}${packed ? ", packed=on" : ""}${memMiB ? `, ${memMiB} MiB guest` : ""}${rbd ? ", on a Ceph rbd image" : ""}`, { skip: skip || (rbd ? cephSkip() : false), timeout: GUEST_TIMEOUT_MS + 120_000 }, async (t) => {
       // Under CI=true a missing prerequisite fails the test instead of skipping it.
       if (problem !== null) assert.fail(problem);
       imageReady ??= ensureGuestImage();
@@ -82,6 +85,8 @@ describe(`e2e guest fio against ${backend}`, () => {
       const socketPath = path.join(dir, "vubd.sock");
       const imagePath = path.join(dir, "disk.img");
       await createSparseImage(imagePath, IMAGE_BYTES);
+      const ceph = rbd ? await CephCluster.start({ images: { disk: IMAGE_BYTES } }) : undefined;
+      if (ceph) await fsp.rm(imagePath); // rbd export writes it at the end
 
       let daemon: DaemonHandle | undefined;
       let guest: GuestResult | undefined;
@@ -89,7 +94,12 @@ describe(`e2e guest fio against ${backend}`, () => {
       try {
         daemon = await startDaemon({
           // vubd offers packed rings only when asked (they turn crash recovery off).
-          command: backendCommand(backend, { socketPath, imagePath, numQueues, extraArgs: packed ? ["--ring-packed"] : [] }),
+          command: backendCommand(backend, {
+            socketPath,
+            imagePath: ceph ? `rbd:${ceph.pool}/disk:conf=${ceph.conf}` : imagePath,
+            numQueues,
+            extraArgs: [...(packed ? ["--ring-packed"] : []), ...(ceph ? ["--cache=none"] : [])],
+          }),
           socketPath,
         });
         t.diagnostic(`backend=${backend} pid=${daemon.proc.pid} kernel=${guestKernelVersion() ?? "?"}`);
@@ -145,6 +155,13 @@ describe(`e2e guest fio against ${backend}`, () => {
         if (daemon !== undefined) {
           daemonExit = await daemon.stop({ signal: "SIGTERM", timeoutMs: DAEMON_STOP_MS });
           t.diagnostic(`daemon stopped: code=${daemonExit.code} signal=${daemonExit.signal} in ${daemonExit.elapsedMs} ms`);
+        }
+        if (ceph) {
+          try {
+            await ceph.exportTo("disk", imagePath); // the host view: what another Ceph client reads
+          } finally {
+            ceph.stop();
+          }
         }
       }
       assert.equal(

@@ -39,6 +39,7 @@ import {
   e2eSkip,
 } from "./guest.js";
 import { Console, fioBlockProblems, readRegion, sleep } from "./migration.js";
+import { CephCluster, cephSkip } from "../helpers/ceph-cluster.js";
 
 const MIB = 1024 * 1024;
 const NUM_QUEUES = 2;
@@ -120,9 +121,11 @@ interface Timeline {
   stats: Record<string, Stats>;
 }
 
-test(
-  `guest fio verify survives blockdev-mirror + pivot + resize (num-queues=${NUM_QUEUES})`,
-  { skip, timeout: GUEST_TIMEOUT_MS + 120_000 },
+// The target is a second image file, or an rbd image in a Ceph cluster the test starts: a disk
+// moved into the cluster while the VM runs, read back afterwards through `rbd export`.
+for (const target of ["file", "rbd"] as const) test(
+  `guest fio verify survives blockdev-mirror + pivot + resize (num-queues=${NUM_QUEUES})${target === "rbd" ? ", into an rbd image (checked through rbd export)" : ""}`,
+  { skip: skip || (target === "rbd" ? cephSkip() : false), timeout: GUEST_TIMEOUT_MS + 120_000 },
   async (t) => {
     if (problem !== null) assert.fail(problem); // CI=true: a missing prerequisite is a failure
     await ensureGuestImage();
@@ -135,6 +138,11 @@ test(
     const newImage = path.join(dir, "new.img");
     await createSparseImage(oldImage, IMAGE_BYTES);
     await createSparseImage(newImage, IMAGE_BYTES);
+    let ceph: CephCluster | undefined;
+    if (target === "rbd") {
+      await fsp.rm(newImage); // written from the cluster at the end (rbd export)
+      ceph = await CephCluster.start({ images: { mirror: IMAGE_BYTES } });
+    }
 
     let daemon: DaemonHandle | undefined;
     let qmp: QmpClient | undefined;
@@ -185,7 +193,12 @@ test(
         await sleep(LIVE_PASS_SETTLE_MS);
 
         await stats("before-mirror");
-        await q.execute("blockdev-add", { driver: "file", "node-name": NEW_NODE, filename: newImage });
+        await q.execute(
+          "blockdev-add",
+          ceph
+            ? { driver: "rbd", "node-name": NEW_NODE, pool: ceph.pool, image: "mirror", conf: ceph.conf, cache: { direct: true } }
+            : { driver: "file", "node-name": NEW_NODE, filename: newImage },
+        );
         const started = Date.now();
         tl.mirrorStartMs = since();
         tl.liveIterAtMirror = livePasses();
@@ -304,6 +317,13 @@ test(
       if (daemon !== undefined) {
         daemonExit = await daemon.stop({ signal: "SIGTERM", timeoutMs: DAEMON_STOP_MS });
         t.diagnostic(`daemon stopped: code=${daemonExit.code} signal=${daemonExit.signal} in ${daemonExit.elapsedMs} ms`);
+      }
+      if (ceph) {
+        try {
+          await ceph.exportTo("mirror", newImage); // what another Ceph client reads
+        } finally {
+          ceph.stop();
+        }
       }
     }
     assert.equal(daemonExit?.killed, false, `daemon did not exit within ${DAEMON_STOP_MS} ms of SIGTERM\n${daemon.logs().slice(-4000)}`);

@@ -26,7 +26,8 @@ export function cephSkip(): string | false {
   return p !== null && !isCI() ? p : false;
 }
 
-const CLI_TIMEOUT_MS = 30000;
+// generous: on a loaded 2-core machine a pool creation has taken over 30 s
+const CLI_TIMEOUT_MS = 90000;
 
 function run(bin: string, args: string[], timeoutMs = CLI_TIMEOUT_MS): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -143,7 +144,7 @@ osd op num threads per shard = 2
     await run('ceph-mon', ['-c', this.conf, '--mkfs', '-i', 'a', '--monmap', monmap]);
     this.mon = this.daemon('ceph-mon', ['-i', 'a']);
     const exited = new Promise<never>((_, reject) => this.mon!.once('exit', (code) => reject(new Error(`ceph-mon exited (${code}): ${this.tail('mon.a')}`))));
-    await Promise.race([this.cli(['mon', 'stat'], 15000), exited]);
+    await Promise.race([this.cli(['mon', 'stat'], 60000), exited]);
   }
 
   private daemon(bin: string, args: string[]): ChildProcess {
@@ -184,6 +185,11 @@ osd op num threads per shard = 2
   /** `rbd -c conf ...` under a timeout */
   rbd(args: string[], timeoutMs = CLI_TIMEOUT_MS): Promise<string> {
     return run('rbd', ['-c', this.conf, ...args], timeoutMs);
+  }
+
+  /** Writes a whole image to a file through the rbd CLI (rbd export). */
+  async exportTo(name: string, file: string): Promise<void> {
+    await this.rbd(['export', `${this.pool}/${name}`, file], 120000);
   }
 
   /** Reads a whole image through the rbd CLI (rbd export). */
