@@ -18,7 +18,8 @@
         "src/locks.c",
         "src/accounts.c",
         "src/datagram.c",
-        "src/rbd.c"
+        "src/rbd.c",
+        "src/stream_socket.c"
       ],
       "defines": ["_GNU_SOURCE"],
       "cflags_c": ["-std=gnu11"],

@@ -23,7 +23,8 @@ NAPI_MODULE_INIT() {
       vubd_init_memory(env, exports) != napi_ok || vubd_init_eventfd(env, exports) != napi_ok ||
       vubd_init_uring(env, exports) != napi_ok || vubd_init_sync_io(env, exports) != napi_ok ||
       vubd_init_locks(env, exports) != napi_ok || vubd_init_accounts(env, exports) != napi_ok ||
-      vubd_init_datagram(env, exports) != napi_ok || vubd_init_rbd(env, exports) != napi_ok)
+      vubd_init_datagram(env, exports) != napi_ok || vubd_init_rbd(env, exports) != napi_ok ||
+      vubd_init_stream_socket(env, exports) != napi_ok)
     return NULL;
   return exports;
 }

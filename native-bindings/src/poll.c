@@ -207,12 +207,13 @@ static napi_value poll_fn(napi_env env, napi_callback_info info) {
   return obj;
 }
 
-/* pollWait(fds, nfds, revents, timeoutMs): POLLIN on each fd; negative fds are ignored. */
+/* pollWait(fds, nfds, revents, timeoutMs[, events]): POLLIN on each fd, or events[i] when given
+ * (a network client waits for POLLOUT while a send is pending); negative fds are ignored. */
 #define POLLWAIT_MAX 1024
 static napi_value poll_wait(napi_env env, napi_callback_info info) {
-  VUBD_ARGS(4);
-  void *fdv, *rv;
-  size_t nf, nr;
+  VUBD_ARGS(5);
+  void *fdv, *rv, *ev = NULL;
+  size_t nf, nr, ne = 0;
   uint32_t nfds;
   int32_t timeout;
   if (!vubd_arg_typed(env, argv[0], "fds", napi_int32_array, "an Int32Array", &fdv, &nf) ||
@@ -220,6 +221,10 @@ static napi_value poll_wait(napi_env env, napi_callback_info info) {
       !vubd_arg_typed(env, argv[2], "revents", napi_int32_array, "an Int32Array", &rv, &nr) ||
       !vubd_arg_i32(env, argv[3], "timeoutMs", &timeout))
     return NULL;
+  napi_valuetype et = napi_undefined;
+  if (argc >= 5 && napi_typeof(env, argv[4], &et) != napi_ok) return NULL;
+  if (et != napi_undefined && !vubd_arg_typed(env, argv[4], "events", napi_int32_array, "an Int32Array", &ev, &ne)) return NULL;
+  if (ev != NULL && nfds > ne) return vubd_range_error(env, "nfds", "exceeds events length"), NULL;
   if (nfds > nf || nfds > nr || nfds > POLLWAIT_MAX)
     return vubd_range_error(env, "nfds", "exceeds fds/revents length or 1024"), NULL;
   const int32_t *fds = fdv;
@@ -227,7 +232,7 @@ static napi_value poll_wait(napi_env env, napi_callback_info info) {
   struct pollfd pfd[POLLWAIT_MAX];
   for (uint32_t i = 0; i < nfds; i++) {
     pfd[i].fd = fds[i];
-    pfd[i].events = POLLIN;
+    pfd[i].events = ev != NULL ? (short)((const int32_t *)ev)[i] : POLLIN;
     pfd[i].revents = 0;
   }
   int n = poll(pfd, nfds, timeout < 0 ? -1 : timeout);

@@ -161,5 +161,6 @@ napi_status vubd_init_locks(napi_env env, napi_value exports);
 napi_status vubd_init_accounts(napi_env env, napi_value exports);
 napi_status vubd_init_datagram(napi_env env, napi_value exports);
 napi_status vubd_init_rbd(napi_env env, napi_value exports);
+napi_status vubd_init_stream_socket(napi_env env, napi_value exports);
 
 #endif

@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import type { BlockGraph } from '../graph/graph.js';
 import type { BackgroundIo } from '../graph/background-io.js';
 import { MirrorJob, type JobEvents } from '../graph/mirror-job.js';
+import { nbdUri, openNbdNode } from '../graph/nbd-open.js';
 import { closeNode, DEFAULT_CACHE, nullNode, openFileNode, type CacheOptions } from '../graph/open.js';
 import { GraphError, type NodeDef } from '../graph/snapshot.js';
 import { errnoName, flushErrno, NodeStat, newNodeStats } from '../graph/nodes.js';
@@ -229,12 +230,13 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
           } else if (driver === 'rbd') {
             def = openRbdNode(name, rbdArgs(a), bool(a, 'read-only', false), cacheOptions(a));
           } else if (driver === 'null-co' || driver === 'null') def = nullNode(name, num(a, 'size'), bool(a, 'read-only', false));
+          else if (driver === 'nbd') def = await openNbdNode(name, a, bool(a, 'read-only', false));
           else if (driver === 'throttle') {
             const state = newThrottleState();
             const limits = typeof a.limits === 'object' && a.limits !== null ? limitsFrom(a.limits as Args, THROTTLE_GROUP_KEYS) : {};
             setLimits(state, limits);
             def = { driver: 'throttle', name, child: str(a, 'file'), state, stats: newNodeStats() };
-          } else throw new QmpError('GenericError', `Unknown driver '${driver}' (supported: file, host_device, null-co, rbd, throttle)`);
+          } else throw new QmpError('GenericError', `Unknown driver '${driver}' (supported: file, host_device, null-co, nbd, rbd, throttle)`);
           try {
             await graph.change((s) => s.addNode(def));
           } catch (e) {
@@ -380,8 +382,8 @@ export function buildCommands(ctx: ControlContext): Map<string, CommandHandler> 
           'node-name': n.name,
           drv: n.driver === 'null' ? 'null-co' : n.driver,
           ro: s.readOnly(n.name),
-          file: n.driver === 'file' ? n.filename : n.driver === 'rbd' ? rbdName(n) : s.children(n)[0] ?? '',
-          image: { filename: n.driver === 'file' ? n.filename : n.driver === 'rbd' ? rbdName(n) : n.name, format: n.driver === 'null' ? 'null-co' : n.driver, 'virtual-size': s.size(n.name) },
+          file: n.driver === 'file' ? n.filename : n.driver === 'rbd' ? rbdName(n) : n.driver === 'nbd' ? nbdUri(n.server, n.export) : s.children(n)[0] ?? '',
+          image: { filename: n.driver === 'file' ? n.filename : n.driver === 'rbd' ? rbdName(n) : n.driver === 'nbd' ? nbdUri(n.server, n.export) : n.name, format: n.driver === 'null' ? 'null-co' : n.driver, 'virtual-size': s.size(n.name) },
           ...(n.driver === 'file' ? { cache: { writeback: true, direct: n.direct, 'no-flush': n.noFlush } } : {}),
           ...(n.driver === 'rbd' ? { cache: { writeback: true, direct: n.cache !== true, 'no-flush': n.noFlush } } : {}),
           ...(n.driver === 'throttle' ? { limits: getLimits(n.state) } : {}),

@@ -39,6 +39,8 @@ function leafFile(s: Snapshot, name: string): FileDef | null {
       return leafFile(s, n.child);
     case 'mirror':
       return leafFile(s, n.source);
+    case 'nbd':
+      throw new GraphError(`node '${name}' (nbd): the mirror's background copy reads files only`);
   }
 }
 

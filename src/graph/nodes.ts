@@ -7,6 +7,7 @@ import { getSystemErrorName } from 'node:util';
 import { giveBounce, iovAligned, takeBounce } from './direct-io.js';
 import type { RbdOpenOptions } from '../native/index.js';
 import { RbdNode } from './rbd-node.js';
+import { NbdNode, type NbdNodeSpec } from './nbd-node.js';
 
 const EINVAL = 22;
 
@@ -40,7 +41,8 @@ export type NodeSpec =
       /** Int32 seqlock per chunk: odd while a guest write to the chunk is in progress */
       chunks: SharedArrayBuffer;
       chunkSize: number;
-    };
+    }
+  | NbdNodeSpec;
 
 /** Int32 slots of a node's shared stats block. */
 export const enum NodeStat {
@@ -124,6 +126,8 @@ export const PENDING = -0x7fffffff;
 export interface CompletionSource {
   /** the fd to wait on now (readable = work to do), or -1 */
   readonly pollFd: number;
+  /** poll(2) events for pollFd (default POLLIN); a client adds POLLOUT only while a send is blocked */
+  readonly pollEvents?: number;
   service(): void;
   /** ms until service() is needed without an fd event (a reconnect backoff), or -1 */
   msToNextWake(): number;
@@ -382,5 +386,7 @@ export function buildNode(spec: NodeSpec, sources: SourceRegistry = NO_SOURCES):
       return new MirrorNode(spec, sources);
     case 'rbd':
       return new RbdNode(spec, sources);
+    case 'nbd':
+      return new NbdNode(spec, sources);
   }
 }

@@ -4,6 +4,7 @@
 import { newNodeStats, type NodeSpec } from './nodes.js';
 import type { RbdImage, RbdOpenOptions } from '../native/index.js';
 import { rbdSpecOptions } from './rbd-open.js';
+import type { NbdServer } from './nbd-connection.js';
 
 export type NodeDef =
   | {
@@ -34,7 +35,25 @@ export type NodeDef =
       handle: RbdImage;
     } & RbdOpenOptions)
   | { driver: 'throttle'; name: string; child: string; state: SharedArrayBuffer; stats: SharedArrayBuffer }
-  | { driver: 'mirror'; name: string; source: string; target: string; chunks: SharedArrayBuffer; chunkSize: number; stats: SharedArrayBuffer; job: string };
+  | { driver: 'mirror'; name: string; source: string; target: string; chunks: SharedArrayBuffer; chunkSize: number; stats: SharedArrayBuffer; job: string }
+  | {
+      driver: 'nbd';
+      name: string;
+      /** as given (a host name stays a name) */
+      server: NbdServer;
+      /** resolved at blockdev-add: what the workers connect to */
+      address: NbdServer;
+      export: string;
+      /** the node's size (the export's, rounded down to 512) */
+      size: number;
+      exportSize: number;
+      /** NBD transmission flags */
+      flags: number;
+      readOnly: boolean;
+      reconnectDelayMs: number;
+      structured: boolean;
+      stats: SharedArrayBuffer;
+    };
 
 export interface ExportDef {
   id: string;
@@ -105,6 +124,7 @@ export class Snapshot {
       case 'file':
       case 'null':
       case 'rbd':
+      case 'nbd':
         return n.size;
       case 'throttle':
         return this.size(n.child);
@@ -119,6 +139,7 @@ export class Snapshot {
       case 'file':
       case 'null':
       case 'rbd':
+      case 'nbd':
         return n.readOnly;
       case 'throttle':
         return this.readOnly(n.child);
@@ -213,6 +234,8 @@ export class Snapshot {
         return { driver: 'null', name, size, readOnly, stats: n.stats };
       case 'rbd':
         return { driver: 'rbd', name, size, stats: n.stats, ...rbdSpecOptions(n), readOnly };
+      case 'nbd':
+        return { driver: 'nbd', name, size, readOnly, stats: n.stats, server: n.address, export: n.export, exportSize: n.exportSize, flags: n.flags, reconnectDelayMs: n.reconnectDelayMs };
       case 'throttle':
         return { driver: 'throttle', name, size, readOnly, stats: n.stats, state: n.state, child: this.spec(n.child) };
       case 'mirror':
@@ -241,6 +264,7 @@ export class Snapshot {
         'read-only': this.readOnly(n.name),
         ...(n.driver === 'file' ? { filename: n.filename, cache: { direct: n.direct, 'no-flush': n.noFlush }, 'request-alignment': n.alignment } : {}),
         ...(n.driver === 'rbd' ? { filename: rbdName(n), cache: { direct: n.cache !== true, 'no-flush': n.noFlush } } : {}),
+        ...(n.driver === 'nbd' ? { server: n.server, export: n.export, 'reconnect-delay': n.reconnectDelayMs / 1000 } : {}),
       })),
       exports: [...this.exports.values()],
     };
@@ -254,7 +278,7 @@ export class Snapshot {
       lines.push(`  ${q('export:' + e.id)} -> ${q(e.root)};`);
     }
     for (const n of this.nodes.values()) {
-      const extra = n.driver === 'file' ? `\n${n.filename}` : n.driver === 'rbd' ? `\n${rbdName(n)}` : '';
+      const extra = n.driver === 'file' ? `\n${n.filename}` : n.driver === 'rbd' ? `\n${rbdName(n)}` : n.driver === 'nbd' ? `\n${n.server.type === 'unix' ? n.server.path : `${n.server.host}:${n.server.port}`} ${n.export}` : '';
       lines.push(`  ${q(n.name)} [label=${q(`${n.name}\n${n.driver}${extra}`)}];`);
       if (n.driver === 'throttle') lines.push(`  ${q(n.name)} -> ${q(n.child)} [label="file"];`);
       if (n.driver === 'mirror') {

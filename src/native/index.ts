@@ -131,10 +131,23 @@ export interface Native {
   /** readiness on the Node event loop (uv_poll_t); cb(status, events) */
   poll(fd: number, events: number, cb: (status: number, events: number) => void): PollHandle;
   /**
-   * Blocking poll(2) for worker threads: fds[i] with POLLIN; revents written to revents[i].
+   * Blocking poll(2) for worker threads: fds[i] with POLLIN (or events[i]); revents written to revents[i].
    * Returns number of ready fds, 0 on timeout. EINTR returns 0. timeoutMs < 0 waits forever.
    */
-  pollWait(fds: Int32Array, nfds: number, revents: Int32Array, timeoutMs: number): number;
+  pollWait(fds: Int32Array, nfds: number, revents: Int32Array, timeoutMs: number, events?: Int32Array): number;
+
+  /**
+   * A non-blocking, CLOEXEC stream socket connecting to a numeric IPv4/IPv6 address and port
+   * ('inet', TCP_NODELAY) or a unix socket path. pending: the connect is in progress (wait for
+   * POLLOUT, then socketError). Throws for an immediate failure (ECONNREFUSED, ENOENT, ...).
+   */
+  streamConnect(kind: 'inet' | 'unix', address: string, port: number): { fd: number; pending: boolean };
+  /** SO_ERROR: 0 once a pending connect succeeded, else its errno */
+  socketError(fd: number): number;
+  /** sendmsg of an iov (same layout as Ring's), MSG_NOSIGNAL|MSG_DONTWAIT: bytes sent or -errno (-11 EAGAIN) */
+  sendv(fd: number, iov: Float64Array, iovCount: number): number;
+  /** recvmsg into an iov, MSG_DONTWAIT: bytes, 0 when the peer closed, or -errno (-11 EAGAIN) */
+  recvv(fd: number, iov: Float64Array, iovCount: number): number;
 
   /** maps [offset, offset+length) of fd shared; offset page aligned; length <= 4 GiB; unmapped by unmap() or the finalizer */
   mmap(fd: number, length: number, offset: number, writable: boolean): ArrayBuffer;

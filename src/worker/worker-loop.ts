@@ -18,6 +18,8 @@ class WorkerLoop {
   private exiting = false;
   private pollFds = new Int32Array(1);
   private revents = new Int32Array(1);
+  /** poll events per fd: POLLIN, or what a completion source asks for (POLLOUT while its send is pending) */
+  private pollEvents = new Int32Array(1);
   /** per poll slot: the context whose kick (or completion fd) it is; null for the control fd */
   private owners: (QueueContext | null)[] = [];
   private kickSlot: boolean[] = [];
@@ -96,8 +98,11 @@ class WorkerLoop {
     if (this.pollFds.length < need) {
       this.pollFds = new Int32Array(need);
       this.revents = new Int32Array(need);
+      this.pollEvents = new Int32Array(need);
     }
     const fds = this.pollFds;
+    const events = this.pollEvents;
+    events.fill(POLLIN);
     const owners = this.owners;
     const kickSlot = this.kickSlot;
     let n = 0;
@@ -123,13 +128,14 @@ class WorkerLoop {
         if (fd < 0) continue;
         owners[n] = q;
         kickSlot[n] = false;
+        events[n] = src.pollEvents ?? POLLIN;
         fds[n++] = fd;
       }
       const t = q.ctx.msToNextTimer();
       if (t >= 0 && (timeout < 0 || t < timeout)) timeout = t;
     }
     const t0 = this.pollMaxMs > 0 ? performance.now() : 0;
-    native.pollWait(fds, n, this.revents, timeout);
+    native.pollWait(fds, n, this.revents, timeout, events);
     // A sleep shorter than the longest window would have been caught by polling: grow it.
     if (this.pollMaxMs > 0 && performance.now() - t0 < this.pollMaxMs) this.pollMs = Math.min(this.pollMaxMs, this.pollMs * 2);
     for (let i = 0; i < n; i++) {

@@ -55,9 +55,9 @@ test('export list matches the Native interface', () => {
     'eventfdRead', 'eventfdWrite', 'fallocate', 'fsync', 'listenUnix', 'liveMappings', 'lookupGroup', 'lookupUser', 'mapShared',
     'memfdCreate', 'mmap', 'ofdGetLock', 'ofdSetLock', 'peerCred', 'poll', 'pollWait', 'preadv', 'pwritev', 'rbdAvailable',
     // rbdConnections only exists when the addon was built with librbd
-    ...(native.rbdAvailable ? ['rbdConnections'] : []), 'recvMsg', 'releaseMapping',
-    'retainMapping', 'sendDatagram', 'sendMsg', 'setBlocking', 'sigbusRescues', 'socketInfo', 'socketpair', 'threadCpuMicros', 'unmap',
-    'viewMapping',
+    ...(native.rbdAvailable ? ['rbdConnections'] : []), 'recvMsg', 'recvv', 'releaseMapping',
+    'retainMapping', 'sendDatagram', 'sendMsg', 'sendv', 'setBlocking', 'sigbusRescues', 'socketError', 'socketInfo', 'socketpair',
+    'streamConnect', 'threadCpuMicros', 'unmap', 'viewMapping',
   ];
   assert.deepEqual(Object.keys(native).sort(), expected);
 });
