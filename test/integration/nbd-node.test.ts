@@ -134,4 +134,98 @@ describe('nbd node', { skip }, () => {
       }
     });
   }
+
+  for (const kind of ['qemu-nbd unix', 'nbdkit file tcp'] as const) {
+    test(`${kind}: the server SIGKILLed and restarted mid-run with reconnect-delay=15: requests wait, are resent, 0 verify errors`, { timeout: 180000 }, async () => {
+      const dir = tempDir('vubd-nbd-kill-');
+      const listen = kind === 'qemu-nbd unix' ? { unix: path.join(dir, 'nbd.sock') } : { port: await freePort() };
+      const img = image(dir, 'disk.img', 16 * MiB);
+      const srv = kind === 'qemu-nbd unix' ? NbdServerProcess.qemuNbd(img, listen) : NbdServerProcess.nbdkit(['file', `file=${img}`], listen);
+      await srv.start();
+      const { d, qmp } = await daemon(dir);
+      try {
+        await qmp.execute('blockdev-add', { driver: 'nbd', 'node-name': 'n0', server: srv.server, export: 'disk', 'reconnect-delay': 15 });
+        const load = startLoad(await exportNode(qmp, dir, 'n0'), 2);
+        for (let k = 0; k < 2; k++) {
+          await waitRounds(load, 3);
+          await srv.kill('SIGKILL');
+          const stalled = rounds(load);
+          await new Promise((r) => setTimeout(r, 1000));
+          assert.ok(rounds(load) <= stalled + 1, 'no progress while the server is gone');
+          await srv.start();
+          await waitRounds(load, 3, 30000);
+        }
+        await finish(load);
+        const lost = d.logRecords().filter((r) => typeof r.msg === 'string' && r.msg.includes('lost'));
+        const back = d.logRecords().filter((r) => typeof r.msg === 'string' && r.msg.startsWith('nbd: reconnected'));
+        assert.ok(lost.length >= 2, `connection loss logged (${lost.length})`);
+        assert.ok(back.length >= 2, `reconnects logged (${back.length})`);
+      } finally {
+        qmp.close();
+        await d.stop();
+        await srv.kill('SIGTERM');
+      }
+    });
+  }
+
+  test('reconnect-delay=0: requests fail with IOERR at once while the server is down, and work again once it is back', { timeout: 60000 }, async () => {
+    const dir = tempDir('vubd-nbd-nowait-');
+    const img = image(dir, 'disk.img', 4 * MiB);
+    const srv = NbdServerProcess.qemuNbd(img, { unix: path.join(dir, 'nbd.sock') });
+    await srv.start();
+    const { d, qmp } = await daemon(dir);
+    const fe = Frontend.connect(await (async () => (await qmp.execute('blockdev-add', { driver: 'nbd', 'node-name': 'n0', server: srv.server, export: 'disk' }), exportNode(qmp, dir, 'n0', 1)))());
+    try {
+      fe.negotiate();
+      const ring = fe.setupRing(0, 64);
+      const data = pattern(9, 4096);
+      assert.equal(fe.statusOf(fe.run(ring, BLK.OUT, 8, data)), 0);
+      await srv.kill('SIGKILL');
+      const t0 = Date.now();
+      assert.equal(fe.statusOf(fe.run(ring, BLK.IN, 8, 4096)), 1, 'IOERR while the server is down');
+      assert.ok(Date.now() - t0 < 3000, 'failed at once');
+      await srv.start();
+      let r = fe.run(ring, BLK.IN, 8, 4096);
+      for (let i = 0; i < 50 && fe.statusOf(r) !== 0; i++) {
+        await new Promise((res) => setTimeout(res, 100)); // the backoff may make the first request after the restart fail too
+        r = fe.run(ring, BLK.IN, 8, 4096);
+      }
+      assert.equal(fe.statusOf(r), 0, 'served again after the restart, without blockdev-add');
+      assert.deepEqual(fe.dataOf(r), data);
+    } finally {
+      dispose(fe);
+      qmp.close();
+      await d.stop();
+      await srv.kill('SIGTERM');
+    }
+  });
+
+  test('blockdev-add refusals: nothing listening, an unknown export, TLS, a bad server; the daemon carries on', { timeout: 60000 }, async () => {
+    const dir = tempDir('vubd-nbd-refuse-');
+    const img = image(dir, 'disk.img', 4 * MiB);
+    const srv = NbdServerProcess.qemuNbd(img, { unix: path.join(dir, 'nbd.sock') });
+    await srv.start();
+    const { d, qmp } = await daemon(dir);
+    try {
+      const port = await freePort();
+      const add = (extra: Record<string, unknown>) => qmp.execute('blockdev-add', { driver: 'nbd', 'node-name': 'x', export: 'disk', ...extra });
+      await assert.rejects(add({ server: { type: 'unix', path: path.join(dir, 'nobody.sock') } }), /cannot open NBD export 'disk' on unix:.*nobody\.sock: .*ENOENT/);
+      await assert.rejects(add({ server: { type: 'inet', host: '127.0.0.1', port: String(port) } }), new RegExp(`cannot open NBD export 'disk' on 127\\.0\\.0\\.1:${port}: .*ECONNREFUSED`));
+      await assert.rejects(add({ server: srv.server, export: 'nope' }), /no such export/);
+      await assert.rejects(add({ server: srv.server, 'tls-creds': 'tls0' }), /TLS \(tls-creds\) is not supported/);
+      await assert.rejects(add({ server: { type: 'vsock', cid: '3', port: '1' } }), /server.type must be 'inet' or 'unix'/);
+      await assert.rejects(add({ server: { type: 'inet', host: '127.0.0.1', port: 'x' } }), /server.port/);
+      const t0 = Date.now();
+      await assert.rejects(add({ server: { type: 'unix', path: path.join(dir, 'late.sock') }, 'open-timeout': 1 }), /ENOENT/);
+      assert.ok(Date.now() - t0 >= 700, 'open-timeout retried for about a second');
+      await qmp.execute('blockdev-add', { driver: 'nbd', 'node-name': 'ok', server: srv.server, export: 'disk' });
+      const names = (await qmp.execute<{ 'node-name': string; file: string }[]>('query-named-block-nodes')).map((n) => [n['node-name'], n.file]);
+      assert.deepEqual(names, [['ok', `nbd+unix:///disk?socket=${path.join(dir, 'nbd.sock')}`]]);
+      assert.equal(d.proc.exitCode, null);
+    } finally {
+      qmp.close();
+      await d.stop();
+      await srv.kill('SIGTERM');
+    }
+  });
 });
