@@ -45,6 +45,8 @@ export class NbdRequest {
   hi = 0;
   covered = 0;
   error = 0;
+  /** protocol violations it was in flight for, when the culprit was unknown */
+  suspect = 0;
   constructor(readonly tag: number) {}
 }
 
@@ -238,11 +240,10 @@ export class NbdConnection {
     this.info = info;
     this.st = St.READY;
     if (this.attempts > 0 || this.lastError !== '') {
-      this.o.log(`nbd: reconnected to ${this.describe()} after ${this.attempts + 1} attempt(s)`, { export: this.o.exportName });
+      this.o.log(`nbd: reconnected to ${this.describe()} after ${this.attempts + 1} attempt(s)`, { nbdExport: this.o.exportName });
     }
     this.attempts = 0;
     this.lastError = '';
-    this.downSince = -1;
     this.rx = Rx.HDR;
     this.rxHave = 0;
     this.rxWant = SIMPLE_REPLY_HEADER;
@@ -260,7 +261,7 @@ export class NbdConnection {
     const now = performance.now();
     this.nextAttempt = now + Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** Math.min(this.attempts, 10));
     if (this.attempts === 1 || msg !== this.lastError) {
-      this.o.log(`nbd: cannot connect to ${this.describe()} export '${this.o.exportName}': ${msg}`, { export: this.o.exportName, attempts: this.attempts });
+      this.o.log(`nbd: cannot connect to ${this.describe()} export '${this.o.exportName}': ${msg}`, { nbdExport: this.o.exportName, attempts: this.attempts });
     }
     this.lastError = msg;
     if (this.pastDeadline(now)) this.failQueued();
@@ -296,22 +297,27 @@ export class NbdConnection {
     }
     this.queue.unshift(...resend);
     const now = performance.now();
-    this.downSince = now;
+    // the reconnect window runs from the first loss until a reply proves a new connection works
+    if (this.downSince < 0) this.downSince = now;
     this.nextAttempt = now;
+    const giveUp = this.o.reconnectDelayMs <= 0 || this.pastDeadline(now);
     this.lastError = reason;
     this.o.log(
-      `nbd: connection to ${this.describe()} lost: ${reason}; ${this.queue.length} request(s) ${this.o.reconnectDelayMs > 0 ? `wait up to ${this.o.reconnectDelayMs / 1000} s (reconnect-delay)` : 'fail (reconnect-delay 0)'}`,
-      { export: this.o.exportName },
+      `nbd: connection to ${this.describe()} lost: ${reason}; ${this.queue.length} request(s) ${giveUp ? `fail (reconnect-delay ${this.o.reconnectDelayMs / 1000} s is over)` : `wait up to ${this.o.reconnectDelayMs / 1000} s (reconnect-delay)`}`,
+      { nbdExport: this.o.exportName },
     );
-    if (this.o.reconnectDelayMs <= 0) this.failQueued();
+    if (giveUp) this.failQueued();
   }
 
-  /** A reply that breaks the protocol: its request (if known) fails, the connection is dropped. */
+  /**
+   * A reply that breaks the protocol: its request fails and the connection is dropped. When the
+   * reply names no request we know (bad magic, unknown handle), every request in flight is
+   * suspect: it is resent once, and fails if the server breaks the protocol again meanwhile.
+   */
   private violation(msg: string, r: NbdRequest | null): void {
-    if (r !== null && this.inflight[r.tag] === r) {
-      this.inflight[r.tag] = undefined;
-      this.inflightCount--;
-      this.o.done(r.tag, -EIO);
+    if (r !== null && this.inflight[r.tag] === r) this.finish(r, -EIO);
+    else {
+      for (const x of this.inflight) if (x !== undefined && ++x.suspect >= 2) this.finish(x, -EIO);
     }
     this.lost(`protocol violation by the server: ${msg}`);
   }
@@ -386,7 +392,11 @@ export class NbdConnection {
       }
       if (n === -EAGAIN) return;
       if (n <= 0) {
-        this.lost(n === 0 ? 'the server closed the connection' : `recv: errno ${-n}`);
+        // Cut off in the middle of a reply: that request is resent once, and fails if it happens again.
+        const r = this.cur;
+        const mid = r !== null && this.inflight[r.tag] === r;
+        if (mid && ++r.suspect >= 2) this.finish(r, -EIO);
+        this.lost(`${n === 0 ? 'the server closed the connection' : `recv: errno ${-n}`}${mid ? ' in the middle of a reply' : ''}`);
         return;
       }
       if (this.rx === Rx.PAYLOAD) {
@@ -524,6 +534,7 @@ export class NbdConnection {
   private finish(r: NbdRequest, res: number): void {
     this.inflight[r.tag] = undefined;
     this.inflightCount--;
+    this.downSince = -1; // an answer (even an error) from this connection
     this.o.done(r.tag, res);
   }
 }

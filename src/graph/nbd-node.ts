@@ -88,6 +88,7 @@ export class NbdNode extends CountingNode implements BlockNode, CompletionSource
     r.success = success;
     r.covered = 0;
     r.error = 0;
+    r.suspect = 0;
     this.conn.submit(r);
   }
 
