@@ -14,11 +14,12 @@
 //   --backends   subset/order of backends (default vubd,qsd)
 //   --rows       row ids or groups to run (default all): null-qd1,null-qd32,null-qd32-2q,file-randread,
 //                file-randwrite,file-seqread64k,direct-randread,direct-randwrite,null-qd1-packed,
-//                null-qd32-packed, null-qd32-log, null-qd32-scrape, rbd-randread, rbd-randwrite,
-//                or null / file / direct / packed / log / scrape / rbd
+//                null-qd32-packed, null-qd32-log, null-qd32-scrape, rbd-randread, rbd-randwrite, nbd-randread,
+//                nbd-randwrite, or null / file / direct / packed / log / scrape / rbd / nbd
 //                (direct: O_DIRECT, vubd --cache=none; log: dirty logging on, as during a live migration;
 //                scrape: vubd only, see --scrape; rbd: a Ceph cluster started for them, needs ceph-mon ceph-osd
-//                ceph-common and vubd built with librbd-dev)
+//                ceph-common and vubd built with librbd-dev; nbd: an nbdkit memory server per row, vubd
+//                driver=nbd vs QSD driver=nbd)
 //                (packed rows: vubd only, loadgen --packed; their ratio columns are vubd packed ÷ vubd split)
 //   --img PATH   raw image for the file rows (default /var/tmp/vubd-bench-1g.img; created once, 1 GiB)
 //   --repeat N   run every row N times (fresh backend each time) and report the run with the median IOPS
@@ -100,6 +101,9 @@ const ROWS = [
   { id: 'file-seqread64k', group: 'file', label: 'file 64k seq read QD32', disk: 'file', lg: { rw: 'read', bs: 65536, qd: 32, queues: 1 } },
   // The cost of scraping --metrics: expanded into one row per variant by scrapeVariants().
   { id: 'null-qd32-scrape', group: 'scrape', label: 'null 4k randread QD32 1q', disk: 'null', backends: ['vubd'], scrape: true, lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
+  // NBD client node: vubd driver=nbd (blockdev-add over QMP) vs QSD driver=nbd, both on a fresh nbdkit memory server (unix socket)
+  { id: 'nbd-randread', group: 'nbd', label: 'nbd (nbdkit memory) 4k randread QD32', disk: 'nbd', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
+  { id: 'nbd-randwrite', group: 'nbd', label: 'nbd (nbdkit memory) 4k randwrite QD32', disk: 'nbd', lg: { rw: 'randwrite', bs: 4096, qd: 32, queues: 1 } },
 ];
 
 /** Phases of the alternating variants (ms), and their run length (s, at least) */
@@ -163,7 +167,13 @@ async function startCeph() {
   return c;
 }
 
-function backendArgv(backend, disk, sock, img, numQueues = 2) {
+function backendArgv(backend, disk, sock, img, numQueues = 2, nbdSock = '') {
+  if (disk === 'nbd') {
+    // vubd: the node and export come over QMP (nbdExport below); QSD: on its command line
+    if (backend === 'vubd') return ['node', path.join(ROOT, 'dist/src/cli/main.js'), `--control=${sock}.qmp`, '--log-level=warn', ...VUBD_ARGS];
+    return ['qemu-storage-daemon', '--blockdev', `driver=nbd,node-name=n0,server.type=unix,server.path=${nbdSock},export=`,
+      '--export', `type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=${sock},writable=on,num-queues=${numQueues}`];
+  }
   if (backend === 'vubd') {
     const a = ['node', path.join(ROOT, 'dist/src/cli/main.js'), `--socket-path=${sock}`];
     if (disk === 'null') a.push('--blk-driver=null', '--size=8G');
@@ -244,17 +254,47 @@ function runLoadgen(sock, lg, opts, seconds) {
   return { proc: p, done };
 }
 
+/** an nbdkit memory server on a unix socket, in the foreground (no pinning: it is the "storage cluster") */
+async function startNbdkit(sock) {
+  fs.rmSync(sock, { force: true });
+  const p = spawn('nbdkit', ['--foreground', '--exit-with-parent', '--unix', sock, 'memory', 'size=1G'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const t0 = Date.now();
+  while (!fs.existsSync(sock)) {
+    if (p.exitCode !== null || Date.now() - t0 > 10000) throw new Error('nbdkit did not start (Debian package nbdkit)');
+    await sleep(20);
+  }
+  return p;
+}
+
+/** vubd: blockdev-add driver=nbd + block-export-add over its control socket */
+async function nbdExport(ctrl, sock, nbdSock, numQueues = 2) {
+  const { QmpClient } = await import(path.join(ROOT, 'dist/src/control/qmp-client.js'));
+  const qmp = await QmpClient.connect(ctrl);
+  try {
+    await qmp.execute('blockdev-add', { driver: 'nbd', 'node-name': 'n0', server: { type: 'unix', path: nbdSock }, export: '' });
+    await qmp.execute('block-export-add', { type: 'vhost-user-blk', id: 'e0', 'node-name': 'n0', addr: { type: 'unix', path: sock }, writable: true, 'num-queues': numQueues });
+  } finally {
+    qmp.close();
+  }
+}
+
 // Runs one row on one backend; returns a result object (ok or failure description).
 async function runRow(row, backend, opts, tmp) {
   const sock = path.join(tmp, `${backend}.sock`);
   fs.rmSync(sock, { force: true });
-  const argv = backendArgv(backend, row.disk, sock, opts.img);
+  const nbdSock = path.join(tmp, 'nbdkit.sock');
+  const nbdkit = row.disk === 'nbd' ? await startNbdkit(nbdSock) : null;
+  const argv = backendArgv(backend, row.disk, sock, opts.img, 2, nbdSock);
   if (row.lg?.packed && backend === 'vubd') argv.push('--ring-packed'); // vubd offers packed rings only when asked
   const metricsPort = row.metrics ? await freePort() : 0;
   if (row.metrics) argv.push(`--metrics=127.0.0.1:${metricsPort}`);
   const be = new Backend(backend, argv, opts, `${row.id.replace('@', '-')}-${backend}`);
   const res = { row, backend };
   try {
+    if (row.disk === 'nbd' && backend === 'vubd') {
+      await be.waitSocket(`${sock}.qmp`);
+      await nbdExport(`${sock}.qmp`, sock, nbdSock);
+    }
     await be.waitSocket(sock);
     const seconds = row.time ?? opts.time;
     const lg = runLoadgen(sock, row.lg, opts, seconds);
@@ -301,6 +341,10 @@ async function runRow(row, backend, opts, tmp) {
     res.failure = e.message;
   }
   const ex = await be.stop();
+  if (nbdkit) {
+    nbdkit.kill('SIGTERM');
+    await new Promise((r) => (nbdkit.exitCode !== null ? r() : nbdkit.once('exit', r)));
+  }
   if (be.killed) res.warn = (res.warn ? res.warn + '; ' : '') + 'needed SIGKILL to exit';
   else if (ex && ex.code !== 0 && ex.sig !== 'SIGTERM' && res.ok) res.warn = (res.warn ? res.warn + '; ' : '') + `exit ${ex.code ?? ex.sig} after SIGTERM`;
   res.logTail = be.tail(600);
@@ -398,7 +442,8 @@ function table(results, opts, extras) {
     'CPU % = backend utime+stime over the measured window (100 % = one core). Ratios: vubd ÷ QSD (IOPS/CPU-s higher is better; p50 lower is better); ' +
     '"packed" rows (loadgen `--packed`, VIRTIO_F_RING_PACKED; vubd only, QSD 7.2 has no packed rings) compare vubd packed ÷ vubd split on the same workload. ' +
     'rbd rows: a 256 MiB image (written once) on a one-mon one-memstore-OSD Ceph 16 cluster on this host (the OSD\'s CPU is not counted), vubd `--blk-file=rbd:... --cache=none` vs QSD `driver=rbd,cache.direct=on` (rbd_cache off in both). ' +
-    'null rows: 8 GiB null disk (`null-co,read-zeroes=on` / `--blk-driver=null`); file rows: 1 GiB raw image in page cache (QSD: `aio=io_uring,cache.direct=off`); O_DIRECT rows: the same image, not through the page cache (vubd `--cache=none`, QSD `aio=io_uring,cache.direct=on`).');
+    'null rows: 8 GiB null disk (`null-co,read-zeroes=on` / `--blk-driver=null`); file rows: 1 GiB raw image in page cache (QSD: `aio=io_uring,cache.direct=off`); O_DIRECT rows: the same image, not through the page cache (vubd `--cache=none`, QSD `aio=io_uring,cache.direct=on`); ' +
+    'nbd rows: a fresh `nbdkit memory size=1G` on a unix socket per run (its CPU is not counted), vubd `blockdev-add driver=nbd` over QMP vs QSD `--blockdev driver=nbd`.');
   out.push('');
   out.push(...lines);
   if (extras.length) { out.push(''); out.push(...extras); }
