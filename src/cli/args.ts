@@ -103,7 +103,8 @@ export function cacheSemantics(mode: CacheMode): { direct: boolean; noFlush: boo
 
 export const USAGE = `Usage: vubd (--socket-path=PATH | --fd=N) [--blk-file=PATH | --blk-driver=null --size=8G] [options]
        vubd --control=PATH [--workers=N] [options]   (no disk yet: add nodes and exports over QMP
-                                                     with blockdev-add and block-export-add)
+                                                     with blockdev-add and block-export-add;
+                                                     drivers file, host_device, null-co, nbd, throttle)
        vubd --config=FILE [--check-config] [--control=PATH] [--workers=N] [--log-level=LEVEL] [options]
 
 vhost-user-blk backend: serves a QEMU guest's virtio-blk disk over a vhost-user unix socket.
