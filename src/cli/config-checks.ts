@@ -9,8 +9,12 @@ export type Size = number | string;
 
 export interface RawNode {
   'node-name': string;
-  driver: 'file' | 'host_device' | 'null-co' | 'null' | 'rbd' | 'throttle';
+  driver: 'file' | 'host_device' | 'null-co' | 'null' | 'nbd' | 'rbd' | 'throttle';
   filename?: string;
+  server?: { type: 'inet'; host: string; port: string | number } | { type: 'unix'; path: string };
+  export?: string;
+  'reconnect-delay'?: number;
+  'open-timeout'?: number;
   'read-only'?: boolean;
   cache?: { direct?: boolean; 'no-flush'?: boolean };
   locking?: 'auto' | 'on' | 'off';

@@ -88,6 +88,44 @@ const rbdNode = {
   },
 } as const;
 
+/** QEMU's nbd driver options (BlockdevOptionsNbd); tls-creds is not accepted: vubd does not do NBD over TLS */
+const nbdNode = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['node-name', 'driver', 'server'],
+  properties: {
+    'node-name': nodeName,
+    driver: { const: 'nbd' },
+    server: {
+      type: 'object',
+      'x-expected': 'a server address {"type": "inet", "host": H, "port": "P"} or {"type": "unix", "path": P}',
+      discriminator: { propertyName: 'type' },
+      oneOf: [
+        {
+          type: 'object',
+          additionalProperties: false,
+          required: ['type', 'host', 'port'],
+          properties: {
+            type: { const: 'inet' },
+            host: { type: 'string', minLength: 1 },
+            port: { type: ['string', 'integer'], pattern: '^[0-9]{1,5}$', minimum: 1, maximum: 65535 },
+          },
+        },
+        {
+          type: 'object',
+          additionalProperties: false,
+          required: ['type', 'path'],
+          properties: { type: { const: 'unix' }, path: { type: 'string', minLength: 1, maxLength: 107 } },
+        },
+      ],
+    },
+    export: { type: 'string' },
+    'reconnect-delay': { type: 'integer', minimum: 0 },
+    'open-timeout': { type: 'integer', minimum: 0 },
+    'read-only': { type: 'boolean' },
+  },
+} as const;
+
 /** QEMU's throttle-group property names */
 export const IOPS_LIMITS = ['iops-total', 'iops-total-max', 'iops-read', 'iops-read-max', 'iops-write', 'iops-write-max'] as const;
 export const BPS_LIMITS = ['bps-total', 'bps-total-max', 'bps-read', 'bps-read-max', 'bps-write', 'bps-write-max'] as const;
@@ -186,7 +224,7 @@ export const CONFIG_SCHEMA = {
     incoming: { type: 'boolean' },
     nodes: {
       type: 'array',
-      items: { type: 'object', discriminator: { propertyName: 'driver' }, oneOf: [fileNode, nullNode, rbdNode, throttleNode] },
+      items: { type: 'object', discriminator: { propertyName: 'driver' }, oneOf: [fileNode, nullNode, nbdNode, rbdNode, throttleNode] },
     },
     exports: {
       type: 'array',

@@ -54,8 +54,17 @@ export interface RbdNodeArgs {
   'read-only': boolean;
   cache: { direct: boolean; 'no-flush': boolean };
 }
+export interface NbdNodeArgs {
+  'node-name': string;
+  driver: 'nbd';
+  server: { type: 'inet'; host: string; port: string } | { type: 'unix'; path: string };
+  export: string;
+  'reconnect-delay': number;
+  'open-timeout': number;
+  'read-only': boolean;
+}
 /** blockdev-add's arguments */
-export type NodeArgs = FileNodeArgs | NullNodeArgs | RbdNodeArgs | ThrottleNodeArgs;
+export type NodeArgs = FileNodeArgs | NullNodeArgs | NbdNodeArgs | RbdNodeArgs | ThrottleNodeArgs;
 
 export type ExportAddr = { type: 'unix'; path: string } | { type: 'fd'; str: string };
 
@@ -225,6 +234,18 @@ function nodeArgs(n: RawNode, at: string, baseDir: string, bytes: (s: Size, at: 
       for (const k of ['user', 'namespace', 'snapshot', 'key'] as const) if (n[k] !== undefined) out[k] = n[k];
       for (const k of ['conf', 'keyring'] as const) if (n[k] !== undefined) out[k] = path.resolve(baseDir, n[k]);
       return out;
+    }
+    case 'nbd': {
+      const srv = n.server!;
+      return {
+        'node-name': name,
+        driver: 'nbd',
+        server: srv.type === 'unix' ? { type: 'unix', path: path.resolve(baseDir, srv.path) } : { type: 'inet', host: srv.host, port: String(srv.port) },
+        export: n.export ?? '',
+        'reconnect-delay': n['reconnect-delay'] ?? 0,
+        'open-timeout': n['open-timeout'] ?? 0,
+        'read-only': n['read-only'] ?? false,
+      };
     }
     case 'throttle': {
       const limits: Record<string, number> = {};

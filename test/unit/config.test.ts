@@ -69,7 +69,7 @@ describe('config file mistakes', () => {
 
   test('missing required property', () => {
     assert.deepEqual(problems({ nodes: [file('d0')], exports: [{ type: 'vhost-user-blk', id: 'e0', 'node-name': 'd0' }] }), ["/exports/0: missing required property 'addr'"]);
-    assert.deepEqual(problems({ nodes: [{ 'node-name': 'd0', filename: '/x' }] }), ["/nodes/0: missing required property 'driver' (one of 'file', 'host_device', 'null-co', 'null', 'rbd', 'throttle')"]);
+    assert.deepEqual(problems({ nodes: [{ 'node-name': 'd0', filename: '/x' }] }), ["/nodes/0: missing required property 'driver' (one of 'file', 'host_device', 'null-co', 'null', 'nbd', 'rbd', 'throttle')"]);
     assert.deepEqual(problems({ nodes: [{ 'node-name': 'd0', driver: 'file' }] }), ["/nodes/0: missing required property 'filename'"]);
     assert.deepEqual(problems(one({}, { addr: { type: 'unix' } })), ["/exports/0/addr: missing required property 'path'"]);
   });
@@ -109,7 +109,7 @@ describe('config file mistakes', () => {
 
   test('bad enum or const: driver, cache, locking, logical-block-size, aio, export type, addr type', () => {
     assert.deepEqual(problems({ nodes: [{ 'node-name': 'd0', driver: 'fiel', filename: '/x' }] }), [
-      "/nodes/0/driver: must be one of 'file', 'host_device', 'null-co', 'null', 'rbd', 'throttle', got 'fiel' (did you mean 'file'?)",
+      "/nodes/0/driver: must be one of 'file', 'host_device', 'null-co', 'null', 'nbd', 'rbd', 'throttle', got 'fiel' (did you mean 'file'?)",
     ]);
     assert.deepEqual(problems(one({ cache: 'none' })), [
       '/nodes/0/cache: must be an object {"direct": true|false, "no-flush": true|false} (the command line\'s --cache=none is {"direct": true}), got \'none\'',
@@ -382,4 +382,23 @@ test('the validator precompiled by npm run build:ts is used, and judges as the s
     assert.equal(validate(d), fresh(d));
     assert.deepEqual(validate.errors ?? null, fresh.errors ?? null);
   }
+});
+
+test("nbd nodes take QEMU's nbd options; a unix path is taken from the config file's directory; TLS and other server types are refused", () => {
+  const c = load({
+    nodes: [
+      { 'node-name': 'r0', driver: 'nbd', server: { type: 'inet', host: 'storage1', port: 10809 }, export: 'vm1', 'reconnect-delay': 30, 'open-timeout': 5 },
+      { 'node-name': 'r1', driver: 'nbd', server: { type: 'unix', path: 'nbd.sock' }, 'read-only': true },
+    ],
+    exports: [exp('e0', 'r0')],
+  });
+  assert.deepEqual(c.nodes, [
+    { 'node-name': 'r0', driver: 'nbd', server: { type: 'inet', host: 'storage1', port: '10809' }, export: 'vm1', 'reconnect-delay': 30, 'open-timeout': 5, 'read-only': false },
+    { 'node-name': 'r1', driver: 'nbd', server: { type: 'unix', path: path.join(BASE, 'nbd.sock') }, export: '', 'reconnect-delay': 0, 'open-timeout': 0, 'read-only': true },
+  ]);
+  assert.deepEqual(problems({ nodes: [{ 'node-name': 'r0', driver: 'nbd', server: { type: 'unix', path: '/s' }, 'tls-creds': 'tls0' }] }), [
+    '/nodes/0/tls-creds: unknown property (expected one of: node-name, driver, server, export, reconnect-delay, open-timeout, read-only)',
+  ]);
+  assert.deepEqual(problems({ nodes: [{ 'node-name': 'r0', driver: 'nbd', server: { type: 'vsock', cid: '3' } }] }), ["/nodes/0/server/type: must be one of 'inet', 'unix', got 'vsock'"]);
+  assert.deepEqual(problems({ nodes: [{ 'node-name': 'r0', driver: 'nbd', server: { type: 'inet', host: 'h' } }] }), ["/nodes/0/server: missing required property 'port'"]);
 });
