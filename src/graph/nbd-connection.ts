@@ -90,6 +90,7 @@ export class NbdConnection {
   private rx = Rx.HDR;
   private readonly rxBuf = new ArrayBuffer(ERR_MAX);
   private readonly rxView = new DataView(this.rxBuf);
+  private readonly rxBytes = new Uint8Array(this.rxBuf);
   private readonly rxAddr = native.addressOf(this.rxBuf);
   private readonly rxIov = new Float64Array(2);
   private rxHave = 0;
@@ -324,7 +325,7 @@ export class NbdConnection {
 
   /** Before the first request on an idle connection: has the server hung up meanwhile? */
   private probeIdle(): void {
-    this.rxIov[0] = this.rxAddr;
+    this.rxIov[0] = this.rxAddr + this.rxHave;
     this.rxIov[1] = 1;
     const n = native.recvv(this.fd, this.rxIov, 1);
     if (n === -EAGAIN) return;
@@ -381,13 +382,31 @@ export class NbdConnection {
     return c > 0;
   }
 
+  /**
+   * Reads replies until the socket is empty. At a header boundary it asks for up to 28 bytes
+   * (a structured header and a data chunk's offset; bytes past the header are always header or
+   * chunk bytes, never payload), and a payload read carries the next header along, so a read
+   * reply takes one recvmsg in the steady state. Leftover bytes stay at the front of rxBuf.
+   */
   private receive(): void {
+    const ra = this.info!.structured ? STRUCTURED_REPLY_HEADER + 8 : SIMPLE_REPLY_HEADER;
     for (;;) {
+      if (this.rx !== Rx.PAYLOAD && this.rxHave >= this.rxWant) {
+        if (!this.parse()) return;
+        if (this.inflightCount === 0 && this.rx === Rx.HDR && this.rxHave === 0) return;
+        continue;
+      }
       let n: number;
-      if (this.rx === Rx.PAYLOAD) n = native.recvv(this.fd, this.pIov.subarray(2 * this.pStart), this.pCount - this.pStart);
-      else {
+      let pay = 0;
+      if (this.rx === Rx.PAYLOAD) {
+        pay = this.pLeft;
+        this.pIov[2 * this.pCount] = this.rxAddr; // rxHave is 0 here: the offset was consumed
+        this.pIov[2 * this.pCount + 1] = ra;
+        n = native.recvv(this.fd, this.pIov.subarray(2 * this.pStart), this.pCount + 1 - this.pStart);
+      } else {
+        const want = this.rx === Rx.HDR || this.rx === Rx.HDR_S ? Math.max(this.rxWant, ra) : this.rxWant;
         this.rxIov[0] = this.rxAddr + this.rxHave;
-        this.rxIov[1] = this.rxWant - this.rxHave;
+        this.rxIov[1] = want - this.rxHave;
         n = native.recvv(this.fd, this.rxIov, 1);
       }
       if (n === -EAGAIN) return;
@@ -400,23 +419,27 @@ export class NbdConnection {
         return;
       }
       if (this.rx === Rx.PAYLOAD) {
-        this.pStart = advanceIov(this.pIov, this.pStart, this.pCount, n);
-        this.pLeft -= n;
+        const got = n < pay ? n : pay;
+        this.pStart = advanceIov(this.pIov, this.pStart, this.pCount, got);
+        this.pLeft -= got;
+        this.rxHave = n - got;
         if (this.pLeft > 0) continue;
         this.cur!.covered += this.curLen;
         if (!this.chunkDone()) return;
         continue;
       }
       this.rxHave += n;
-      if (this.rxHave < this.rxWant) continue;
-      if (!this.parse()) return;
-      if (this.inflightCount === 0 && this.rx === Rx.HDR) return;
     }
+  }
+
+  /** Drops the first n bytes of rxBuf (a parsed part); what follows moves to the front. */
+  private consume(n: number): void {
+    if (this.rxHave > n) this.rxBytes.copyWithin(0, n, this.rxHave);
+    this.rxHave -= n;
   }
 
   private expectHeader(): void {
     this.rx = Rx.HDR;
-    this.rxHave = 0;
     this.rxWant = SIMPLE_REPLY_HEADER;
     this.cur = null;
   }
@@ -443,11 +466,14 @@ export class NbdConnection {
         const r = this.lookup(v);
         if (r === null) return this.violation(`reply for unknown handle 0x${v.getBigUint64(8).toString(16)}`, null), false;
         const err = v.getUint32(4);
+        this.consume(SIMPLE_REPLY_HEADER);
         if (err !== 0 || r.type !== Cmd.READ) {
           this.finish(r, err !== 0 ? -nbdErrno(err) : r.success);
           this.expectHeader();
           return true;
         }
+        // the bytes read along with the header would be payload
+        if (this.info!.structured) return this.violation('a simple reply with data to a read (structured replies were negotiated)', r), false;
         this.cur = r;
         this.curFlags = CHUNK_FLAG_DONE;
         this.curLen = r.length;
@@ -463,7 +489,7 @@ export class NbdConnection {
         this.cur = r;
         this.curFlags = flags;
         this.curLen = len;
-        this.rxHave = 0;
+        this.consume(STRUCTURED_REPLY_HEADER);
         if (type === Chunk.NONE) {
           if (len !== 0 || (flags & CHUNK_FLAG_DONE) === 0) return this.violation('NBD_REPLY_TYPE_NONE with a payload or without DONE', r), false;
           return this.chunkDone();
@@ -488,6 +514,7 @@ export class NbdConnection {
         const r = this.cur!;
         const off = Number(v.getBigUint64(0));
         const len = this.rx === Rx.HOLE ? v.getUint32(8) : this.curLen - 8;
+        this.consume(this.rx === Rx.HOLE ? 12 : 8);
         if (off < r.offset || off + len > r.offset + r.length || len === 0) return this.violation(`chunk [${off}, +${len}) outside the read [${r.offset}, +${r.length})`, r), false;
         if (this.rx === Rx.HOLE) {
           const cnt = sliceIov(r.iov!, r.iovCount, off - r.offset, len, this.pIov);
@@ -502,7 +529,8 @@ export class NbdConnection {
         const r = this.cur!;
         const err = v.getUint32(0);
         const msgLen = v.getUint16(4);
-        if (err === 0 || 6 + msgLen > this.rxWant) return this.violation('error chunk with error 0 or a message longer than the chunk', r), false;
+        this.consume(this.rxWant);
+        if (err === 0 || 6 + msgLen > this.curLen) return this.violation('error chunk with error 0 or a message longer than the chunk', r), false;
         if (r.error === 0) r.error = err;
         return this.chunkDone();
       }
