@@ -1,24 +1,34 @@
 // vubd-ctl export-add, export-del and exports: qemu-storage-daemon's block-export-add/-del
 // arguments from a short command line, and a table of the exports with their queue->worker mapping.
-import type { QmpClient } from '../control/qmp-client.js';
+import { QmpCommandError, type QmpClient } from '../control/qmp-client.js';
 
 function intFlag(name: string, v: string): number {
   if (!/^\d+$/.test(v)) throw new Error(`--${name} must be a whole number, got '${v}'`);
   return Number(v);
 }
 
-/** export-add ID NODE SOCKET [--writable] [--num-queues=N] [--logical-block-size=N]; SOCKET 'fd:NAME' passes a monitor fd */
+// --FLAG=VALUE options of export-add, passed on under the same name
+const STRING_FLAGS = ['serial', 'iothread', 'socket-mode', 'socket-owner', 'socket-group', 'allow-uid', 'allow-gid'];
+const INT_FLAGS = ['num-queues', 'logical-block-size', 'queue-size'];
+const BOOL_FLAGS = ['writable', 'writethrough'];
+
+/** export-add ID NODE SOCKET [--writable] [--num-queues=N] ...; SOCKET 'fd:NAME' passes a monitor fd */
 export function exportAddArgs(args: string[]): Record<string, unknown> {
   const pos: string[] = [];
   const out: Record<string, unknown> = { type: 'vhost-user-blk', writable: false };
   for (const a of args) {
-    if (a === '--writable') out.writable = true;
-    else if (a.startsWith('--num-queues=')) out['num-queues'] = intFlag('num-queues', a.slice('--num-queues='.length));
-    else if (a.startsWith('--logical-block-size=')) out['logical-block-size'] = intFlag('logical-block-size', a.slice('--logical-block-size='.length));
-    else if (a.startsWith('--')) throw new Error(`export-add: unknown option '${a}'`);
-    else pos.push(a);
+    const m = /^--([a-z-]+)(?:=(.*))?$/s.exec(a);
+    if (!m) {
+      pos.push(a);
+      continue;
+    }
+    const [, name, value] = m as unknown as [string, string, string | undefined];
+    if (BOOL_FLAGS.includes(name) && value === undefined) out[name] = true;
+    else if (INT_FLAGS.includes(name) && value !== undefined) out[name] = intFlag(name, value);
+    else if (STRING_FLAGS.includes(name) && value !== undefined && value !== '') out[name] = value;
+    else throw new Error(`export-add: unknown option '${a}' (see vubd-ctl --help)`);
   }
-  if (pos.length !== 3) throw new Error(`export-add needs ID NODE SOCKET; see vubd-ctl --help`);
+  if (pos.length !== 3) throw new Error(`export-add needs ID NODE SOCKET, got ${pos.length} argument(s); see vubd-ctl --help`);
   const [id, node, socket] = pos as [string, string, string];
   const addr = socket.startsWith('fd:') ? { type: 'fd', str: socket.slice(3) } : { type: 'unix', path: socket };
   return { ...out, id, 'node-name': node, addr };
@@ -40,7 +50,14 @@ export async function exportDel(client: QmpClient, args: string[]): Promise<stri
   if (!Number.isFinite(timeoutS) || timeoutS <= 0 || t?.trim() === '') throw new Error(`export-del: --timeout must be a positive number of seconds, got '${t}'`);
   const timeoutMs = timeoutS * 1000;
   const since = client.events.length;
-  await client.execute('block-export-del', { id, mode });
+  try {
+    await client.execute('block-export-del', { id, mode });
+  } catch (e) {
+    if (e instanceof QmpCommandError && mode === 'safe' && /still in use/.test(e.message)) {
+      throw new QmpCommandError(e.errorClass, `${e.message} (vubd-ctl export-del ${id} --hard)`);
+    }
+    throw e;
+  }
   try {
     // only events after the command: an export of the same id deleted earlier does not count
     await client.waitEvent('BLOCK_EXPORT_DELETED', (e) => e.data.id === id && client.events.indexOf(e) >= since, timeoutMs);
@@ -59,6 +76,8 @@ interface ExportEntry {
   type?: string;
   'node-name': string;
   'shutting-down'?: boolean;
+  writable?: boolean;
+  'frontend-connected'?: boolean;
   'num-queues'?: number;
   'iothread-vq-mapping'?: { iothread: string; vqs: number[] }[];
   addr?: { type: string; path?: string; str?: string };
@@ -76,12 +95,15 @@ export function queueMapping(e: ExportEntry): string {
 export function exportsTable(list: ExportEntry[]): string {
   if (list.length === 0) return '(no exports)';
   const withMap = list.some((e) => e['iothread-vq-mapping'] !== undefined);
-  const head = ['ID', 'NODE', 'QUEUES', 'STATE', 'ADDRESS', ...(withMap ? ['QUEUE->WORKER'] : [])];
+  const yesNo = (v: boolean | undefined, yes: string, no: string): string => (v === undefined ? '-' : v ? yes : no);
+  const head = ['ID', 'NODE', 'QUEUES', 'MODE', 'STATE', 'FRONTEND', 'ADDRESS', ...(withMap ? ['QUEUE->WORKER'] : [])];
   const rows = list.map((e) => [
     e.id,
     e['node-name'],
     e['num-queues'] === undefined ? '-' : String(e['num-queues']),
+    yesNo(e.writable, 'rw', 'ro'),
     e['shutting-down'] ? 'deleting' : 'serving',
+    yesNo(e['frontend-connected'], 'connected', 'none'),
     e.addr ? (e.addr.type === 'unix' ? (e.addr.path ?? '-') : `${e.addr.type}:${e.addr.str ?? ''}`) : '-',
     ...(withMap ? [queueMapping(e) || '-'] : []),
   ]);

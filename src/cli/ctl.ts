@@ -16,7 +16,10 @@ Commands (QMP command in brackets):
                                                                                 [query-block-exports]
   export-add ID NODE SOCKET [--writable] [--num-queues=N] [--logical-block-size=N]
                                      serve NODE as vhost-user-blk export ID on unix socket SOCKET
-                                     (fd:NAME: a socket passed with getfd)     [block-export-add]
+                                     (fd:N: an inherited listening socket); also --writethrough,
+                                     --queue-size=N, --serial=S, --iothread=workerN, --socket-mode=,
+                                     --socket-owner=, --socket-group=, --allow-uid=, --allow-gid=
+                                                                                [block-export-add]
   export-del ID [--hard] [--timeout=SECONDS]
                                      delete export ID and wait (default 30 s) until it is gone;
                                      --hard disconnects its frontend           [block-export-del]

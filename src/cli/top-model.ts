@@ -105,7 +105,7 @@ export function percentileBucket(hist: Record<string, number>, p: number): numbe
 const ops = (q: QueueStats): number => q.readOps + q.writeOps + q.flushOps + q.otherOps;
 
 function workerOf(q: QueueStats, info: ExportInfo | undefined): string {
-  if (typeof q.worker === 'number') return String(q.worker);
+  if (typeof q.worker === 'number') return `worker${q.worker}`; // the name iothread-vq-mapping uses
   const m = info?.['iothread-vq-mapping']?.find((x) => x.vqs.includes(q.queue));
   return m ? m.iothread : '-';
 }

@@ -19,10 +19,10 @@ const SPEED = '4M';
 const BAR = /^\[([#.]+)\] +(\d+\.\d)% +([\d.]+ (?:B|KiB|MiB)) \/ 16\.0 MiB +([\d.]+ (?:B|KiB|MiB))\/s +ETA (\d+:\d\d)$/;
 
 describe('vubd-ctl mirror --wait', { skip: tmuxSkip() }, () => {
-  let d: Daemon;
+  let d: Daemon | undefined;
   let dir: string;
   let control: string;
-  let qmp: QmpClient;
+  let qmp: QmpClient | undefined;
 
   const image = (name: string): string => {
     const p = path.join(dir, name);
@@ -31,9 +31,9 @@ describe('vubd-ctl mirror --wait', { skip: tmuxSkip() }, () => {
     return p;
   };
   const jobStatus = async (id: string): Promise<string | undefined> =>
-    (await qmp.execute<{ id: string; status: string }[]>('query-jobs')).find((j) => j.id === id)?.status;
+    (await qmp!.execute<{ id: string; status: string }[]>('query-jobs')).find((j) => j.id === id)?.status;
   const cancelAndWait = async (id: string): Promise<void> => {
-    await qmp.execute('job-cancel', { id });
+    await qmp!.execute('job-cancel', { id });
     const deadline = Date.now() + 30000;
     while ((await jobStatus(id)) !== 'concluded') {
       assert.ok(Date.now() < deadline, `job ${id} did not conclude after cancel`);
@@ -45,14 +45,14 @@ describe('vubd-ctl mirror --wait', { skip: tmuxSkip() }, () => {
     dir = tempDir('vubd-mirror-wait-');
     const source = image('source.img');
     control = path.join(dir, 'qmp.sock');
-    d = await startDaemon([`--blk-file=${source}`, '--num-queues=1', `--control=${control}`, '--log-level=warn'], { dir });
+    d = await startDaemon([`--blk-file=${source}`, '--num-queues=1', `--control=${control}`, '--log-level=warn'], { dir, readyTimeoutMs: 30000 });
     qmp = await QmpClient.connect(control);
     for (const t of ['t0', 't1', 't2']) await qmp.execute('blockdev-add', { driver: 'file', 'node-name': t, filename: image(`${t}.img`) });
   });
 
   after(async () => {
-    qmp.close();
-    assert.equal((await d.stop()).code, 0);
+    qmp?.close();
+    assert.equal((await d?.stop())?.code, 0);
   });
 
   test('in a terminal: one bar redrawn in place with percent, amounts, rate and ETA; exit 0 at READY', async () => {

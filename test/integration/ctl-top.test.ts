@@ -20,6 +20,7 @@ const skip = tmuxSkip();
 interface ScreenRow {
   export: string;
   queue: number;
+  worker: string;
   iops: number;
   mbps: number;
   p50: string;
@@ -34,7 +35,7 @@ function rowsOf(lines: string[]): ScreenRow[] {
     .filter((l) => /^export0 +\d+ /.test(l))
     .map((l) => {
       const c = l.trim().split(/ +/);
-      return { export: c[0]!, queue: Number(c[1]), iops: Number(c[3]), mbps: Number(c[4]), p50: c[5]!, p99: c[6]!, state: c[8]!, drain: c[9]! };
+      return { export: c[0]!, queue: Number(c[1]), worker: c[2]!, iops: Number(c[3]), mbps: Number(c[4]), p50: c[5]!, p99: c[6]!, state: c[8]!, drain: c[9]! };
     });
 }
 
@@ -86,10 +87,10 @@ function topScript(dir: string, control: string, extra = ''): string {
 }
 
 describe('vubd-ctl top', { skip }, () => {
-  let d: Daemon;
+  let d: Daemon | undefined;
   let dir: string;
   let control: string;
-  let load: ReturnType<typeof startLoad>;
+  let load: ReturnType<typeof startLoad> | undefined;
 
   before(async () => {
     dir = tempDir('vubd-top-');
@@ -97,9 +98,9 @@ describe('vubd-ctl top', { skip }, () => {
     fs.writeFileSync(image, '');
     fs.truncateSync(image, 64 * MiB);
     control = path.join(dir, 'qmp.sock');
-    d = await startDaemon([`--blk-file=${image}`, `--num-queues=${QUEUES}`, `--control=${control}`, '--log-level=warn'], { dir });
+    d = await startDaemon([`--blk-file=${image}`, `--num-queues=${QUEUES}`, `--control=${control}`, '--log-level=warn'], { dir, readyTimeoutMs: 30000 });
     load = startLoad(d.socketPath, [0]);
-    const deadline = Date.now() + 20000;
+    const deadline = Date.now() + 30000;
     while (load.done[0]! < 100) {
       assert.ok(Date.now() < deadline, 'the load did not get going');
       await new Promise((r) => setTimeout(r, 50));
@@ -107,10 +108,11 @@ describe('vubd-ctl top', { skip }, () => {
   });
 
   after(async () => {
-    const r = await load.stop();
-    assert.equal(r.error, null);
-    assert.equal(r.badStatus, 0);
-    assert.equal((await d.stop()).code, 0);
+    const r = await load?.stop();
+    const stopped = await d?.stop();
+    assert.equal(r?.error, null);
+    assert.equal(r?.badStatus, 0);
+    assert.equal(stopped?.code, 0);
   });
 
   test('in a terminal: a row per queue, the busy one with IOPS, totals; resize truncates; q restores the terminal', async () => {
@@ -134,7 +136,10 @@ describe('vubd-ctl top', { skip }, () => {
         assert.equal(r.mbps, 0);
         assert.equal(r.p50, '-');
       }
-      for (const r of rows) assert.equal(r.drain, 'running');
+      for (const r of rows) {
+        assert.equal(r.drain, 'running');
+        assert.match(r.worker, /^worker\d+$/, 'the pool worker serving the queue');
+      }
       const total = totalOf(screen)!;
       assert.ok(Math.abs(total.iops - busy!.iops) <= 1, `total ${total.iops} IOPS vs busy row ${busy!.iops}`);
       assert.ok(screen.some((l) => /log2 latency bucket upper bound/.test(l)), 'the header says what P50/P99 are');
@@ -221,7 +226,7 @@ describe('vubd-ctl top when the daemon goes away', { skip }, () => {
   test('says so, restores the terminal and exits non-zero', async () => {
     const dir = tempDir('vubd-top-kill-');
     const control = path.join(dir, 'qmp.sock');
-    const d = await startDaemon(['--blk-driver=null', '--size=64M', '--num-queues=1', `--control=${control}`, '--log-level=warn'], { dir });
+    const d = await startDaemon(['--blk-driver=null', '--size=64M', '--num-queues=1', `--control=${control}`, '--log-level=warn'], { dir, readyTimeoutMs: 30000 });
     const t = new Tmux(dir, 'kill');
     try {
       t.start(topScript(dir, control), 120, 30);
