@@ -34,6 +34,14 @@ export function exportAddArgs(args: string[]): Record<string, unknown> {
   return { ...out, id, 'node-name': node, addr };
 }
 
+/** "export e0 serving node n0 on /run/e0.sock (2 queues, rw)" */
+export function describeAddedExport(a: Record<string, unknown>): string {
+  const addr = a.addr as { type: string; path?: string; str?: string };
+  const where = addr.type === 'unix' ? addr.path : `fd ${addr.str}`;
+  const queues = (a['num-queues'] as number | undefined) ?? 1;
+  return `export ${String(a.id)} serving node ${String(a['node-name'])} on ${where} (${queues} queue${queues === 1 ? '' : 's'}, ${a.writable ? 'rw' : 'ro'})`;
+}
+
 /**
  * block-export-del, then waits for BLOCK_EXPORT_DELETED: the command returns once deletion has
  * started, the export is gone only when its frontend has let go.

@@ -4,7 +4,7 @@ import { parseSize } from './args.js';
 import { QmpClient, QmpCommandError } from '../control/qmp-client.js';
 import { parseTopArgs, runTop } from './ctl-top.js';
 import { waitForJobReady } from './progress.js';
-import { exportAddArgs, exportDel, exportsTable } from './ctl-exports.js';
+import { describeAddedExport, exportAddArgs, exportDel, exportsTable } from './ctl-exports.js';
 
 const USAGE = `Usage: vubd-ctl --control=PATH COMMAND [ARGS]
 
@@ -111,9 +111,12 @@ async function main(argv: string[]): Promise<number> {
         out = args.includes('--json') ? list : exportsTable(list as Parameters<typeof exportsTable>[0]);
         break;
       }
-      case 'export-add':
-        out = await run('block-export-add', exportAddArgs(args));
+      case 'export-add': {
+        const a = exportAddArgs(args);
+        await run('block-export-add', a);
+        out = describeAddedExport(a);
         break;
+      }
       case 'export-del':
         out = await exportDel(client, args);
         break;

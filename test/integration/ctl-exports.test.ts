@@ -58,6 +58,7 @@ describe('vubd-ctl export-add / export-del / exports', () => {
     const sb = path.join(dir, 'b.sock');
     const addA = await ctl(control, 'export-add', 'ea', 'na', sa, '--writable', '--num-queues=3', '--logical-block-size=4096', '--serial=disk-a');
     assert.equal(addA.code, 0, addA.stderr);
+    assert.equal(addA.stdout.trim(), `export ea serving node na on ${sa} (3 queues, rw)`);
     assert.equal((await ctl(control, 'export-add', 'eb', 'nb', sb, '--iothread=worker1')).code, 0);
     assert.ok(fs.statSync(sa).isSocket() && fs.statSync(sb).isSocket());
 
