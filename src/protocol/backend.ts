@@ -74,6 +74,9 @@ export interface VhostBackend {
 /** The device refuses a request for a reason of its own (not a protocol error): the connection closes with this message. */
 export class DeviceRefusal extends Error {}
 
+/** The device lost a queue under the message (its worker thread died): the session ends, the device recovers. */
+export class DeviceLost extends Error {}
+
 export interface InflightRegion {
   fd: number;
   mmapSize: number;

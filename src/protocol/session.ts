@@ -29,7 +29,7 @@ import {
   type Message,
 } from './codec.js';
 import { Connection, PeerGoneError, type Frame } from './connection.js';
-import { DeviceRefusal, type BackendChannel, type InflightRegion, type RegionWithFd, type VhostBackend, type VringSetup } from './backend.js';
+import { DeviceLost, DeviceRefusal, type BackendChannel, type InflightRegion, type RegionWithFd, type VhostBackend, type VringSetup } from './backend.js';
 import { inflightQueueBytes } from '../virtio/inflight.js';
 
 /** 1 bit per 4 KiB page: 4 GiB of log covers 128 TiB of guest memory (and is what one mapping may hold) */
@@ -98,7 +98,7 @@ export class Session {
         else frame.fds.forEach((fd) => native.close(fd));
       } catch (e) {
         const err = e instanceof Error ? e : new Error(String(e));
-        if (!(err instanceof ProtocolError) && !(err instanceof DeviceRefusal) && !(err instanceof PeerGoneError)) this.log.error({ err }, 'internal error while handling a message');
+        if (!(err instanceof ProtocolError) && !(err instanceof DeviceRefusal) && !(err instanceof PeerGoneError) && !(err instanceof DeviceLost)) this.log.error({ err }, 'internal error while handling a message');
         this.conn.close(err);
       } finally {
         if (--this.pending === 0) this.conn.resume();

@@ -100,7 +100,7 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
   private spawn(i: number, stats?: SharedArrayBuffer): QueueHandle {
     retainSpec(this.node);
     this.held[i] = this.node;
-    return this.opts.pool.addQueue(
+    const handle: QueueHandle = this.opts.pool.addQueue(
       this.placement[i]!,
       {
         exportId: this.id,
@@ -115,9 +115,10 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
         logicalBlockSize: this.opts.blockSize,
       },
       this.log,
-      (err) => this.workerDied(i, err),
+      (err) => this.workerDied(i, handle, err),
       stats,
     );
+    return handle;
   }
 
   /**
@@ -125,7 +126,10 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
    * recorded in the inflight region: the session ends (QEMU reconnects), the worker is replaced
    * before the next session, and that session resubmits them.
    */
-  private workerDied(i: number, err: Error): void {
+  private workerDied(i: number, handle: QueueHandle, err: Error): void {
+    // The thread's 'exit' can come after a session already re-placed the queue: the report is then
+    // about a handle that is no longer ours (its node tree was released when it was replaced).
+    if (this.workers[i] !== handle) return;
     this.log.error({ queue: i, err: err.message }, 'queue worker died; ending the session and replacing the worker before the next one');
     this.queueStopped(i);
     const held = this.held[i];
@@ -133,17 +137,33 @@ export class BlkExport implements VhostBackend, GraphConsumer, Drainable {
     if (held !== undefined) releaseSpec(held); // the thread is gone: nothing uses these fds through it any more
     const listener = this.lostListener;
     this.lostListener = null;
-    listener?.(new Error(`queue worker ${i} died (${err.message})`));
+    if (listener) listener(new Error(`queue worker ${i} died (${err.message})`));
+    // No session to end (it ended first, e.g. on a message the dying thread could not answer):
+    // re-place the queue now, so the next frontend finds it served.
+    else void this.recover().catch((e: unknown) => this.log.error({ err: e }, 'the queue could not be re-placed after its worker died'));
   }
 
   onLost(listener: ((reason: Error) => void) | null): void {
     this.lostListener = listener;
   }
 
-  async recover(): Promise<void> {
+  /** Re-places every queue whose worker died. Runs one at a time (a session end and a death report can both ask). */
+  recover(): Promise<void> {
+    const run = this.recovering.then(() => this.replaceDeadQueues());
+    this.recovering = run.catch(() => undefined);
+    return run;
+  }
+
+  private recovering: Promise<void> = Promise.resolve();
+
+  private async replaceDeadQueues(): Promise<void> {
     for (let i = 0; i < this.workers.length; i++) {
       const old = this.workers[i]!;
       if (!old.isDead) continue;
+      const held = this.held[i];
+      delete this.held[i];
+      // Replaced before its thread's exit was reported: release its node tree once the thread is gone.
+      if (held !== undefined) void old.threadExited.then(() => releaseSpec(held));
       Atomics.store(old.stats, StatIndex.STATE, QueueState.IDLE);
       Atomics.store(old.stats, StatIndex.IN_FLIGHT, 0);
       const w = this.spawn(i, old.stats.buffer as SharedArrayBuffer);

@@ -1,5 +1,6 @@
 // Main-thread handle of one queue placed on a pool worker: requests to it carry its queue id.
 import type { Logger } from '../log.js';
+import { DeviceLost } from '../protocol/backend.js';
 import type { PoolWorker, PlacedQueue, Without } from './pool-worker.js';
 import type { FromWorker, QueueInit, ToQueue } from './messages.js';
 
@@ -38,6 +39,11 @@ export class QueueHandle implements PlacedQueue {
     return this.worker.index;
   }
 
+  /** settles when the thread that served this queue has ended */
+  get threadExited(): Promise<void> {
+    return this.worker.exited;
+  }
+
   /** true as soon as its thread failed (before the exit that tells the export) */
   get isDead(): boolean {
     return this.dead !== null || this.worker.isDead;
@@ -51,11 +57,12 @@ export class QueueHandle implements PlacedQueue {
 
   /** Sends a control message to this queue and resolves with the worker's ack. */
   async request(msg: Without<ToQueue, 'seq' | 'qid'>): Promise<Ack> {
-    if (this.dead) throw this.dead;
+    if (this.isDead) throw new DeviceLost(`queue ${this.index}: ${(this.dead ?? this.worker.deathReason)?.message ?? 'its worker is gone'}`);
     try {
       return await this.worker.request({ ...msg, qid: this.qid } as Without<ToQueue, 'seq'>);
     } catch (e) {
-      throw new Error(`queue ${this.index}: ${(e as Error).message}`);
+      const message = `queue ${this.index}: ${(e as Error).message}`;
+      throw this.isDead ? new DeviceLost(message) : new Error(message);
     }
   }
 

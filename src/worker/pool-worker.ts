@@ -31,7 +31,7 @@ export class PoolWorker {
   constructor(
     init: Omit<WorkerInit, 'ctrlFd'>,
     private readonly log: Logger,
-    onDeath: (err: Error) => void,
+    private readonly onDeath: (err: Error) => void,
   ) {
     this.index = init.index;
     this.ctrlFd = native.eventfd(true);
@@ -47,17 +47,21 @@ export class PoolWorker {
     this.exited = new Promise((resolve) => {
       this.worker.on('exit', (code) => {
         if (code !== 0) this.log.error({ worker: this.index, code }, 'worker thread exited');
-        const asked = this.exitRequested;
         this.fail(new Error(`worker ${this.index} exited with code ${code}`));
         native.close(this.ctrlFd);
         resolve();
-        if (asked) return;
+        if (this.exitRequested) return;
+        // Only now is the thread gone (nothing uses the queues' fds through it): tell its queues.
         const queues = [...this.queues.values()];
         this.queues.clear();
-        onDeath(this.dead!);
         for (const q of queues) q.workerDied(this.dead!);
       });
     });
+  }
+
+  /** why the thread failed, once it has */
+  get deathReason(): Error | null {
+    return this.dead;
   }
 
   get isDead(): boolean {
@@ -76,10 +80,16 @@ export class PoolWorker {
     this.queues.delete(q.qid);
   }
 
+  /**
+   * The first failure (an uncaught error, or an exit nobody asked for) tells the pool at once, so
+   * that its slot has a live thread before any queue is re-placed there ('exit' may come later).
+   */
   private fail(err: Error): void {
+    const first = this.dead === null;
     this.dead ??= err;
     for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
+    if (first && !this.exitRequested) this.onDeath(this.dead);
   }
 
   private onMessage(m: FromWorker): void {

@@ -36,7 +36,7 @@ export class WorkerPool {
     return w;
   }
 
-  /** A worker ended unasked: a fresh thread takes its slot now; its queues learn of the death. */
+  /** A worker failed unasked: a fresh thread takes its slot now; its queues learn of the death when it has exited. */
   private died(index: number, w: PoolWorker, err: Error): void {
     if (this.closed || this.slots[index] !== w) return;
     this.log.error({ worker: index, queues: w.queueCount, err: err.message }, 'worker thread died; replacing it');
