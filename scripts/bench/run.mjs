@@ -15,7 +15,7 @@
 //   --rows       row ids or groups to run (default all): null-qd1,null-qd32,null-qd32-2q,file-randread,
 //                file-randwrite,file-seqread64k,direct-randread,direct-randwrite,null-qd1-packed,
 //                null-qd32-packed, null-qd32-log, null-qd32-scrape, rbd-randread, rbd-randwrite, nbd-randread,
-//                nbd-randwrite, or null / file / direct / packed / log / scrape / rbd / nbd
+//                rbd-randread-2q, rbd-randwrite-2q, nbd-randwrite, or null / file / direct / packed / log / scrape / rbd / nbd
 //                (direct: O_DIRECT, vubd --cache=none; log: dirty logging on, as during a live migration;
 //                scrape: vubd only, see --scrape; rbd: a Ceph cluster started for them, needs ceph-mon ceph-osd
 //                ceph-common and vubd built with librbd-dev; nbd: an nbdkit memory server per row, vubd
@@ -98,6 +98,9 @@ const ROWS = [
   // (vubd --blk-file=rbd:... --cache=none vs QSD driver=rbd,cache.direct=on: rbd_cache off in both).
   { id: 'rbd-randread', group: 'rbd', label: 'rbd 4k randread QD32', disk: 'rbd', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },
   { id: 'rbd-randwrite', group: 'rbd', label: 'rbd 4k randwrite QD32', disk: 'rbd', lg: { rw: 'randwrite', bs: 4096, qd: 32, queues: 1 } },
+  // two queues (two workers) on one image: the image handle shared through RbdQueues (VUBD_RBD_HANDLES=own: one handle per queue)
+  { id: 'rbd-randread-2q', group: 'rbd', label: 'rbd 4k randread QD32 2q', disk: 'rbd', lg: { rw: 'randread', bs: 4096, qd: 32, queues: 2 } },
+  { id: 'rbd-randwrite-2q', group: 'rbd', label: 'rbd 4k randwrite QD32 2q', disk: 'rbd', lg: { rw: 'randwrite', bs: 4096, qd: 32, queues: 2 } },
   { id: 'file-seqread64k', group: 'file', label: 'file 64k seq read QD32', disk: 'file', lg: { rw: 'read', bs: 65536, qd: 32, queues: 1 } },
   // The cost of scraping --metrics: expanded into one row per variant by scrapeVariants().
   { id: 'null-qd32-scrape', group: 'scrape', label: 'null 4k randread QD32 1q', disk: 'null', backends: ['vubd'], scrape: true, lg: { rw: 'randread', bs: 4096, qd: 32, queues: 1 } },

@@ -28,7 +28,7 @@ export type NodeSpec =
       alignment?: number;
     }
   | { driver: 'null'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer }
-  | ({ driver: 'rbd'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer; noFlush: boolean } & RbdOpenOptions)
+  | ({ driver: 'rbd'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer; noFlush: boolean; shareId: number } & RbdOpenOptions)
   | { driver: 'throttle'; name: string; size: number; readOnly: boolean; stats: SharedArrayBuffer; child: NodeSpec; state: SharedArrayBuffer }
   | {
       driver: 'mirror';

@@ -1,20 +1,23 @@
-// The rbd node as a worker runs it: one librbd image handle per queue context (the cluster
-// connection under it is shared by the process), requests submitted with aio straight from the
-// guest's iovecs, completions collected from the image's eventfd by the worker's own poll.
-import { native, type RbdImage } from '../native/index.js';
+// The rbd node as a worker runs it: an RbdQueue on the image handle the main thread opened (one
+// handle per node for the whole process), requests submitted with aio straight from the guest's
+// iovecs, completions collected from the queue's own eventfd by the worker's poll.
+import { native, type RbdIo } from '../native/index.js';
 import { CountingNode } from './counting-node.js';
 import { NodeStat, type BlockNode, type DataIo, type IoContext, type NodeSpec, type SourceRegistry } from './nodes.js';
 
 type RbdSpec = Extract<NodeSpec, { driver: 'rbd' }>;
 
+/** measurement only (scripts/bench): VUBD_RBD_HANDLES=own opens an image handle per queue context instead */
+const ownHandles = process.env.VUBD_RBD_HANDLES === 'own';
+
 /** the librbd open options of a spec (what the worker and the main thread both pass to RbdImage) */
-export function rbdOpenOptions(spec: Omit<RbdSpec, 'driver' | 'name' | 'size' | 'stats' | 'noFlush'>): ConstructorParameters<typeof native.RbdImage>[0] {
+export function rbdOpenOptions(spec: Omit<RbdSpec, 'driver' | 'name' | 'size' | 'stats' | 'noFlush' | 'shareId'>): ConstructorParameters<typeof native.RbdImage>[0] {
   const { pool, image, conf, user, key, keyring, namespace, snapshot, readOnly, cache } = spec;
   return { pool, image, conf, user, key, keyring, namespace, snapshot, readOnly, cache };
 }
 
 export class RbdNode extends CountingNode implements BlockNode {
-  private readonly img: RbdImage;
+  private readonly img: RbdIo;
   private readonly noFlush: boolean;
   /** the context of the requests in flight (one per queue context, which owns this node) */
   private ctx: IoContext | null = null;
@@ -23,7 +26,7 @@ export class RbdNode extends CountingNode implements BlockNode {
   constructor(spec: RbdSpec, sources: SourceRegistry) {
     super(spec);
     this.noFlush = spec.noFlush;
-    this.img = new native.RbdImage(rbdOpenOptions(spec));
+    this.img = ownHandles ? new native.RbdImage(rbdOpenOptions(spec)) : new native.RbdQueue(spec.shareId);
     const img = this.img;
     sources.addSource({
       pollFd: img.fd,

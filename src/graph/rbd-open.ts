@@ -1,6 +1,6 @@
 // The main thread's side of rbd nodes: blockdev-add's options (QEMU's rbd driver names), the
 // image handle that gives the size, resizes, and watches for resizes made by other clients.
-import { native, READABLE, type PollHandle, type RbdImage, type RbdOpenOptions } from '../native/index.js';
+import { native, READABLE, type PollHandle, type RbdImage, type RbdIo, type RbdOpenOptions } from '../native/index.js';
 import { newNodeStats } from './nodes.js';
 import { rbdOpenOptions } from './rbd-node.js';
 import { GraphError, rbdName, type NodeDef } from './snapshot.js';
@@ -69,7 +69,7 @@ export function openRbdNode(name: string, args: RbdArgs, readOnly: boolean, cach
   const opts: RbdOpenOptions = { ...args, readOnly: ro, cache: !cache.direct };
   let handle: RbdImage;
   try {
-    handle = new lib.RbdImage(opts);
+    handle = new lib.RbdImage({ ...opts, shared: true }); // the workers' RbdQueues and the main thread's MainThreadRbdIo use it
   } catch (e) {
     throw new GraphError(`Could not open rbd image '${args.pool}/${args.namespace ? args.namespace + '/' : ''}${args.image}${args.snapshot ? '@' + args.snapshot : ''}': ${(e as Error).message}`);
   }
@@ -139,14 +139,17 @@ export function closeRbdNode(def: RbdNodeDef): void {
   def.handle.close(); // waits for a mirror write still in flight; the workers' handles are their own
 }
 
-/** Async I/O on the main thread's handle (a mirror job copying into the image), completions from its eventfd on the event loop. */
+/** Async I/O on the node's handle from the main thread (a mirror job copying into the image), completions on the event loop. */
 class MainThreadRbdIo {
   private readonly pending = new Map<number, (res: number) => void>();
   private nextTag = 1;
   private poll: PollHandle | null = null;
   private readonly out = new Float64Array(2 * 64);
   private readonly iov = new Float64Array(2);
-  constructor(private readonly h: RbdImage) {}
+  private readonly h: RbdIo;
+  constructor(image: RbdImage) {
+    this.h = new native.RbdQueue(image.share());
+  }
 
   private submit(start: (tag: number) => number): Promise<number> {
     if (this.poll === null) this.poll = native.poll(this.h.fd, READABLE, () => this.reap());
@@ -182,6 +185,7 @@ class MainThreadRbdIo {
     this.poll?.stop();
     this.poll?.close();
     this.poll = null;
+    this.h.close(); // a write still in flight keeps the image open until it completes
   }
 }
 

@@ -233,7 +233,7 @@ export class Snapshot {
       case 'null':
         return { driver: 'null', name, size, readOnly, stats: n.stats };
       case 'rbd':
-        return { driver: 'rbd', name, size, stats: n.stats, ...rbdSpecOptions(n), readOnly };
+        return { driver: 'rbd', name, size, stats: n.stats, ...rbdSpecOptions(n), shareId: n.handle.share(), readOnly };
       case 'nbd':
         return { driver: 'nbd', name, size, readOnly, stats: n.stats, server: n.address, export: n.export, exportSize: n.exportSize, flags: n.flags, reconnectDelayMs: n.reconnectDelayMs };
       case 'throttle':

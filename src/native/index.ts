@@ -80,14 +80,16 @@ export interface RbdOpenOptions {
   readOnly?: boolean;
   /** rbd_cache on (writeback) or off (cache=none / direct) */
   cache?: boolean;
+  /** for RbdQueues only (share()); its own I/O methods then throw */
+  shared?: boolean;
 }
 
 /**
- * One librbd image handle. Operations return 0 once submitted or -errno; their results come from
+ * Async I/O on an rbd image. Operations return 0 once submitted or -errno; their results come from
  * poll() as [tag, res, ...] pairs (res: bytes of a read or write, 0, or -errno) once fd is readable.
  * The iovecs of readv/writev point into memory that stays valid until the completion.
  */
-export interface RbdImage {
+export interface RbdIo {
   readonly fd: number;
   readv(iov: Float64Array, iovCount: number, offset: number, tag: number): number;
   writev(iov: Float64Array, iovCount: number, offset: number, tag: number): number;
@@ -95,6 +97,13 @@ export interface RbdImage {
   discard(offset: number, length: number, tag: number): number;
   writeZeroes(offset: number, length: number, tag: number): number;
   poll(out: Float64Array): number;
+  close(): void;
+}
+
+/** One librbd image handle (its own operations complete through rbd_set_image_notification's eventfd). */
+export interface RbdImage extends RbdIo {
+  /** an id any thread of the process can attach an RbdQueue to while this image is open */
+  share(): number;
   size(): number;
   resize(size: number): void;
   /** an eventfd that becomes readable when the image header changes (another client resized it) */
@@ -205,6 +214,11 @@ export interface Native {
   readonly rbdAvailable: boolean;
   /** connects (or reuses the process's connection with the same settings) and opens; blocks meanwhile */
   RbdImage: new (opts: RbdOpenOptions) => RbdImage;
+  /**
+   * One queue context's I/O on a shared image (RbdImage.share()): its own eventfd and completion
+   * list, filled by librbd's callback thread without a lock. Keeps the image open until closed.
+   */
+  RbdQueue: new (shareId: number) => RbdIo;
   /** cluster connections open in the process (absent without librbd) */
   rbdConnections?(): number;
 }

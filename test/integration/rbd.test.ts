@@ -54,7 +54,7 @@ describe('rbd node on a real Ceph cluster', { skip, timeout: 300000 }, () => {
   let d: Daemon;
   let qmp: QmpClient;
   before(async () => {
-    ceph = await CephCluster.start({ images: { disk: 16 * MiB, resized: 8 * MiB, osd: 16 * MiB } });
+    ceph = await CephCluster.start({ images: { disk: 16 * MiB, resized: 8 * MiB, osd: 16 * MiB, queue: 4 * MiB } });
     dir = tempDir('vubd-rbd-');
     const control = path.join(dir, 'qmp.sock');
     d = await startDaemon([`--control=${control}`, '--workers=2', '--aio=io_uring'], { dir, exportless: true });
@@ -175,6 +175,52 @@ describe('rbd node on a real Ceph cluster', { skip, timeout: 300000 }, () => {
     assert.equal(r.firstError, null, r.firstError ?? '');
     assert.equal(r.lost + r.verifyErrors + r.badStatus, 0);
     assert.ok(resumedMs < 60000, `resumed ${resumedMs} ms after the OSD came back`);
+  });
+
+  test('an RbdQueue on a shared image handle: I/O in order, the image outlives its opener while a queue uses it, the last close ends the connection', async () => {
+    const before = native.rbdConnections!();
+    const own = new native.RbdImage({ pool: ceph.pool, image: 'queue', conf: ceph.conf, user: 'admin', cache: false });
+    assert.throws(() => own.share(), /shared: true/, 'an image with its own completion eventfd is not shared');
+    own.close();
+    const img = new native.RbdImage({ pool: ceph.pool, image: 'queue', conf: ceph.conf, user: 'admin', cache: false, shared: true });
+    const id = img.share();
+    assert.equal(img.share(), id, 'one id per image');
+    assert.throws(() => img.flush(1), /RbdQueue/, 'a shared image takes I/O only through its queues');
+    const q = new native.RbdQueue(id);
+    const out = new Float64Array(2 * 4);
+    const reap = async (want: number): Promise<number[]> => {
+      const got: number[] = [];
+      const deadline = Date.now() + 20000;
+      while (got.length < 2 * want) {
+        const n = q.poll(out);
+        for (let i = 0; i < 2 * n; i++) got.push(out[i]!);
+        if (Date.now() > deadline) throw new Error(`only ${got.length / 2} of ${want} completions`);
+        if (n === 0) await new Promise((r) => setTimeout(r, 5));
+      }
+      return got;
+    };
+    const buf = new ArrayBuffer(8192);
+    new Uint8Array(buf).fill(0xc3);
+    const iov = new Float64Array([native.addressOf(buf), 8192]);
+    assert.equal(q.writev(iov, 1, 65536, 7), 0);
+    assert.deepEqual(await reap(1), [7, 8192], 'a write reports its bytes');
+    assert.equal(q.flush(8), 0);
+    assert.deepEqual(await reap(1), [8, 0]);
+    img.close();
+    assert.throws(() => img.share(), /closed/);
+    // the opener is gone, the queue still reads what it wrote (10 completions through a 4-entry out array)
+    const back = new ArrayBuffer(8192);
+    const iov2 = new Float64Array([native.addressOf(back), 8192]);
+    for (let t = 0; t < 10; t++) assert.equal(q.readv(iov2, 1, 65536, 100 + t), 0);
+    const done = await reap(10);
+    assert.deepEqual(done.filter((_, i) => i % 2 === 0).sort((a, b) => a - b), Array.from({ length: 10 }, (_, t) => 100 + t));
+    assert.ok(done.filter((_, i) => i % 2 === 1).every((r) => r === 8192));
+    assert.ok(new Uint8Array(back).every((b) => b === 0xc3));
+    assert.equal(native.rbdConnections!(), before + 1, 'the connection stays while the queue uses the image');
+    q.close();
+    assert.equal(native.rbdConnections!(), before, 'the last close shut the image and its connection');
+    assert.throws(() => q.readv(iov2, 1, 0, 1), /closed/);
+    assert.throws(() => new native.RbdQueue(id), /no longer open/);
   });
 
   test('the command line serves an rbd image: --blk-file=rbd:POOL/IMAGE:conf=PATH:id=admin --cache=none', async () => {

@@ -51,7 +51,7 @@ function fill(view: Uint8Array, off: number, len: number, seed: number): void {
 
 test('export list matches the Native interface', () => {
   const expected = [
-    'F_RDLCK', 'F_UNLCK', 'F_WRLCK', 'RbdImage', 'Ring', 'accept', 'addressOf', 'bindDatagram', 'blockDeviceSize', 'close', 'connectUnix', 'dup', 'eventfd',
+    'F_RDLCK', 'F_UNLCK', 'F_WRLCK', 'RbdImage', 'RbdQueue', 'Ring', 'accept', 'addressOf', 'bindDatagram', 'blockDeviceSize', 'close', 'connectUnix', 'dup', 'eventfd',
     'eventfdRead', 'eventfdWrite', 'fallocate', 'fsync', 'listenUnix', 'liveMappings', 'lookupGroup', 'lookupUser', 'mapShared',
     'memfdCreate', 'mmap', 'ofdGetLock', 'ofdSetLock', 'peerCred', 'poll', 'pollWait', 'preadv', 'pwritev', 'rbdAvailable',
     // rbdConnections only exists when the addon was built with librbd
